@@ -1,0 +1,37 @@
+"""Batch Normalization (Ioffe & Szegedy, ICML 2015) for PyTorch.
+
+Drop-in BatchNorm1d/2d/3d with the paper's hand-written backward, population statistics
+(Algorithm 2), folding into the preceding layer, freezing, synchronized BN that also runs
+on CPU, Batch Renormalization, ghost batches and masked statistics.
+"""
+
+from . import functional, monitor
+from .distributed import SyncBatchNorm, convert_sync_batchnorm
+from .fold import ChannelAffine, FoldWarning, fold, freeze, unfreeze
+from .functional import NonFiniteBatchError, NonFiniteBatchWarning
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .population import population_statistics
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "ChannelAffine",
+    "FoldWarning",
+    "NonFiniteBatchError",
+    "NonFiniteBatchWarning",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "fold",
+    "freeze",
+    "functional",
+    "monitor",
+    "population_statistics",
+    "unfreeze",
+]

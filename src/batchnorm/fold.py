@@ -1,0 +1,250 @@
+"""Inference-time BN as a fixed affine map folded into the preceding layer (Algorithm 2,
+step 11), and freezing BN layers to their running statistics."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .functional import affine_coefficients
+from .modules import _BatchNormBase
+from .population import is_batchnorm
+
+__all__ = ["fold", "freeze", "unfreeze", "ChannelAffine", "FoldWarning", "fold_into"]
+
+_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class FoldWarning(UserWarning):
+    """fold() could not fold some BN layer into its predecessor."""
+
+
+class ChannelAffine(nn.Module):
+    """y = scale * x + shift per channel (dimension 1): an inference-mode BN that had no
+    layer to fold into."""
+
+    def __init__(self, scale: Tensor, shift: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.shift.view(shape).to(x.dtype), x, self.scale.view(shape).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.numel()}"
+
+
+def _coefficients(bn: nn.Module) -> Tuple[Tensor, Tensor]:
+    f64 = torch.float64
+    return affine_coefficients(
+        bn.running_mean.to(f64), bn.running_var.to(f64),
+        None if bn.weight is None else bn.weight.detach().to(f64),
+        None if bn.bias is None else bn.bias.detach().to(f64), bn.eps)
+
+
+@torch.no_grad()
+def fold_into(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold eval-mode ``bn`` into the Linear/Conv ``layer`` before it, in place:
+    W' = scale * W (per output channel), b' = scale * b + shift (bias created if absent)."""
+    scale, shift = _coefficients(bn)
+    w = layer.weight
+    if w.size(0) != scale.numel():
+        raise ValueError(f"fold_into: {type(layer).__name__} has {w.size(0)} output channels, "
+                         f"the BN has {scale.numel()}")
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    w.copy_((w.to(torch.float64) * scale.view(shape)).to(w.dtype))
+    b = torch.zeros(w.size(0), dtype=torch.float64, device=w.device) if layer.bias is None else layer.bias.to(torch.float64)
+    new_bias = (b * scale + shift).to(w.dtype)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias, requires_grad=w.requires_grad)
+    else:
+        layer.bias.copy_(new_bias)
+
+
+def _affine_of(bn: nn.Module) -> ChannelAffine:
+    scale, shift = _coefficients(bn)
+    dt = bn.running_mean.dtype
+    return ChannelAffine(scale.to(dt), shift.to(dt))
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BN folded away (Algorithm 2, step 11).
+
+    A BN directly after a Linear or Conv1d/2d/3d whose output feeds nothing else is folded
+    into that layer's weight and bias; every other BN becomes its fixed per-channel affine
+    map (:class:`ChannelAffine`). The graph is found with torch.fx; if the model cannot be
+    traced, only BNs following such a layer inside an nn.Sequential are folded and a
+    :class:`FoldWarning` names those left as affine maps. BNs without running statistics
+    (track_running_stats=False) are left as they are, with a warning. ``model`` is untouched.
+    """
+    model_copy = copy.deepcopy(model)
+    _strip_freeze_hooks(model_copy)
+    model_copy.eval()
+    try:
+        gm = _trace(model_copy)
+    except Exception as exc:  # tracing fails on data-dependent control flow, among others
+        return _fold_sequential(model_copy, reason=f"{type(exc).__name__}: {exc}")
+    return _fold_graph(gm)
+
+
+def _trace(model: nn.Module):
+    import torch.fx as fx
+
+    class _Tracer(fx.Tracer):
+        # Our BN modules are not in torch.nn, so fx would trace into them; keep them whole.
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return is_batchnorm(m) or isinstance(m, ChannelAffine) or super().is_leaf_module(m, qualname)
+
+    graph = _Tracer().trace(model)
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def _skip_untracked(name: str, bn: nn.Module) -> bool:
+    if bn.running_mean is None:
+        warnings.warn(f"fold: BN layer {name!r} has no running statistics (track_running_stats=False) "
+                      "and uses batch statistics even in eval mode; left unfolded", FoldWarning, stacklevel=3)
+        return True
+    return False
+
+
+def _fold_graph(gm) -> nn.Module:
+    modules = dict(gm.named_modules())
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not is_batchnorm(modules[node.target]):
+            continue
+        bn = modules[node.target]
+        if _skip_untracked(node.target, bn):
+            continue
+        prev = node.args[0] if node.args else None
+        prev_mod = modules.get(prev.target) if getattr(prev, "op", None) == "call_module" else None
+        foldable = (
+            isinstance(prev_mod, _FOLDABLE)
+            and len(prev.users) == 1
+            and calls.get(prev.target, 0) == 1
+            and calls.get(node.target, 0) == 1
+            and len(node.args) == 1 and not node.kwargs
+            and prev_mod.weight.size(0) == bn.running_mean.numel()
+        )
+        if foldable:
+            fold_into(prev_mod, bn)
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+            _set_submodule(gm, node.target, nn.Identity())
+        else:
+            _set_submodule(gm, node.target, _affine_of(bn))
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm.eval()
+
+
+def _fold_sequential(model: nn.Module, reason: str) -> nn.Module:
+    folded = set()
+    for parent in model.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules.keys())
+        for a, b in zip(names, names[1:]):
+            layer, bn = parent._modules[a], parent._modules[b]
+            if (isinstance(layer, _FOLDABLE) and is_batchnorm(bn) and bn.running_mean is not None
+                    and layer.weight.size(0) == bn.running_mean.numel()):
+                fold_into(layer, bn)
+                parent._modules[b] = nn.Identity()
+                folded.add(id(bn))
+    left: List[str] = []
+    for name, m in list(model.named_modules()):
+        if is_batchnorm(m) and id(m) not in folded:
+            if _skip_untracked(name, m):
+                continue
+            _set_submodule(model, name, _affine_of(m))
+            left.append(name)
+    if left:
+        warnings.warn(f"fold: torch.fx could not trace the model ({reason}); folded only BNs that follow "
+                      f"a Linear/Conv inside nn.Sequential. Left as per-channel affine maps: {', '.join(left)}",
+                      FoldWarning, stacklevel=2)
+    return model.eval()
+
+
+# -- freezing --------------------------------------------------------------------------------
+
+_HOOK_ATTR = "_batchnorm_freeze"
+
+
+def _force_eval(module: nn.Module, args) -> None:
+    module.training = False
+
+
+def _remove_hook(m: nn.Module, state: dict) -> None:
+    # By key in this module's own dict: a deep-copied handle would point at the original's.
+    if state.get("handle") is not None:
+        m._forward_pre_hooks.pop(state["handle"].id, None)
+
+
+def _strip_freeze_hooks(model: nn.Module) -> None:
+    for m in model.modules():
+        state = m.__dict__.pop(_HOOK_ATTR, None)
+        if state is not None:
+            _remove_hook(m, state)
+        if isinstance(m, _BatchNormBase):
+            m.frozen = False
+
+
+def freeze(model: nn.Module, *, requires_grad: Optional[bool] = None) -> nn.Module:
+    """Make every BN layer use and keep its running statistics, whatever train()/eval() says.
+
+    Parameters stay as they are unless ``requires_grad`` is given (False: gamma and beta stop
+    training too). Works for this package's BN modules and torch.nn's. Undo with
+    :func:`unfreeze`. Returns ``model``.
+    """
+    bns = [(n, m) for n, m in model.named_modules() if is_batchnorm(m)]
+    for name, m in bns:
+        if m.running_mean is None:
+            raise ValueError(f"freeze: BN layer {name!r} has track_running_stats=False; "
+                             "there are no running statistics to freeze to")
+    for _, m in bns:
+        if _HOOK_ATTR in m.__dict__:
+            continue
+        state = {"requires_grad": {n: p.requires_grad for n, p in m.named_parameters(recurse=False)},
+                 "handle": None}
+        if isinstance(m, _BatchNormBase):
+            m.frozen = True
+        else:
+            state["handle"] = m.register_forward_pre_hook(_force_eval)
+        m.__dict__[_HOOK_ATTR] = state
+    if requires_grad is not None:
+        for _, m in bns:
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(requires_grad)
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Undo :func:`freeze`: BN layers follow train()/eval() again, requires_grad restored."""
+    for m in model.modules():
+        state = m.__dict__.pop(_HOOK_ATTR, None)
+        if state is None:
+            continue
+        if isinstance(m, _BatchNormBase):
+            m.frozen = False
+        if state["handle"] is not None:
+            _remove_hook(m, state)
+            m.training = model.training
+        for n, p in m.named_parameters(recurse=False):
+            p.requires_grad_(state["requires_grad"].get(n, p.requires_grad))
+    return model

@@ -1,0 +1,292 @@
+"""BatchNorm1d/2d/3d: drop-in replacements for torch.nn's, plus ghost batches and masks."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _BatchNormBase(nn.Module):
+    """Shared state and forward of every BN module in this package.
+
+    Parameters and buffers are named as in torch.nn (weight, bias, running_mean,
+    running_var, num_batches_tracked), so state_dicts load both ways.
+    """
+
+    _version = 2
+    _ranks: Tuple[int, ...] = ()
+    _name = "BatchNorm"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        virtual_batch_size: Optional[int] = None,
+        nonfinite: str = "warn",
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+            raise ValueError(f"{self._name}: num_features must be a positive int, got {num_features!r}")
+        if not eps > 0:
+            raise ValueError(f"{self._name}: eps must be > 0, got {eps!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{self._name}: momentum must be in [0, 1] or None, got {momentum!r}")
+        if virtual_batch_size is not None and (not isinstance(virtual_batch_size, int) or virtual_batch_size < 1):
+            raise ValueError(f"{self._name}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
+        if nonfinite not in ("warn", "raise", "ignore"):
+            raise ValueError(f"{self._name}: nonfinite must be 'warn', 'raise' or 'ignore', got {nonfinite!r}")
+        if impl not in ("auto", "native", "paper"):
+            raise ValueError(f"{self._name}: impl must be 'auto', 'native' or 'paper', got {impl!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.virtual_batch_size = virtual_batch_size
+        self.nonfinite = nonfinite
+        self.impl = impl
+        self.frozen = False  # set by batchnorm.freeze(): use and keep running stats in train() too
+        self._stat_sink = None  # set by batchnorm.population_statistics()
+        self.sync = False  # True: statistics over the global batch of process_group (SyncBatchNorm)
+        self.process_group = None
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
+        if self.virtual_batch_size is not None:
+            s += f", virtual_batch_size={self.virtual_batch_size}"
+        if self.nonfinite != "warn":
+            s += f", nonfinite={self.nonfinite!r}"
+        if self.impl != "auto":
+            s += f", impl={self.impl!r}"
+        if self.frozen:
+            s += ", frozen=True"
+        return s
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints from torch < 0.4.1 (version < 2) lack num_batches_tracked, as in torch.nn.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # -- hooks for the variants ------------------------------------------------------------
+    def _process_group(self):
+        """The group whose global batch the statistics span (SyncBatchNorm); None = local
+        (not synchronized, no process group initialized, or a group of one process)."""
+        if not self.sync:
+            return None
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if dist.get_world_size(group) == 1:
+            return None
+        return group
+
+    def _renorm(self, mean: Tensor, var: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """Batch Renormalization's (r, d) for these batch statistics; (None, None) for BN."""
+        return None, None
+
+    def _uses_paper_path(self, mask) -> bool:
+        return (self.impl == "paper" or mask is not None or self.virtual_batch_size is not None
+                or self._stat_sink is not None)
+
+    # -- forward ----------------------------------------------------------------------------
+    def _check_mask(self, input: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{self._name}: mask must be a torch.bool tensor of shape (N, L), got "
+                            f"{type(mask).__name__ if not isinstance(mask, Tensor) else mask.dtype}")
+        if input.dim() != 3 or mask.shape != (input.size(0), input.size(2)):
+            raise ValueError(f"{self._name}: mask needs (N, C, L) input and an (N, L) mask; got input "
+                             f"{tuple(input.shape)} and mask {tuple(mask.shape)}")
+        return mask
+
+    def _groups(self, input: Tensor) -> int:
+        vbs = self.virtual_batch_size
+        n = input.size(0)
+        if vbs is None or n <= vbs:
+            return 1
+        if n % vbs:
+            raise ValueError(
+                f"{self._name}: batch size {n} is not a multiple of virtual_batch_size={vbs}; "
+                f"use a batch size divisible by {vbs} (e.g. drop_last=True in the DataLoader)")
+        return n // vbs
+
+    def _forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        F.check_input(input, self.num_features, self._ranks, self._name)
+        mask = self._check_mask(input, mask)
+        use_batch_stats = (self.training and not self.frozen) or self.running_mean is None
+        if not use_batch_stats:
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps, impl=self.impl)
+        update = self.training and not self.frozen and self.running_mean is not None
+        if not self._uses_paper_path(mask) and self._process_group() is None and not self._is_renorm():
+            F.check_training_count(input, input.numel() // input.size(1), self._name)
+            return F.batch_norm(
+                input,
+                self.running_mean if update else None,
+                self.running_var if update else None,
+                self.weight, self.bias, True, self.momentum, self.eps,
+                impl=self.impl, nonfinite=self.nonfinite, num_batches_tracked=self.num_batches_tracked)
+        return self._forward_paper(input, mask, update)
+
+    def _is_renorm(self) -> bool:
+        return False
+
+    def _local_stats(self, input: Tensor, mask: Optional[Tensor], groups: int):
+        """Grouped view, mask view and per-group local statistics (count, mean, biased var)."""
+        xv = F.grouped_view(input, groups)                            # (G, n, C, *S)
+        dims = F.reduce_dims(xv.dim())
+        mv = None
+        if mask is not None:
+            mv = F.grouped_view(mask.unsqueeze(1), groups)             # (G, n, 1, L)
+        with torch.no_grad():
+            mean, var, count = F.batch_stats(xv, dims, mv)             # (G, 1, C, 1..)
+        return xv, mv, mean, var, count
+
+    def _forward_paper(self, input: Tensor, mask: Optional[Tensor], update: bool) -> Tensor:
+        groups = self._groups(input)
+        group = self._process_group()
+        if input.size(0) == 0 and group is None:
+            F.check_training_count(input, 0, self._name)
+        xv, mv, mean, var, count = self._local_stats(input, mask, groups)
+        if group is not None:
+            mean, var, count = self._sync_stats(mean, var, count, group)
+        # All checks on the statistics happen before any state changes.
+        min_count = int(count.min()) if count.numel() else 0
+        if min_count <= 1:
+            if mask is not None and min_count == 0:
+                raise ValueError(f"{self._name}: the mask has no valid position "
+                                 f"{'in some ghost batch ' if groups > 1 else ''}in training mode; "
+                                 "statistics need at least two valid values per channel")
+            F.check_training_count(input, min_count, self._name)
+        with torch.no_grad():
+            invstd = torch.rsqrt(var + self.eps)
+            r, d = self._renorm(mean, var)
+        out = F.transform(xv, self.weight, self.bias, mean, invstd, count, mv, r, d, group)
+        out = out.view(input.shape)
+        with torch.no_grad():
+            # Algorithm 2's estimate over the groups: mean of mu_B and of m/(m-1) sigma2_B.
+            batch_mean = mean.mean(dim=0).reshape(-1)                  # (C,)
+            batch_var = F.unbiased(var, count).mean(dim=0).reshape(-1)  # (C,)
+        if self._stat_sink is not None:
+            self._stat_sink.append((mean.reshape(groups, -1), F.unbiased(var, count).reshape(groups, -1)))
+        elif update:
+            accepted = F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
+                                              batch_mean, batch_var, self.momentum, self.nonfinite, self._name)
+            if accepted:
+                self._after_update()
+        return out
+
+    def _after_update(self) -> None:
+        """Called after an accepted running-statistics update (Batch Renorm counts steps)."""
+
+    def _sync_stats(self, mean, var, count, group):
+        from .distributed import sync_stats
+        if self.virtual_batch_size is not None:
+            raise ValueError(f"{self._name}: ghost batches (virtual_batch_size) are per-replica chunks and "
+                             "do not combine with synchronized statistics; use one or the other")
+        return sync_stats(mean, var, count, group, self.num_features, self._name, self)
+
+
+class BatchNorm1d(_BatchNormBase):
+    """Batch Normalization over (N, C) or (N, C, L) input (per activation; Algorithm 1).
+
+    Same constructor and state as torch.nn.BatchNorm1d.
+    ``momentum`` is the weight of the new batch: running = (1 - momentum) * running + momentum * batch; None = cumulative average.
+    Normalization uses the biased batch variance; running_var stores the unbiased m/(m-1) one (m = values per channel).
+    ``eps`` sits inside the square root: (x - mu) / sqrt(var + eps).
+    Half-precision inputs get float32 statistics; the output keeps the input's dtype.
+    A training batch with NaN/Inf statistics updates nothing (``nonfinite``: "warn", "raise" or "ignore").
+
+    Extra keyword-only options (``bias=False``, as in torch 2.13, drops beta): ``virtual_batch_size`` (ghost batches: statistics per
+    consecutive chunk of that many examples; the batch size must be a multiple of it),
+    ``impl`` ("auto" uses torch's kernel for plain BN, "paper" always the hand-written one).
+    ``forward(input, mask=None)``: for (N, C, L) input an (N, L) bool mask restricts the
+    statistics (and their gradients and the running-stat count) to the valid positions;
+    every position is still normalized.
+    """
+
+    _ranks = (2, 3)
+    _name = "BatchNorm1d"
+
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return self._forward(input, mask)
+
+
+class BatchNorm2d(_BatchNormBase):
+    """Batch Normalization over (N, C, H, W) input, per feature map (Section 3.2: m' = N*H*W).
+
+    Same constructor and state as torch.nn.BatchNorm2d; conventions as in :class:`BatchNorm1d`.
+    """
+
+    _ranks = (4,)
+    _name = "BatchNorm2d"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input)
+
+
+class BatchNorm3d(_BatchNormBase):
+    """Batch Normalization over (N, C, D, H, W) input, per feature map (m' = N*D*H*W).
+
+    Same constructor and state as torch.nn.BatchNorm3d; conventions as in :class:`BatchNorm1d`.
+    """
+
+    _ranks = (5,)
+    _name = "BatchNorm3d"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input)

@@ -1,0 +1,127 @@
+"""Batch Renormalization (Ioffe 2017): BN whose training output is corrected toward the
+running statistics, so that training and inference compute closer functions."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .modules import _BatchNormBase
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "default_r_max", "default_d_max"]
+
+Schedule = Union[float, Callable[[int], float]]
+
+
+def _ramp(step: int, start: int, end: int, lo: float, hi: float) -> float:
+    if step <= start:
+        return lo
+    if step >= end:
+        return hi
+    return lo + (hi - lo) * (step - start) / (end - start)
+
+
+def default_r_max(step: int) -> float:
+    """The paper's schedule: 1 for the first 5,000 steps, then linearly up to 3 at 40,000."""
+    return _ramp(step, 5_000, 40_000, 1.0, 3.0)
+
+
+def default_d_max(step: int) -> float:
+    """The paper's schedule: 0 for the first 5,000 steps, then linearly up to 5 at 25,000."""
+    return _ramp(step, 5_000, 25_000, 0.0, 5.0)
+
+
+class _BatchRenorm(_BatchNormBase):
+    """Shared implementation of BatchRenorm1d/2d/3d.
+
+    In training, with sigma_B = sqrt(sigma2_B + eps) and sigma = sqrt(running_var + eps):
+    r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - running_mean) / sigma,
+    -d_max, d_max), xhat = (x - mu_B) / sigma_B * r + d, y = gamma * xhat + beta, with r and
+    d constants in the backward. Inference, running statistics and state are exactly
+    BatchNorm's, so a checkpoint loads into BatchNorm. ``r_max``/``d_max`` are floats or
+    callables of the number of training steps taken (num_batches_tracked); the defaults
+    follow the paper's schedule (:func:`default_r_max`, :func:`default_d_max`).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True, r_max: Schedule = default_r_max, d_max: Schedule = default_d_max,
+                 virtual_batch_size: Optional[int] = None, nonfinite: str = "warn") -> None:
+        if not track_running_stats:
+            raise ValueError(f"{self._name}: Batch Renormalization corrects toward the running statistics, "
+                             "so it needs track_running_stats=True")
+        for name, v in (("r_max", r_max), ("d_max", d_max)):
+            if not callable(v) and not isinstance(v, (int, float)):
+                raise TypeError(f"{self._name}: {name} must be a float or a callable of the step count, got {type(v).__name__}")
+        if not callable(r_max) and r_max < 1:
+            raise ValueError(f"{self._name}: r_max must be >= 1, got {r_max}")
+        if not callable(d_max) and d_max < 0:
+            raise ValueError(f"{self._name}: d_max must be >= 0, got {d_max}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias, virtual_batch_size=virtual_batch_size, nonfinite=nonfinite, impl="paper")
+        self.r_max = r_max
+        self.d_max = d_max
+
+    def _is_renorm(self) -> bool:
+        return True
+
+    def current_limits(self) -> Tuple[float, float]:
+        """(r_max, d_max) at the current step count."""
+        step = int(self.num_batches_tracked)
+        r_max = float(self.r_max(step)) if callable(self.r_max) else float(self.r_max)
+        d_max = float(self.d_max(step)) if callable(self.d_max) else float(self.d_max)
+        if r_max < 1 or d_max < 0:
+            raise ValueError(f"{self._name}: need r_max >= 1 and d_max >= 0, schedule gave "
+                             f"r_max={r_max}, d_max={d_max} at step {step}")
+        return r_max, d_max
+
+    def _renorm(self, mean: Tensor, var: Tensor):
+        r_max, d_max = self.current_limits()
+        nd = mean.dim()
+        shape = (1, 1, -1) + (1,) * (nd - 3)
+        rm = self.running_mean.to(mean.dtype).view(shape)
+        sigma = torch.sqrt(self.running_var.to(mean.dtype) + self.eps).view(shape)
+        sigma_b = torch.sqrt(var + self.eps)
+        r = torch.clamp(sigma_b / sigma, 1.0 / r_max, r_max)              # (G, 1, C, 1..)
+        d = torch.clamp((mean - rm) / sigma, -d_max, d_max)               # (G, 1, C, 1..)
+        return r, d
+
+    def extra_repr(self) -> str:
+        def show(v):
+            return getattr(v, "__name__", repr(v)) if callable(v) else repr(v)
+        return super().extra_repr() + f", r_max={show(self.r_max)}, d_max={show(self.d_max)}"
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renormalization over (N, C) or (N, C, L) input; see :class:`_BatchRenorm`.
+
+    ``forward(input, mask=None)`` accepts an (N, L) bool mask like BatchNorm1d.
+    """
+
+    _ranks = (2, 3)
+    _name = "BatchRenorm1d"
+
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return self._forward(input, mask)
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renormalization over (N, C, H, W) input, per feature map."""
+
+    _ranks = (4,)
+    _name = "BatchRenorm2d"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input)
+
+
+class BatchRenorm3d(_BatchRenorm):
+    """Batch Renormalization over (N, C, D, H, W) input, per feature map."""
+
+    _ranks = (5,)
+    _name = "BatchRenorm3d"
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input)
