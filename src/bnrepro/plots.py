@@ -1,0 +1,72 @@
+"""Figures: the paper's panels, with mean lines and min-max bands over seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _band(ax, x, ys, color, label, lw=1.6):
+    ys = np.asarray(ys, dtype=float)
+    mean = ys.mean(axis=0)
+    ax.plot(x, mean, color=color, lw=lw, label=label)
+    if ys.shape[0] > 1:
+        ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.2, lw=0)
+    return mean
+
+
+def figure1(metrics: Dict[str, Any], path: Path) -> None:
+    """(a) test accuracy vs steps, with and without BN; (b, c) 15/50/85th percentiles of the
+    monitored sigmoid input, without and with BN. Lines: mean over seeds; bands: min-max."""
+    plt = _pyplot()
+    runs = metrics["runs"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = {"baseline": "tab:blue", "bn": "tab:red"}
+    labels = {"baseline": "Without BN", "bn": "With BN"}
+    ax = axes[0]
+    for kind in ("baseline", "bn"):
+        rs = [r for r in runs if r["model"] == kind]
+        _band(ax, rs[0]["steps"], [r["test_accuracy"] for r in rs], colors[kind], labels[kind])
+    s = metrics["summary"]
+    if s.get("steps_to_baseline_final"):
+        ax.axvline(s["steps_to_baseline_final"], color="gray", ls=":", lw=1)
+        ax.axhline(s["baseline"]["final_accuracy"], color="gray", ls=":", lw=1)
+    ax.set_ylim(max(0.0, min(0.9, s["baseline"]["final_accuracy"] - 0.06)), 1.0)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("(a) MNIST test accuracy")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    lo = min(min(min(r["percentiles"]["15"]) for r in runs), -1.0)
+    hi = max(max(max(r["percentiles"]["85"]) for r in runs), 1.0)
+    for ax, kind, title in ((axes[1], "baseline", "(b) without BN"), (axes[2], "bn", "(c) with BN")):
+        rs = [r for r in runs if r["model"] == kind]
+        for q, style in (("15", "--"), ("50", "-"), ("85", "--")):
+            ys = np.asarray([r["percentiles"][q] for r in rs])
+            ax.plot(rs[0]["steps"], ys.mean(axis=0), color=colors[kind], ls=style, lw=1.4, label=f"{q}th pct")
+            if ys.shape[0] > 1:
+                ax.fill_between(rs[0]["steps"], ys.min(axis=0), ys.max(axis=0), color=colors[kind], alpha=0.15, lw=0)
+        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+        ax.set_xlabel("training steps")
+        ax.set_ylabel(f"input to sigmoid unit {metrics['config']['unit']}, last hidden layer")
+        ax.set_title(title)
+        ax.legend(loc="upper right", fontsize=8)
+        ax.grid(alpha=0.3)
+    n = len({r["seed"] for r in runs})
+    fig.suptitle(f"Figure 1 reproduction: MNIST 784-100-100-100-10 sigmoid MLP, {n} seed(s) "
+                 "(lines: mean, bands: min-max)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,106 @@
+"""The Figure 1 experiment: smoke run of the CLI, resume after a kill, the CLI's errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bnrepro.__main__ import main
+from bnrepro.config import Figure1Config
+from bnrepro.experiments import figure1
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def strip(runs):
+    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in runs]
+
+
+def test_quick_smoke_run_writes_everything(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["figure1", "--quick", "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert {r["model"] for r in m["runs"]} == {"baseline", "bn"}
+    for r in m["runs"]:
+        assert r["steps"][-1] == 2000 and len(r["test_accuracy"]) == len(r["steps"])
+        assert set(r["percentiles"]) == {"15", "50", "85"}
+        assert all(len(v) == len(r["steps"]) for v in r["percentiles"].values())
+        assert r["test_accuracy"][-1] > 0.85  # both networks learn in 2,000 steps
+    s = m["summary"]
+    assert set(s) >= {"baseline", "bn", "steps_to_baseline_final"}
+    assert isinstance(s["baseline"]["final_accuracy"], float)
+    assert (out / "figure1.png").stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert "The paper's claims beside ours" in report and "torch" in report
+    assert "bnrepro figure1" in capsys.readouterr().out
+
+
+def test_resume_after_stop_equals_uninterrupted(tmp_path):
+    cfg = Figure1Config(steps=300, eval_every=50, checkpoint_every=100, seeds=1, workers=1)
+    base = {"config": cfg.__dict__.copy(), "model": "bn", "seed": 0}
+    whole = figure1.train_run(0, {**base, "checkpoint": str(tmp_path / "a.pt")})
+    ck = tmp_path / "b.pt"
+    with pytest.raises(KeyboardInterrupt):
+        figure1.train_run(0, {**base, "checkpoint": str(ck), "stop_after": 150})
+    import torch
+    assert torch.load(ck, weights_only=False)["step"] == 100  # steps 101-150 are lost, as in a crash
+    resumed = figure1.train_run(0, {**base, "checkpoint": str(ck), "resume": True})
+    assert strip([resumed]) == strip([whole])
+
+
+def test_resume_refuses_other_config(tmp_path):
+    cfg = Figure1Config(steps=100, eval_every=50, checkpoint_every=50, seeds=1, workers=1)
+    task = {"config": cfg.__dict__.copy(), "model": "baseline", "seed": 0, "checkpoint": str(tmp_path / "c.pt")}
+    figure1.train_run(0, task)
+    other = dict(task, config={**task["config"], "lr": 0.1}, resume=True)
+    with pytest.raises(ValueError, match="different configuration"):
+        figure1.train_run(0, other)
+
+
+def test_cli_resume_after_sigkill_matches(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    args = [sys.executable, "-m", "bnrepro", "figure1", "--steps", "2500", "--eval-every", "250",
+            "--checkpoint-every", "500", "--seeds", "1", "--workers", "1", "--quiet"]
+    full = subprocess.run(args + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=240)
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = killed / "checkpoints" / "baseline-seed0.pt"
+    deadline = time.time() + 120
+    while not ck.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (killed / "metrics.json").exists()
+    again = subprocess.run(args + ["--out", str(killed), "--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert strip(a["runs"]) == strip(b["runs"])
+    assert b["provenance"]["resumed"] is True
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["figure1", "--bogus"], "unrecognized arguments: --bogus"),
+    (["figure1", "--steps", "0"], "--steps must be >= 1"),
+    (["figure1", "--lr", "fast"], "invalid float value"),
+    (["figure1", "--resume"], "--resume needs the --out"),
+    (["nope"], "invalid choice"),
+])
+def test_cli_errors_are_one_line(argv, pattern, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert pattern in err and "accepted:" in err and err.count("\n") == 1
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "figure1" in capsys.readouterr().out
