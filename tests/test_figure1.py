@@ -30,7 +30,9 @@ def test_quick_smoke_run_writes_everything(tmp_path, capsys):
         assert r["steps"][-1] == 2000 and len(r["test_accuracy"]) == len(r["steps"])
         assert set(r["percentiles"]) == {"15", "50", "85"}
         assert all(len(v) == len(r["steps"]) for v in r["percentiles"].values())
-        assert r["test_accuracy"][-1] > 0.85  # both networks learn in 2,000 steps
+    acc = {r["model"]: r["test_accuracy"][-1] for r in m["runs"]}
+    # With the paper's small initial weights the sigmoid baseline starts slowly; BN does not.
+    assert acc["bn"] > 0.9 and acc["baseline"] > 0.2 and acc["bn"] > acc["baseline"]
     s = m["summary"]
     assert set(s) >= {"baseline", "bn", "steps_to_baseline_final"}
     assert isinstance(s["baseline"]["final_accuracy"], float)

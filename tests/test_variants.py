@@ -85,12 +85,14 @@ def test_renorm_matches_direct_formula_with_active_clipping():
     torch.testing.assert_close(m.running_var, 0.9 * rv + 0.1 * x.var(dim=(0, 2), unbiased=False) * count / (count - 1))
 
 
-def test_renorm_gradcheck():
+def test_renorm_gradcheck_where_clipped():
+    # r and d are constants in the backward by design; where both are clipped they are also
+    # locally constant, so the hand-written gradient must equal the numerical one.
     x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
     m = bn.BatchRenorm1d(3, r_max=1.2, d_max=0.3, dtype=torch.float64, momentum=0.0)
     with torch.no_grad():
-        m.running_mean.fill_(0.4)
-        m.running_var.fill_(2.0)
+        m.running_mean.fill_(10.0)   # d = (mu_B - 10) / 10 ~ -1: clipped to -0.3
+        m.running_var.fill_(100.0)   # r = sigma_B / 10 ~ 0.1: clipped to 1/1.2
     assert torch.autograd.gradcheck(lambda x: m(x), (x,))
 
 
@@ -195,7 +197,7 @@ def test_ghost_renorm():
 def masked_reference(x, mask, w, b, eps=1e-5):
     """Statistics over valid positions only (float64 autograd); every position normalized."""
     m = mask.unsqueeze(1).to(x.dtype)                      # (N, 1, L)
-    n = m.sum() 
+    n = m.sum()
     mu = (x * m).sum(dim=(0, 2), keepdim=True) / n
     var = (((x - mu) ** 2) * m).sum(dim=(0, 2), keepdim=True) / n
     return (x - mu) / torch.sqrt(var + eps) * w.view(1, -1, 1) + b.view(1, -1, 1)

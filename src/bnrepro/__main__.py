@@ -105,14 +105,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         sub = parser._subparsers._group_actions[0].choices[args.command]
         sub.error("--resume needs the --out directory of the run to continue")
     out = Path(args.out) if args.out else Path("runs") / args.command / time.strftime("%Y%m%d-%H%M%S")
-    print(f"bnrepro {args.command}: writing to {out}")
-    for f in dataclasses.fields(cfg):
-        print(f"  {f.name} = {getattr(cfg, f.name)}")
+    from .runtime import distributed
+    rank, world = distributed()  # under torchrun: rank 0 alone prints and writes
+    if rank == 0:
+        print(f"bnrepro {args.command}: writing to {out}" + (f" ({world} processes)" if world > 1 else ""))
+        for f in dataclasses.fields(cfg):
+            print(f"  {f.name} = {getattr(cfg, f.name)}")
     import importlib
     module = importlib.import_module(f"bnrepro.experiments.{module_name}")
     metrics = module.run(cfg, out, resume=args.resume, quiet=args.quiet)
-    print(module.headline(metrics) if hasattr(module, "headline") else "")
-    print(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and the figures")
+    if metrics is not None:
+        print(module.headline(metrics))
+        print(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and the figures")
     return 0
 
 

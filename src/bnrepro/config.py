@@ -18,7 +18,7 @@ class Figure1Config:
     steps: int = 50_000                 # SGD steps per network (paper: 50,000)
     batch_size: int = 60                # examples per step (paper: 60)
     lr: float = 0.5                     # SGD learning rate, the same for both networks (not in the paper)
-    init_std: float = 0.1               # std of the Gaussian initial weights ("small random Gaussian")
+    init_std: float = 0.01              # std of the Gaussian initial weights: the paper's "small random Gaussian"
     seeds: int = 3                      # independent runs per network
     first_seed: int = 0                 # seeds are first_seed .. first_seed + seeds - 1
     eval_every: int = 500               # steps between evaluations on the 10,000 test images

@@ -10,7 +10,7 @@ from torch import nn
 import batchnorm
 
 
-def mnist_mlp(use_bn: bool, init_std: float = 0.1, hidden: int = 100, depth: int = 3,
+def mnist_mlp(use_bn: bool, init_std: float = 0.01, hidden: int = 100, depth: int = 3,
               norm: Type[nn.Module] = batchnorm.BatchNorm1d) -> nn.Sequential:
     """Section 4.1: 784-100-100-100-10, sigmoid hidden units, N(0, init_std^2) weights.
 

@@ -169,3 +169,41 @@ def run_tasks(fn, tasks, workers: int, total_steps: int, desc: str, threads: int
         _QUEUE = None
         bar.close()
     return results
+
+
+# -- data-parallel training under torchrun ---------------------------------------------------
+
+def distributed() -> "tuple[int, int]":
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) this initializes the default
+    process group once: gloo on CPU, NCCL when CUDA is available."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """SyncBatchNorm (batchnorm's, so it runs on CPU/gloo too) and DDP when distributed;
+    the model itself otherwise."""
+    rank, world = distributed()
+    if world == 1:
+        return model
+    import batchnorm
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = batchnorm.convert_sync_batchnorm(model)
+    # Buffers need no per-step broadcast: SyncBatchNorm's running statistics are global
+    # already (the replicas start identical). torch 2.13 renamed the option.
+    import inspect
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(model, forward_sync_buffers=False)
+    return DDP(model, broadcast_buffers=False)
+
+
+def barrier() -> None:
+    rank, world = distributed()
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()

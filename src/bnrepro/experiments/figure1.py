@@ -61,12 +61,20 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
     cfg = Figure1Config(**task["config"])
     kind, seed, ckpt = task["model"], task["seed"], Path(task["checkpoint"])
     train_x, train_y, test_x, test_y = mnist_tensors(cfg.data_dir)
+    rank, world = runtime.distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     torch.manual_seed(seed)
-    model = mnist_mlp(use_bn=(kind == "bn"), init_std=cfg.init_std)
+    net = mnist_mlp(use_bn=(kind == "bn"), init_std=cfg.init_std)
+    # Under torchrun: every rank draws the same global batch and trains on its own slice,
+    # with SyncBatchNorm and DDP (gradient average == gradient of the global mean loss).
+    model = runtime.data_parallel(net)
+    net = model.module if world > 1 else model
+    lo, hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     # The data order depends on the seed only: both networks see the same mini-batches.
     gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
-    monitor = InputPercentiles(model[-2], unit=cfg.unit, q=PERCENTILES)
+    monitor = InputPercentiles(net[-2], unit=cfg.unit, q=PERCENTILES)
     steps: List[int] = []
     accs: List[float] = []
     losses: List[float] = []
@@ -78,7 +86,7 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
         if state["config"] != task["config"] or state["model"] != kind or state["seed"] != seed:
             raise ValueError(f"{ckpt}: checkpoint was written by a different configuration; "
                              "use another --out or drop --resume")
-        model.load_state_dict(state["model_state"])
+        net.load_state_dict(state["model_state"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         monitor.load_state_dict(state["monitor"])
@@ -88,23 +96,23 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
     t0 = time.perf_counter() - elapsed
     model.train()
     for step in range(start + 1, cfg.steps + 1):
-        idx = torch.randint(0, len(train_y), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, len(train_y), (cfg.batch_size,), generator=gen)[lo:hi]
         loss = loss_fn(model(train_x[idx]), train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running += loss.item()
+        running += loss.item()  # this rank's slice; rank 0's is what the bar shows
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            acc = _evaluate(model, monitor, test_x, test_y, step)
+            acc = _evaluate(net, monitor, test_x, test_y, step)  # every rank: identical replicas
             steps.append(step)
             accs.append(acc)
             losses.append(running / ((step - 1) % cfg.eval_every + 1))
             running = 0.0
             runtime.report_progress(task_id, step, losses[-1], acc)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if (step % cfg.checkpoint_every == 0 or step == cfg.steps) and rank == 0:
             runtime.save_checkpoint(ckpt, {
                 "config": task["config"], "model": kind, "seed": seed, "step": step,
-                "model_state": model.state_dict(), "optimizer": opt.state_dict(),
+                "model_state": net.state_dict(), "optimizer": opt.state_dict(),
                 "generator": gen.get_state(), "monitor": monitor.state_dict(),
                 "steps": steps, "test_accuracy": accs, "loss": losses, "running_loss": running,
                 "elapsed": time.perf_counter() - t0,
@@ -164,13 +172,19 @@ def run(cfg: Figure1Config, out: Path, resume: bool = False, quiet: bool = False
               "checkpoint": str(out / "checkpoints" / f"{kind}-seed{cfg.first_seed + s}.pt")}
              for s in range(cfg.seeds) for kind in MODELS]
     t0 = time.perf_counter()
-    runs = runtime.run_tasks(train_run, tasks, cfg.workers, cfg.steps * len(tasks), "figure1", quiet=quiet)
+    rank, world = runtime.distributed()
+    workers = 1 if world > 1 else cfg.workers  # under torchrun the ranks are the parallelism
+    runs = runtime.run_tasks(train_run, tasks, workers, cfg.steps * len(tasks), "figure1",
+                             quiet=quiet or rank != 0, threads=1)
     wall = time.perf_counter() - t0
+    if rank != 0:
+        return None  # only rank 0 writes outputs
     metrics = {
         "config": config,
         "runs": runs,
         "summary": summarize(runs),
-        "provenance": {**runtime.provenance(), "wall_time_s": round(wall, 1), "resumed": resume},
+        "provenance": {**runtime.provenance(), "wall_time_s": round(wall, 1), "resumed": resume,
+                       "processes": world},
     }
     runtime.write_json(out / "metrics.json", metrics)
     plots.figure1(metrics, out / "figure1.png")

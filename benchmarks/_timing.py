@@ -1,0 +1,54 @@
+"""Side-by-side timing: interleaved, median of many repeats, ratios in one process."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+
+
+def _per_call(fn: Callable[[], object], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def compare(fns: Sequence[Callable[[], object]], min_time: float = 2e-3, repeats: int = 21,
+            warmup: int = 3) -> List[float]:
+    """Median seconds per call of each fn, measured interleaved (A B A B ...) so that
+    machine noise hits all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    # Calls per measurement: enough that one measurement takes at least min_time.
+    t = max(_per_call(fns[0], 1), 1e-7)
+    n = max(1, int(min_time / t))
+    samples: List[List[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            samples[i].append(_per_call(fns[i], n))
+    return [statistics.median(s) for s in samples]
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
