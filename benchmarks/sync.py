@@ -1,0 +1,94 @@
+"""Training-step time of a small BN conv net with SyncBatchNorm over local BN, both on 2
+gloo processes on this CPU (DDP in both, so only the BN layers differ).
+
+    python benchmarks/sync.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def net(norm):
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), norm(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False), norm(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, bias=False), norm(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def worker(rank, world, port, repeats, batch, queue):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import batchnorm as bn
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    models = {"local": DDP(net(bn.BatchNorm2d)), "sync": DDP(net(bn.SyncBatchNorm))}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01) for k, m in models.items()}
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(k):
+        opts[k].zero_grad(set_to_none=True)
+        loss_fn(models[k](x), y).backward()
+        opts[k].step()
+
+    times = {k: [] for k in models}
+    for k in models:
+        for _ in range(3):
+            step(k)
+    for r in range(repeats):
+        for k in (("local", "sync") if r % 2 == 0 else ("sync", "local")):
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step(k)
+            times[k].append((time.perf_counter() - t0) / 5)
+    if rank == 0:
+        queue.put({k: statistics.median(v) for k, v in times.items()})
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--batch", type=int, default=32, help="examples per process")
+    args = p.parse_args(argv)
+    from _timing import machine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    repeats = 7 if args.quick else 21
+    procs = [ctx.Process(target=worker, args=(r, 2, port, repeats, args.batch, q)) for r in range(2)]
+    for pr in procs:
+        pr.start()
+    res = q.get(timeout=600)
+    for pr in procs:
+        pr.join()
+    print(f"# benchmarks/sync.py: 2 gloo processes, 1 thread each, {args.batch} examples per process; {machine()}")
+    print("| BN layers | step ms (median) |\n|---|---|")
+    print(f"| batchnorm.BatchNorm2d (local) | {res['local'] * 1e3:.2f} |")
+    print(f"| batchnorm.SyncBatchNorm | {res['sync'] * 1e3:.2f} |")
+    print(f"\nratio sync / local: {res['sync'] / res['local']:.2f} (target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()
