@@ -19,7 +19,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     common = ["figure1", "--steps", "300", "--eval-every", "50", "--seeds", "1", "--quiet"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", "--master_port=0", "-m", "bnrepro", *common,
+                          "--standalone", "-m", "bnrepro", *common,
                           "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("bnrepro figure1: writing to") == 1  # only rank 0 prints

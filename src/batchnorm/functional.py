@@ -19,6 +19,7 @@ Conventions (Ioffe & Szegedy 2015, with PyTorch's naming):
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional, Sequence, Tuple
 
@@ -200,7 +201,7 @@ def _factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) ->
 
 
 def _report_nonfinite(nonfinite: str, name: str) -> None:
-    msg = (f"{name}: the training batch has NaN or Inf statistics (non-finite input); "
+    msg = (f"{name}: the training batch has NaN or Inf statistics (non-finite or overflowing input); "
            "running statistics were not updated")
     if nonfinite == "raise":
         raise NonFiniteBatchError(msg)
@@ -320,32 +321,42 @@ def affine_coefficients(running_mean: Tensor, running_var: Tensor, weight: Optio
 def _train_native(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt):
     if running_mean is None:
         return torch.nn.functional.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
-    # torch's kernel updates the buffers it is given in place. Give it scratch copies and
-    # keep the result only if it is finite, so a NaN batch cannot poison the real buffers.
-    factor = _factor(momentum, None if nbt is None else nbt + 1) if momentum is None else momentum
-    rm = running_mean.clone()
-    rv = running_var.clone()
-    out = torch.nn.functional.batch_norm(input, rm, rv, weight, bias, True, factor, eps)
-    _accept(running_mean, running_var, nbt, rm, rv, nonfinite)
-    return out
-
-
-def _accept(running_mean, running_var, nbt, rm, rv, nonfinite):
-    finite = torch.isfinite(rm).all() & torch.isfinite(rv).all()
-    with torch.no_grad():
-        if torch.compiler.is_compiling():
+    factor = momentum if momentum is not None else 1.0 / (float(nbt) + 1.0)
+    if torch.compiler.is_compiling():
+        # No data-dependent branch under compile: update scratch copies and select.
+        rm, rv = running_mean.clone(), running_var.clone()
+        out = torch.nn.functional.batch_norm(input, rm, rv, weight, bias, True, factor, eps)
+        finite = torch.isfinite(rm).all() & torch.isfinite(rv).all()
+        with torch.no_grad():
             running_mean.copy_(torch.where(finite, rm, running_mean))
             running_var.copy_(torch.where(finite, rv, running_var))
             if nbt is not None:
                 nbt.add_(finite.to(nbt.dtype))
-            return
-        if not bool(finite):
-            _report_nonfinite(nonfinite, "batch_norm")
-            return
-        running_mean.copy_(rm)
-        running_var.copy_(rv)
+        return out
+    # torch's kernel updates the buffers in place. Keep a backup (one small op) and put it
+    # back if the update is not finite, so a NaN/Inf batch cannot poison the statistics.
+    backup = torch.stack((running_mean, running_var))                    # (2, C)
+    out = torch.batch_norm(input, weight, bias, running_mean, running_var, True, factor, eps,
+                           torch.backends.cudnn.enabled)
+    if _var_finite(running_var):
         if nbt is not None:
-            nbt.add_(1)
+            nbt.add_(1)  # buffers never require grad: no no_grad() needed (it costs microseconds)
+    else:
+        running_mean.copy_(backup[0])
+        running_var.copy_(backup[1])
+        _report_nonfinite(nonfinite, "batch_norm")
+    return out
+
+
+def _var_finite(running_var: Tensor) -> bool:
+    """Whether a running-variance update stayed finite, with one reduction and one sync.
+
+    Checking the variance suffices: a NaN or Inf anywhere in a channel makes its batch mean
+    non-finite, and x - mean then makes its variance NaN or Inf as well; an overflowing
+    variance is caught directly. A sum of finite variances overflows only if the variances
+    themselves are near float32's limit, where the update is rejected too.
+    """
+    return math.isfinite(float(running_var.sum()))
 
 
 def _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt):

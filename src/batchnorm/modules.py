@@ -137,10 +137,6 @@ class _BatchNormBase(nn.Module):
         """Batch Renormalization's (r, d) for these batch statistics; (None, None) for BN."""
         return None, None
 
-    def _uses_paper_path(self, mask) -> bool:
-        return (self.impl == "paper" or mask is not None or self.virtual_batch_size is not None
-                or self._stat_sink is not None)
-
     # -- forward ----------------------------------------------------------------------------
     def _check_mask(self, input: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
         if mask is None:
@@ -166,20 +162,24 @@ class _BatchNormBase(nn.Module):
 
     def _forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         F.check_input(input, self.num_features, self._ranks, self._name)
-        mask = self._check_mask(input, mask)
-        use_batch_stats = (self.training and not self.frozen) or self.running_mean is None
-        if not use_batch_stats:
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps, impl=self.impl)
+        if mask is not None:
+            self._check_mask(input, mask)
+        if not ((self.training and not self.frozen) or self.running_mean is None):
+            # Inference (Algorithm 2): the running statistics, one affine map per channel.
+            if self.impl == "paper":
+                return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                    False, 0.0, self.eps, impl="paper")
+            return torch.nn.functional.batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                                  self.bias, False, 0.0, self.eps)
         update = self.training and not self.frozen and self.running_mean is not None
-        if not self._uses_paper_path(mask) and self._process_group() is None and not self._is_renorm():
-            F.check_training_count(input, input.numel() // input.size(1), self._name)
-            return F.batch_norm(
-                input,
-                self.running_mean if update else None,
-                self.running_var if update else None,
-                self.weight, self.bias, True, self.momentum, self.eps,
-                impl=self.impl, nonfinite=self.nonfinite, num_batches_tracked=self.num_batches_tracked)
+        if (self.impl != "paper" and mask is None and self.virtual_batch_size is None and self._stat_sink is None
+                and not self.sync and not self._is_renorm()):
+            # Plain BN: torch's kernel computes exactly Algorithm 1 (and the unbiased update).
+            F.check_training_count(input, input.numel() // self.num_features, self._name)
+            if not update:
+                return torch.nn.functional.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return F._train_native(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                   self.momentum, self.eps, self.nonfinite, self.num_batches_tracked)
         return self._forward_paper(input, mask, update)
 
     def _is_renorm(self) -> bool:
