@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-installed
 
-.PHONY: test figure1 demo bench setup clean fashion-mnist small-batch inception ensemble
+.PHONY: test figure1 bench setup clean
 
 setup: $(STAMP)
 
@@ -22,9 +22,6 @@ test: $(STAMP)
 
 figure1: $(STAMP)
 	$(VENV)/bin/bnrepro figure1 --seeds 3 --out records/figure1
-
-demo: $(STAMP)
-	$(PY) examples/demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/ops.py
