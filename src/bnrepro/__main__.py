@@ -17,6 +17,8 @@ from . import config as configs
 
 EXPERIMENTS = {
     "figure1": ("Figure 1: MNIST MLP with and without BN (Section 4.1)", "Figure1Config", "figure1"),
+    "small-batch": ("Beyond the paper: BN, Batch Renorm and ghost batches as the batch shrinks (Fashion-MNIST)",
+                    "SmallBatchConfig", "small_batch"),
 }
 
 

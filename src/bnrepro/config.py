@@ -34,17 +34,50 @@ def validate(config) -> None:
     """Raise ValueError naming the first field whose value is out of range."""
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
+        if f.name in ("lr", "init_std", "epochs") and not v > 0:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
+        if f.name == "momentum" and not 0 <= v < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {v}")
+        if f.name == "weight_decay" and v < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {v}")
+        if f.name == "batch_sizes" and (not v or min(v) < 2):
+            raise ValueError(f"--batch-sizes must all be >= 2 (BN needs two values per channel), got {v}")
+        if f.name == "methods" and (not v or set(v) - {"none", "bn", "renorm", "ghost"}):
+            raise ValueError(f"--methods must be among none, bn, renorm, ghost, got {' '.join(v)}")
         if f.name in ("lr", "init_std") and not v > 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
-        if f.name in ("steps", "batch_size", "seeds", "eval_every", "checkpoint_every", "workers") and v < 1:
+        if f.name in ("steps", "batch_size", "seeds", "eval_every", "checkpoint_every", "workers", "ghost_batch") and v < 1:
             raise ValueError(f"--{f.name.replace('_', '-')} must be >= 1, got {v}")
         if f.name in ("first_seed", "unit") and v < 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be >= 0, got {v}")
     if getattr(config, "batch_size", 2) < 2:
         raise ValueError("--batch-size must be >= 2 (BN needs two values per channel)")
+    if hasattr(config, "ghost_batch") and "ghost" in config.methods:
+        bad = [b for b in config.batch_sizes if config.ghost_batch % b]
+        if bad:
+            raise ValueError(f"--ghost-batch {config.ghost_batch} must be a multiple of every batch size; not of {bad}")
     if hasattr(config, "unit") and config.unit >= 100:
         raise ValueError(f"--unit must be < 100 (the hidden layer's width), got {config.unit}")
 
 
 def as_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+@dataclass
+class SmallBatchConfig:
+    """Beyond the paper: how BN, Batch Renorm and ghost batches fare as the batch shrinks."""
+
+    batch_sizes: Tuple[int, ...] = (2, 4, 8, 16, 32, 64)   # examples per step (per replica)
+    methods: Tuple[str, ...] = ("none", "bn", "renorm", "ghost")  # normalization in the conv net
+    epochs: float = 2.0                 # passes over the 60,000 training images, the same for every run
+    lr: float = 0.05                    # SGD learning rate per 64 examples (scaled linearly with the batch)
+    momentum: float = 0.9               # SGD momentum
+    weight_decay: float = 5e-4          # L2 weight decay
+    ghost_batch: int = 64               # the real batch of the "ghost" method; its statistics use batch_size
+    seeds: int = 2                      # independent runs per (method, batch size)
+    first_seed: int = 0                 # seeds are first_seed .. first_seed + seeds - 1
+    workers: int = 2                    # parallel processes, 1 thread each
+    data_dir: Optional[str] = None      # directory of Fashion-MNIST IDX files (default: Debian package, then download)
+
+    QUICK = {"batch_sizes": (4, 32), "epochs": 0.05, "seeds": 1}

@@ -70,3 +70,38 @@ def figure1(metrics: Dict[str, Any], path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def small_batch(metrics: Dict[str, Any], path: Path) -> None:
+    """Test accuracy against the per-replica batch size, one line per method (mean over
+    seeds, error bars min-max)."""
+    from .experiments.small_batch import LABELS
+
+    plt = _pyplot()
+    s = metrics["summary"]
+    runs = metrics["runs"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"none": "tab:gray", "bn": "tab:blue", "renorm": "tab:red", "ghost": "tab:green"}
+    for method, by_b in s.items():
+        bs = sorted(int(b) for b in by_b)
+        mean = [100 * by_b[str(b)]["mean"] for b in bs]
+        lo = [100 * min(r["test_accuracy"] for r in runs if r["method"] == method and r["batch_size"] == b) for b in bs]
+        hi = [100 * max(r["test_accuracy"] for r in runs if r["method"] == method and r["batch_size"] == b) for b in bs]
+        ax.errorbar(bs, mean, yerr=[[m - l for m, l in zip(mean, lo)], [h - m for m, h in zip(mean, hi)]],
+                    marker="o", capsize=3, color=colors.get(method), label=LABELS.get(method, method))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({int(b) for by_b in s.values() for b in by_b}))
+    ax.get_xaxis().set_major_formatter(__import__("matplotlib").ticker.ScalarFormatter())
+    ax.set_xlabel("examples per replica for BN statistics (batch size)")
+    ax.set_ylabel("test accuracy (%)")
+    cfg = metrics["config"]
+    n = len({r["seed"] for r in runs})
+    ax.set_title(f"Fashion-MNIST, small conv net, {cfg['epochs']:g} epochs, {n} seed(s)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
