@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-installed
 
-.PHONY: test figure1 bench setup clean
+.PHONY: test figure1 bench setup clean fashion-mnist small-batch inception ensemble
 
 setup: $(STAMP)
 
@@ -28,3 +28,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Fashion-MNIST from Debian's package where apt-get is allowed; otherwise bnrepro downloads
+# and verifies it into ~/.cache/bnrepro.
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  echo "dataset-fashion-mnist not installable here: bnrepro will download Fashion-MNIST instead"
+
+small-batch: $(STAMP) fashion-mnist
+	$(VENV)/bin/bnrepro small-batch --out records/small-batch
+
+inception: $(STAMP) fashion-mnist
+	$(VENV)/bin/bnrepro inception --out records/inception
+
+ensemble: $(STAMP) fashion-mnist
+	$(VENV)/bin/bnrepro ensemble --out records/ensemble

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from typing import Callable, List, Sequence, Tuple
@@ -36,16 +35,8 @@ def compare(fns: Sequence[Callable[[], object]], min_time: float = 2e-3, repeats
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    from bnrepro.runtime import cpu_name
+    return f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

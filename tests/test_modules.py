@@ -211,3 +211,17 @@ def test_constructor_errors():
 def test_single_value_eval_is_fine():
     m = bn.BatchNorm1d(3).eval()
     assert m(torch.randn(1, 3)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("impl", ["auto", "paper"])
+def test_bias_false_matches_torch(impl):
+    ours, theirs = bn.BatchNorm2d(3, bias=False, impl=impl), nn.BatchNorm2d(3, bias=False)
+    assert ours.bias is None and list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(4, 3, 2, 2)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    assert repr(ours).replace(", impl='paper'", "") == repr(theirs)

@@ -235,3 +235,8 @@ def test_convert_sync_batchnorm_copies_state():
 def test_convert_refuses_subclass_that_adds_behaviour():
     with pytest.raises(ValueError, match="BatchNormAct2d.*(act|forward).*drop"):
         bn.convert_sync_batchnorm(nn.Sequential(BatchNormAct2d(4)))
+
+
+def test_convert_refuses_ghost_batches():
+    with pytest.raises(ValueError, match="ghost batches.*virtual_batch_size=4"):
+        bn.convert_sync_batchnorm(nn.Sequential(bn.BatchNorm2d(4, virtual_batch_size=4)))

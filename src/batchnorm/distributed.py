@@ -107,6 +107,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     from .renorm import _BatchRenorm
 
     def convert(m: nn.Module, name: str) -> nn.Module:
+        if getattr(m, "virtual_batch_size", None) is not None:
+            raise ValueError(f"convert_sync_batchnorm: {name or 'module'} ({type(m).__name__}) uses ghost batches "
+                             f"(virtual_batch_size={m.virtual_batch_size}), which are per-replica chunks and do "
+                             "not combine with synchronized statistics; drop one of the two")
         if isinstance(m, _BatchRenorm):
             why = _adds_behaviour(m, (_BatchRenorm,) + tuple(_BatchRenorm.__subclasses__()))
             if why:

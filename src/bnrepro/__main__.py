@@ -19,6 +19,9 @@ EXPERIMENTS = {
     "figure1": ("Figure 1: MNIST MLP with and without BN (Section 4.1)", "Figure1Config", "figure1"),
     "small-batch": ("Beyond the paper: BN, Batch Renorm and ghost batches as the batch shrinks (Fashion-MNIST)",
                     "SmallBatchConfig", "small_batch"),
+    "inception": ("Figures 2 and 3: a small Inception and its BN variants (Section 4.2, Fashion-MNIST)",
+                  "InceptionConfig", "inception"),
+    "ensemble": ("Section 4.2.3: an ensemble of BN-x30-based networks (Fashion-MNIST)", "EnsembleConfig", "ensemble"),
 }
 
 
@@ -39,8 +42,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        origin = typing.get_args(hint)
-        base = next((a for a in origin if a is not type(None)), hint) if origin else hint
+        base = hint
+        if typing.get_origin(hint) is typing.Union:  # Optional[X] -> X
+            base = next(a for a in typing.get_args(hint) if a is not type(None))
         if base is bool:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
                                 type=_parse_bool, metavar="BOOL", help=f"(default {f.default})")
@@ -118,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     metrics = module.run(cfg, out, resume=args.resume, quiet=args.quiet)
     if metrics is not None:
         print(module.headline(metrics))
-        print(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and the figures")
+        print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} to {out}")
     return 0
 
 

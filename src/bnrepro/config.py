@@ -30,6 +30,9 @@ class Figure1Config:
     QUICK = {"steps": 2_000, "seeds": 1, "eval_every": 100, "checkpoint_every": 500}
 
 
+VARIANT_NAMES = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid")
+
+
 def validate(config) -> None:
     """Raise ValueError naming the first field whose value is out of range."""
     for f in dataclasses.fields(config):
@@ -42,11 +45,18 @@ def validate(config) -> None:
             raise ValueError(f"--weight-decay must be >= 0, got {v}")
         if f.name == "batch_sizes" and (not v or min(v) < 2):
             raise ValueError(f"--batch-sizes must all be >= 2 (BN needs two values per channel), got {v}")
+        if f.name == "variants" and (not v or set(v) - set(VARIANT_NAMES)):
+            raise ValueError(f"--variants must be among {', '.join(VARIANT_NAMES)}, got {' '.join(v)}")
+        if f.name in ("members", "decay_every") and not v > 0:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
+        if f.name in ("dropout", "jitter") and not 0 <= v < 1:
+            raise ValueError(f"--{f.name} must be in [0, 1), got {v}")
         if f.name == "methods" and (not v or set(v) - {"none", "bn", "renorm", "ghost"}):
             raise ValueError(f"--methods must be among none, bn, renorm, ghost, got {' '.join(v)}")
         if f.name in ("lr", "init_std") and not v > 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
-        if f.name in ("steps", "batch_size", "seeds", "eval_every", "checkpoint_every", "workers", "ghost_batch") and v < 1:
+        if f.name in ("steps", "batch_size", "seeds", "eval_every", "checkpoint_every", "workers", "ghost_batch",
+                      "eval_images") and v < 1:
             raise ValueError(f"--{f.name.replace('_', '-')} must be >= 1, got {v}")
         if f.name in ("first_seed", "unit") and v < 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be >= 0, got {v}")
@@ -81,3 +91,47 @@ class SmallBatchConfig:
     data_dir: Optional[str] = None      # directory of Fashion-MNIST IDX files (default: Debian package, then download)
 
     QUICK = {"batch_sizes": (4, 32), "epochs": 0.05, "seeds": 1}
+
+
+@dataclass
+class InceptionConfig:
+    """Section 4.2 in miniature: Inception and its BN variants on Fashion-MNIST (Figures 2, 3)."""
+
+    variants: Tuple[str, ...] = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid")
+    steps: int = 4_000                  # SGD steps per network
+    batch_size: int = 64                # examples per step
+    lr: float = 0.005                   # Inception's initial learning rate (BN-x5: x5, BN-x30: x30)
+    momentum: float = 0.9               # SGD momentum, every variant
+    weight_decay: float = 5e-4          # L2 weight decay of Inception and BN-Baseline (BN-x5/x30: / 5)
+    decay_every: float = 1.0            # fraction of the run after which Inception's lr halves (BN-x5/x30: 6x sooner)
+    dropout: float = 0.4                # before the classifier, Inception and BN-Baseline (BN-x5/x30: none)
+    jitter: float = 0.4                 # photometric distortion strength, Inception and BN-Baseline (BN-x5/x30: / 4)
+    eval_every: int = 200               # steps between evaluations on the test images
+    eval_images: int = 10_000           # test images per evaluation (the first ones; all 10,000 by default)
+    checkpoint_every: int = 1_000       # steps between atomic checkpoints
+    seeds: int = 1                      # independent runs per variant
+    first_seed: int = 0                 # seeds are first_seed .. first_seed + seeds - 1
+    workers: int = 2                    # parallel processes, 1 thread each
+    data_dir: Optional[str] = None      # directory of Fashion-MNIST IDX files (default: Debian package, then download)
+
+    QUICK = {"steps": 80, "eval_every": 40, "eval_images": 2_000, "checkpoint_every": 40, "seeds": 1}
+
+
+@dataclass
+class EnsembleConfig:
+    """Section 4.2.3: an ensemble of BN-x30-based networks, class probabilities averaged."""
+
+    members: int = 6                    # networks in the ensemble (variations cycle through a fixed list)
+    steps: int = 2_500                  # SGD steps per member
+    batch_size: int = 64                # examples per step
+    lr: float = 0.005                   # Inception's initial learning rate; members use x30, as BN-x30
+    momentum: float = 0.9               # SGD momentum
+    weight_decay: float = 1e-4          # L2 weight decay (BN-x30's: Inception's / 5)
+    decay_every: float = 1.0            # fraction of the run after which Inception's lr halves (members: 6x sooner)
+    jitter: float = 0.1                 # photometric distortion strength (BN-x30's)
+    checkpoint_every: int = 1_000       # steps between atomic checkpoints
+    first_seed: int = 100               # member i uses seed first_seed + i
+    workers: int = 2                    # parallel processes, 1 thread each
+    data_dir: Optional[str] = None      # directory of Fashion-MNIST IDX files
+
+    QUICK = {"members": 2, "steps": 60, "checkpoint_every": 30}

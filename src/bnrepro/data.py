@@ -22,7 +22,6 @@ import io
 import os
 import pickle
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -229,17 +228,8 @@ def download(url: str, dest: Path, check: Callable[[bytes, str], None], timeout:
     except (urllib.error.URLError, OSError) as exc:
         raise DataError(f"{url}: download failed ({exc})") from exc
     check(data, url)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .runtime import atomic_write_bytes
+    atomic_write_bytes(dest, data)
     return dest
 
 

@@ -15,6 +15,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> None:
+    """Write the figure atomically (temporary file, then rename) and close it."""
+    path = Path(path)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def _band(ax, x, ys, color, label, lw=1.6):
     ys = np.asarray(ys, dtype=float)
     mean = ys.mean(axis=0)
@@ -65,11 +74,7 @@ def figure1(metrics: Dict[str, Any], path: Path) -> None:
     fig.suptitle(f"Figure 1 reproduction: MNIST 784-100-100-100-10 sigmoid MLP, {n} seed(s) "
                  "(lines: mean, bands: min-max)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(plt, fig, path)
 
 
 def small_batch(metrics: Dict[str, Any], path: Path) -> None:
@@ -100,8 +105,36 @@ def small_batch(metrics: Dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(plt, fig, path)
+
+
+def figure2(metrics: Dict[str, Any], path: Path) -> None:
+    """Test accuracy against steps for every variant (mean over seeds, min-max band), with
+    Inception's maximum as a dotted line and a mark where each variant first reaches it."""
+    from .experiments.inception import LABELS
+
+    plt = _pyplot()
+    runs = metrics["runs"]
+    s = metrics["summary"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {"inception": "black", "bn-baseline": "tab:blue", "bn-x5": "tab:green", "bn-x30": "tab:red",
+              "bn-x5-sigmoid": "tab:purple", "inception-sigmoid": "tab:gray"}
+    for v in metrics["config"]["variants"]:
+        rs = [r for r in runs if r["variant"] == v]
+        _band(ax, rs[0]["steps"], [r["test_accuracy"] for r in rs], colors.get(v), LABELS.get(v, v))
+        hit = s[v].get("steps_to_inception_max")
+        if hit is not None and v != "inception":
+            ax.plot([hit], [s["inception"]["max_accuracy"]], marker="v", color=colors.get(v), ms=8)
+    if "inception" in s:
+        ax.axhline(s["inception"]["max_accuracy"], color="black", ls=":", lw=1)
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("test accuracy")
+    top = max(v["max_accuracy"] for k, v in s.items() if isinstance(v, dict))
+    ax.set_ylim(max(0.0, top - 0.25), min(1.0, top + 0.02))
+    n = len({r["seed"] for r in runs})
+    ax.set_title(f"Figure 2 in miniature: small Inception on Fashion-MNIST, {n} seed(s)\n"
+                 "(markers: first step at Inception's max; below the axis = at chance)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save(plt, fig, path)

@@ -25,6 +25,10 @@ def _config(metrics: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _tail(metrics: Dict[str, Any]) -> List[str]:
+    return ["## Configuration", "", *_config(metrics), "", "## Provenance", "", *_provenance(metrics), ""]
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f} %"
 
@@ -83,14 +87,7 @@ def figure1(metrics: Dict[str, Any]) -> str:
         "The paper gives no optimizer, learning rate, initial scale or evaluation interval for this "
         "experiment; ours are in the configuration below (plain SGD for both networks).",
         "",
-        "## Configuration",
-        "",
-        *_config(metrics),
-        "",
-        "## Provenance",
-        "",
-        *_provenance(metrics),
-        "",
+        *_tail(metrics),
     ]
     return "\n".join(lines)
 
@@ -128,8 +125,7 @@ def small_batch(metrics: Dict[str, Any]) -> str:
     if diverged:
         lines += ["", "Diverged (loss became NaN/Inf; counted as 10 %): " + ", ".join(
             f"{r['method']} B={r['batch_size']} seed {r['seed']}" for r in diverged)]
-    lines += ["", "## What it shows", "", *_small_batch_findings(metrics), "",
-              "## Configuration", "", *_config(metrics), "", "## Provenance", "", *_provenance(metrics), ""]
+    lines += ["", "## What it shows", "", *_small_batch_findings(metrics), "", *_tail(metrics)]
     return "\n".join(lines)
 
 
@@ -154,3 +150,112 @@ def _small_batch_findings(metrics: Dict[str, Any]) -> List[str]:
             f"B={b}: {100 * (s['ghost'][b]['mean'] - s['bn'][b]['mean']):+.2f}" for b in bs) +
             " points (ghost also takes larger real batches, so fewer optimizer steps).")
     return out
+
+
+def inception(metrics: Dict[str, Any]) -> str:
+    from .experiments.inception import LABELS, PAPER
+
+    cfg = metrics["config"]
+    s = metrics["summary"]
+    seeds = sorted({r["seed"] for r in metrics["runs"]})
+    lines = [
+        "# Section 4.2 in miniature: Inception with BN (Figures 2 and 3)",
+        "",
+        f"A small Inception network (stem, Inception module, stride-2 module, two Inception modules; 1x1, 3x3, "
+        f"double-3x3 and pool branches) on Fashion-MNIST, {cfg['steps']:,} steps of {cfg['batch_size']} examples, "
+        f"SGD momentum {cfg['momentum']}, Inception's initial learning rate {cfg['lr']}. Test accuracy on the first "
+        f"{cfg['eval_images']:,} test images every {cfg['eval_every']} steps (eval mode). Seeds: {', '.join(map(str, seeds))}.",
+        "",
+        "![Figure 2](figure2.png)",
+        "",
+        "## Figure 3: steps to match Inception, and maximum accuracy",
+        "",
+        "| model | steps to Inception's max (ours) | max accuracy (ours) | steps to 72.2 % (paper) | max accuracy (paper) |",
+        "|---|---|---|---|---|",
+    ]
+    for v in cfg["variants"]:
+        hit = s[v]["steps_to_inception_max"]
+        ps, pa = PAPER[v]
+        lines.append(f"| {LABELS[v]} | {f'{hit:,}' if hit else 'never'} | {100 * s[v]['max_accuracy']:.2f} % | {ps} | "
+                     f"{pa if isinstance(pa, str) else f'{pa} %'} |")
+    ratio = s.get("inception_steps_over_bn_x5")
+    lines += [
+        "",
+        f"Inception's steps to its own maximum over BN-x5's: "
+        + (f"{ratio:.1f} (paper: 14)." if ratio else "not defined (a variant never reached it)."),
+        "",
+        "## Targets, as measured",
+        "",
+    ]
+    lines += _inception_targets(s)
+    lines += [
+        "",
+        "## What is and is not comparable",
+        "",
+        "- Comparable: the recipe differences between variants and their direction (BN vs none, learning-rate "
+        "multiples 1/5/30, Section 4.2.1's changes for BN-x5/x30: no dropout, L2 / 5, 6x faster decay, no LRN, "
+        "thorough shuffling, fewer distortions), and sigmoid vs ReLU with and without BN.",
+        "- Not comparable: the data (28x28 grey Fashion-MNIST), the network (4 modules, about 56k parameters), the "
+        "scale (thousands of steps on one CPU), and so every absolute number. Step counts are in units of our "
+        "steps.",
+        f"- Our choices where the paper gives none: SGD momentum {cfg['momentum']}, base L2 {cfg['weight_decay']}, "
+        f"exponential decay halving the rate every {cfg['decay_every']:g} of the run (BN-x5/x30: 6x sooner), "
+        f"dropout {100 * cfg['dropout']:g} %, 'light' shuffling = one fixed order reused every epoch, 'thorough' = "
+        f"a fresh permutation per epoch, photometric distortion = per-image contrast and brightness jitter of "
+        f"{cfg['jitter']:g} (BN-x5/x30: a quarter of it), plus 2-pixel translations for every variant.",
+        "",
+        "## Configuration",
+        "",
+        *_config(metrics),
+        "",
+        "## Provenance",
+        "",
+        *_provenance(metrics),
+        f"- Training throughput: {metrics['provenance'].get('images_per_second', 0):.0f} images/s over the whole "
+        f"command ({cfg['workers']} processes, evaluations included)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _inception_targets(s: Dict[str, Any]) -> List[str]:
+    out = []
+    inc = s.get("inception")
+    if inc and "bn-x5" in s:
+        a, b = inc["steps_to_inception_max"], s["bn-x5"]["steps_to_inception_max"]
+        ok = bool(a and b and b <= a / 10)
+        out.append(f"- BN-x5 reaches Inception's maximum within a tenth of Inception's steps: "
+                   f"{'yes' if ok else 'no'} ({b if b else 'never'} vs {a}).")
+    if inc and "bn-x30" in s:
+        out.append(f"- BN-x30 ends above Inception's maximum: "
+                   f"{'yes' if s['bn-x30']['final_accuracy'] > inc['max_accuracy'] else 'no'} "
+                   f"({100 * s['bn-x30']['final_accuracy']:.2f} % vs {100 * inc['max_accuracy']:.2f} %).")
+    if "bn-x5-sigmoid" in s and "inception-sigmoid" in s:
+        a, b = s["bn-x5-sigmoid"]["max_accuracy"], s["inception-sigmoid"]["max_accuracy"]
+        out.append(f"- BN-x5-Sigmoid learns while Inception-Sigmoid does much worse: "
+                   f"{'yes' if a > 0.5 and a > b + 0.1 else 'no'} ({100 * a:.2f} % vs {100 * b:.2f} %; chance is 10 %).")
+    return out
+
+
+def ensemble(metrics: Dict[str, Any]) -> str:
+    lines = [
+        "# Section 4.2.3 in miniature: an ensemble of BN-x30-based networks",
+        "",
+        "Each member is the small Inception with the BN-x30 recipe and one or two of the paper's modifications; "
+        "the ensemble averages the members' class probabilities.",
+        "",
+        "| network | test error |",
+        "|---|---|",
+    ]
+    for m in metrics["members"]:
+        lines.append(f"| {m['name']} (seed {m['seed']}) | {100 * m['test_error']:.2f} % |")
+    lines += [
+        f"| **ensemble of {len(metrics['members'])}** | **{100 * metrics['ensemble_test_error']:.2f} %** |",
+        "",
+        f"The ensemble's test error is {'below' if metrics['ensemble_test_error'] < metrics['best_member_test_error'] else 'not below'} "
+        f"the best single network's ({100 * metrics['best_member_test_error']:.2f} %). The paper: 4.9 % top-5 "
+        "validation error on ImageNet for 6 networks (4.82 % test); not comparable in absolute terms.",
+        "",
+        *_tail(metrics),
+    ]
+    return "\n".join(lines)

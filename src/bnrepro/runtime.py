@@ -65,18 +65,22 @@ def git_commit() -> str:
     return "unknown"
 
 
-def provenance() -> Dict[str, Any]:
-    """Versions and machine, for every record."""
-    import numpy
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, or what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def provenance() -> Dict[str, Any]:
+    """Versions and machine, for every record."""
+    import numpy
+    cpu = cpu_name()
     return {
         "command": " ".join(["bnrepro"] + sys.argv[1:]) if Path(sys.argv[0]).name in ("bnrepro", "__main__.py")
         else " ".join(sys.argv),

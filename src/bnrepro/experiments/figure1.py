@@ -171,6 +171,7 @@ def run(cfg: Figure1Config, out: Path, resume: bool = False, quiet: bool = False
     tasks = [{"config": config, "model": kind, "seed": cfg.first_seed + s, "resume": resume,
               "checkpoint": str(out / "checkpoints" / f"{kind}-seed{cfg.first_seed + s}.pt")}
              for s in range(cfg.seeds) for kind in MODELS]
+    started = runtime.provenance()  # the code and commit that run, taken before training
     t0 = time.perf_counter()
     rank, world = runtime.distributed()
     workers = 1 if world > 1 else cfg.workers  # under torchrun the ranks are the parallelism
@@ -183,7 +184,7 @@ def run(cfg: Figure1Config, out: Path, resume: bool = False, quiet: bool = False
         "config": config,
         "runs": runs,
         "summary": summarize(runs),
-        "provenance": {**runtime.provenance(), "wall_time_s": round(wall, 1), "resumed": resume,
+        "provenance": {**started, "wall_time_s": round(wall, 1), "resumed": resume,
                        "processes": world},
     }
     runtime.write_json(out / "metrics.json", metrics)

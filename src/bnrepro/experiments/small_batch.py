@@ -129,6 +129,7 @@ def run(cfg: SmallBatchConfig, out: Path, resume: bool = False, quiet: bool = Fa
     # Longest first, so the two workers finish together.
     tasks.sort(key=lambda t: -steps_for(cfg, t["method"], t["batch_size"]) * (1.0 if t["method"] != "ghost" else 4.0))
     total = sum(steps_for(cfg, t["method"], t["batch_size"]) for t in tasks)
+    started = runtime.provenance()  # the code and commit that run, taken before training
     t0 = time.perf_counter()
     rank, world = runtime.distributed()
     if world > 1:
@@ -136,7 +137,7 @@ def run(cfg: SmallBatchConfig, out: Path, resume: bool = False, quiet: bool = Fa
     runs = runtime.run_tasks(train_run, tasks, cfg.workers, total, "small-batch", quiet=quiet)
     runs.sort(key=lambda r: (r["method"], r["batch_size"], r["seed"]))
     metrics = {"config": config, "runs": runs, "summary": summarize(cfg, runs),
-               "provenance": {**runtime.provenance(), "wall_time_s": round(time.perf_counter() - t0, 1),
+               "provenance": {**started, "wall_time_s": round(time.perf_counter() - t0, 1),
                               "resumed": resume, "processes": 1}}
     runtime.write_json(out / "metrics.json", metrics)
     plots.small_batch(metrics, out / "small_batch.png")
