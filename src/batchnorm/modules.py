@@ -164,22 +164,28 @@ class _BatchNormBase(nn.Module):
         F.check_input(input, self.num_features, self._ranks, self._name)
         if mask is not None:
             self._check_mask(input, mask)
-        if not ((self.training and not self.frozen) or self.running_mean is None):
+        # Parameters and buffers straight from their dicts: nn.Module.__getattr__ costs about
+        # a microsecond per lookup, which shows on small layers.
+        buffers, params = self._buffers, self._parameters
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        weight, bias = params["weight"], params["bias"]
+        if not ((self.training and not self.frozen) or running_mean is None):
             # Inference (Algorithm 2): the running statistics, one affine map per channel.
             if self.impl == "paper":
-                return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                    False, 0.0, self.eps, impl="paper")
-            return torch.nn.functional.batch_norm(input, self.running_mean, self.running_var, self.weight,
-                                                  self.bias, False, 0.0, self.eps)
-        update = self.training and not self.frozen and self.running_mean is not None
+                return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps,
+                                    impl="paper")
+            return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, self.eps,
+                                    torch.backends.cudnn.enabled)
+        update = self.training and not self.frozen and running_mean is not None
         if (self.impl != "paper" and mask is None and self.virtual_batch_size is None and self._stat_sink is None
                 and not self.sync and not self._is_renorm()):
             # Plain BN: torch's kernel computes exactly Algorithm 1 (and the unbiased update).
             F.check_training_count(input, input.numel() // self.num_features, self._name)
             if not update:
-                return torch.nn.functional.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-            return F._train_native(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                   self.momentum, self.eps, self.nonfinite, self.num_batches_tracked)
+                return torch.batch_norm(input, weight, bias, None, None, True, 0.0, self.eps,
+                                        torch.backends.cudnn.enabled)
+            return F._train_native(input, running_mean, running_var, weight, bias, self.momentum, self.eps,
+                                   self.nonfinite, buffers["num_batches_tracked"])
         return self._forward_paper(input, mask, update)
 
     def _is_renorm(self) -> bool:
