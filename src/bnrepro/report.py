@@ -176,7 +176,8 @@ def inception(metrics: Dict[str, Any]) -> str:
     for v in cfg["variants"]:
         hit = s[v]["steps_to_inception_max"]
         ps, pa = PAPER[v]
-        lines.append(f"| {LABELS[v]} | {f'{hit:,}' if hit else 'never'} | {100 * s[v]['max_accuracy']:.2f} % | {ps} | "
+        reached = f"{hit:,}" if hit else ("never" if "inception" in s else "n/a (Inception not run)")
+        lines.append(f"| {LABELS[v]} | {reached} | {100 * s[v]['max_accuracy']:.2f} % | {ps} | "
                      f"{pa if isinstance(pa, str) else f'{pa} %'} |")
     ratio = s.get("inception_steps_over_bn_x5")
     lines += [
