@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Sequence
 
 import torch
 

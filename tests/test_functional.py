@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import batchnorm as bn
 from batchnorm import functional as F
 
 from conftest import SHAPES

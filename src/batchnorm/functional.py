@@ -222,11 +222,6 @@ def grouped_view(x: Tensor, groups: int) -> Tensor:
     return x.view((groups, x.size(0) // groups) + tuple(x.shape[1:]))
 
 
-def channel_view(t: Tensor, ndim: int) -> Tensor:
-    """Reshape a ``(C,)`` tensor to broadcast against a grouped ``(G, n, C, *S)`` view."""
-    return t.view((1, 1, -1) + (1,) * (ndim - 3))
-
-
 def transform(
     x: Tensor,
     weight: Optional[Tensor],

@@ -7,7 +7,7 @@ the config at the start of a run and saves it beside the results.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 

@@ -182,7 +182,7 @@ def inception(metrics: Dict[str, Any]) -> str:
     ratio = s.get("inception_steps_over_bn_x5")
     lines += [
         "",
-        f"Inception's steps to its own maximum over BN-x5's: "
+        "Inception's steps to its own maximum over BN-x5's: "
         + (f"{ratio:.1f} (paper: 14)." if ratio else "not defined (a variant never reached it)."),
         "",
         "## Targets, as measured",

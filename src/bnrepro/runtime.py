@@ -204,10 +204,3 @@ def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
     if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
         return DDP(model, forward_sync_buffers=False)
     return DDP(model, broadcast_buffers=False)
-
-
-def barrier() -> None:
-    rank, world = distributed()
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()

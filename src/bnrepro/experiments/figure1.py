@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import batchnorm
 from batchnorm.monitor import InputPercentiles
 
 from .. import runtime
