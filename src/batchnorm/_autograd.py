@@ -30,6 +30,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _fused
+
+
+def kernel_layout(x: Tensor):
+    """The fused kernels' layout for a grouped view (G, n, C, *S), or None where they do not
+    apply (no kernels built, under torch.compile's tracing, tensor subclasses, other layouts)."""
+    if type(x) is not Tensor or x.dim() < 3 or torch.compiler.is_compiling() or not _fused.available():
+        return None
+    return _fused.layout(x[0])
+
 
 def _channel(t: Tensor, ndim: int) -> Tensor:
     return t.view((1, 1, -1) + (1,) * (ndim - 3))
@@ -43,7 +53,7 @@ class BatchNormTransform(torch.autograd.Function):
     """y = gamma * (r * (x - mean) * invstd + d) + beta, with the Section 3 backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, mask, r, d, process_group):
+    def forward(ctx, x, weight, bias, mean, invstd, count, mask, r, d, process_group, work, center):
         dt = mean.dtype
         nd = x.dim()
         # Fold everything per-channel into one scale and one shift: one pass over x.
@@ -55,8 +65,18 @@ class BatchNormTransform(torch.autograd.Function):
             shift = shift * w
         if bias is not None:
             shift = shift + _channel(bias.to(dt), nd)
-        xf = x if x.dtype == dt else x.to(dt)
-        y = torch.addcmul(shift, xf, scale)                               # (G, n, C, *S)
+        lay = kernel_layout(x) if x.dtype == dt else None
+        if lay is not None:
+            y = torch.empty_like(x)
+            for g in range(x.size(0)):                                    # statistics groups
+                _fused.affine(x[g], lay, scale[g], shift[g], y[g])
+        elif work is not None and work.dtype == x.dtype:
+            # ``work`` holds x - center (left over from the statistics, a private buffer):
+            # normalize it in place, so the output costs no extra allocation or pass.
+            y = torch.addcmul(shift + center * scale, work, scale, out=work)
+        else:
+            xf = x if x.dtype == dt else x.to(dt)
+            y = torch.addcmul(shift, xf, scale)                           # (G, n, C, *S)
         ctx.save_for_backward(x, weight, mean, invstd, count, mask, r, d)
         ctx.process_group = process_group
         ctx.has_bias = bias is not None
@@ -69,21 +89,27 @@ class BatchNormTransform(torch.autograd.Function):
         nd = x.dim()
         dims = _dims(nd)
         dy = grad_out if grad_out.dtype == dt else grad_out.to(dt)        # (G, n, C, *S)
-        fused = mask is None and x.size(0) == 1 and x.dtype == dt and x.size(1) > 0
-        if fused:
-            # One fused pass for the three per-element/per-channel pieces: torch's inference-mode
-            # BN backward (statistics as constants) gives dy * gamma r s, sum dy * xhat and
-            # sum dy, for the mean and s given. The corrections through mu_B and sigma2_B
-            # below are ours (Section 3).
-            c = x.size(2)
-            w_eff = (torch.ones(c, dtype=dt, device=x.device) if weight is None else weight.to(dt))
-            if r is not None:
-                w_eff = w_eff * r.reshape(-1)
-            dy_s, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                dy[0], x[0], w_eff, mean.reshape(-1), invstd.reshape(-1).pow(-2), None, None, False, 0.0,
-                [ctx.needs_input_grad[0], True, True])
+        fused = mask is None and x.dtype == dt and x.size(1) > 0 and x.size(2) > 0
+        lay = kernel_layout(x) if fused else None
+        if lay is not None:
+            if dy.stride() != x.stride():
+                dy = torch.empty_like(x).copy_(dy)                        # the kernels read both alike
+            parts = [_fused.sums(dy[g], x[g], lay, mean[g]) for g in range(x.size(0))]
             shape = mean.shape
-            sum_dy, sum_dy_xhat = sum_dy.view(shape), sum_dy_xhat.view(shape)  # (1, 1, C, 1..)
+            sum_dy = torch.stack([p[0] for p in parts]).view(shape)       # (G, 1, C, 1..)
+            sum_dy_xhat = torch.stack([p[1] for p in parts]).view(shape) * invstd
+        elif fused:
+            # The two per-channel sums in one fused pass per statistics group: torch's
+            # inference-mode BN backward with the batch statistics as constants gives
+            # sum dy * xhat and sum dy (nothing else is asked of it). The corrections through
+            # mu_B and sigma2_B below are ours (Section 3).
+            var_arg = invstd.pow(-2)
+            parts = [torch.ops.aten.native_batch_norm_backward(
+                dy[g], x[g], None, mean[g].reshape(-1), var_arg[g].reshape(-1), None, None, False, 0.0,
+                [False, True, True]) for g in range(x.size(0))]
+            shape = mean.shape
+            sum_dy_xhat = torch.stack([p[1] for p in parts]).view(shape)  # (G, 1, C, 1..)
+            sum_dy = torch.stack([p[2] for p in parts]).view(shape)       # (G, 1, C, 1..)
         else:
             xc = (x if x.dtype == dt else x.to(dt)) - mean                # x - mu_B
             sum_dy = dy.sum(dim=dims, keepdim=True)                       # (G, 1, C, 1..)
@@ -109,12 +135,46 @@ class BatchNormTransform(torch.autograd.Function):
                 k = k * _channel(weight.to(dt), nd)                       # (G, 1, C, 1..)
             a = k * sum_dy / count                                        # (G, 1, C, 1..)
             b = k * sum_dy_xhat * invstd / count                          # (G, 1, C, 1..)
-            if fused:
-                xc = x[0] - mean[0]                                       # (n, C, *S)
-                grad_x = torch.addcmul(dy_s, xc, -b[0]).sub_(a[0]).unsqueeze(0)
+            if lay is not None:
+                grad_x = torch.empty_like(x)
+                beta, gamma = -b, b * mean - a
+                for g in range(x.size(0)):
+                    _fused.grad_input(dy[g], x[g], lay, k[g], beta[g], gamma[g], grad_x[g])
+            elif fused:
+                # dL/dx = k dy - b (x - mu_B) - a, as two passes: k dy + (b mu_B - a), then - b x.
+                grad_x = torch.addcmul(b * mean - a, dy, k).addcmul_(x, b, value=-1.0)
             elif mask is None:
                 grad_x = dy * k - (xc * b + a)                            # (G, n, C, *S)
             else:
                 grad_x = dy * k - mask.to(dt) * (xc * b + a)
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+
+
+class FusedBatchNorm(torch.autograd.Function):
+    """Plain BN training step on the fused CPU kernels: statistics, output and running
+    update in one call forward, the Section 3 gradients in one call backward (the same
+    formulas as :class:`BatchNormTransform`, in C). ``result`` receives the (3, C)
+    statistics (mean, invstd, biased var), whether they were finite and whether the running
+    buffers were updated in the kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lay, eps, running_mean, running_var, factor, result):
+        y, st, finite, direct = _fused.train_forward(x, lay, weight, bias, eps, running_mean, running_var, factor)
+        ctx.save_for_backward(x, weight, st)
+        ctx.lay = lay
+        ctx.has_bias = bias is not None
+        result.extend((st, finite, direct))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, st = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = _fused.train_backward(grad_out, x, ctx.lay, weight, st, need[0],
+                                           weight is not None and need[1], ctx.has_bias and need[2])
+        if dw is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+        if db is not None and weight is not None and db.dtype != weight.dtype:
+            db = db.to(weight.dtype)
+        return dx, dw, db, None, None, None, None, None, None

@@ -26,11 +26,13 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._autograd import BatchNormTransform
+from . import _fused
+from ._autograd import BatchNormTransform, FusedBatchNorm, kernel_layout
 
 __all__ = [
     "batch_norm",
     "batch_stats",
+    "batch_stats_work",
     "merge_stats",
     "stat_dtype",
     "update_running_stats",
@@ -105,35 +107,116 @@ def batch_stats(x: Tensor, dims: Sequence[int], mask: Optional[Tensor] = None) -
     number of values (``mask`` true) per channel.
 
     Numerical choices: accumulation in float32 (float64 for float64 input); the variance is
-    computed in a second pass over the centred values, never as E[x^2] - E[x]^2, so a
-    large common offset does not cancel the variance away. ``mask`` is a 0/1 tensor broadcastable to ``x``.
+    never computed as E[x^2] - E[x]^2 of the raw values, so a large common offset does not
+    cancel it away (see :func:`batch_stats_work` for how). ``mask`` is a 0/1 tensor
+    broadcastable to ``x``.
+    """
+    mean, var, count, _, _ = batch_stats_work(x, dims, mask, keep_work=False)
+    return mean, var, count
+
+
+# A channel whose |mean| / std exceeds this over sqrt(m) * eps is refused by the fast
+# channels-last statistics below (their naive float sums could then be off by more than
+# about 1e-3 of a standard deviation) and recomputed on shifted values.
+_NAIVE_SUM_RISK = 1e-3
+
+
+def batch_stats_work(x: Tensor, dims: Sequence[int], mask: Optional[Tensor] = None, keep_work: bool = True):
+    """:func:`batch_stats` plus, where the method leaves one, a private buffer ``work`` =
+    x - center (same shape and memory format as ``x``) and the per-channel ``center``, which
+    the transform may overwrite with its output (``None, None`` otherwise).
+
+    Methods, chosen by layout (all exact to float32 rounding of the centred values):
+
+    * Grouped views (G, n, C, *S) that are contiguous with spatial size >= 32 (NCHW): a
+      first mean from row sums (each (n, c) row is contiguous; torch's sums are cascaded),
+      then the centred values, their sum (a correction to the mean) and their per-row
+      Euclidean norms. Two reads and one write of x, no raw squares of large values.
+    * Channels-innermost (channels_last, (N, C)), one group: torch's fused statistics
+      kernel, whose float sums are naive; where |mean| / std makes that risky (see
+      ``_NAIVE_SUM_RISK``) the statistics are recomputed on x minus one sample per channel.
+    * Anything else, and masks: the corrected two-pass algorithm on centred values.
     """
     dt = stat_dtype(x.dtype)
-    xs = x if x.dtype == dt else x.to(dt)
     dims = tuple(dims)
-    if xs.numel() == 0:  # an empty part (e.g. one rank's empty batch) contributes count 0
-        shape = [1 if i in dims else s for i, s in enumerate(xs.shape)]
-        zeros = xs.new_zeros(shape)
-        return zeros, zeros.clone(), zeros.clone()
-    if mask is None:
-        count = 1
-        for d in dims:
-            count *= x.size(d)
-        # Corrected two-pass algorithm (Chan, Golub & LeVeque): a first mean, then the mean
-        # and mean square of the values centred on it; the small correction term makes the
-        # mean exact to rounding even when float32 sums of large values are not. (torch's
-        # Welford var_mean is as exact but 2-3 times slower on CPU for these layouts.)
-        first = torch.sum(xs, dim=dims, keepdim=True) / count
-        centred = xs - first
-        correction = torch.sum(centred, dim=dims, keepdim=True) / count
-        var = torch.sum(centred.square_(), dim=dims, keepdim=True) / count - correction.square()
-        return first + correction, var.clamp_min_(0.0), torch.full_like(first, float(count))
-    w = mask.to(dt)
-    count = torch.sum(w.expand_as(xs), dim=dims, keepdim=True)
-    safe = count.clamp_min(1.0)
-    mean = torch.sum(xs * w, dim=dims, keepdim=True) / safe
-    var = torch.sum(torch.square(xs - mean) * w, dim=dims, keepdim=True) / safe
-    return mean, var, count
+    if x.numel() == 0:  # an empty part (e.g. one rank's empty batch) contributes count 0
+        shape = [1 if i in dims else s for i, s in enumerate(x.shape)]
+        zeros = x.new_zeros(shape, dtype=dt)
+        return zeros, zeros.clone(), zeros.clone(), None, None
+    if mask is not None:
+        w = mask.to(dt)
+        xs = x if x.dtype == dt else x.to(dt)
+        count = torch.sum(w.expand_as(xs), dim=dims, keepdim=True)
+        safe = count.clamp_min(1.0)
+        mean = torch.sum(xs * w, dim=dims, keepdim=True) / safe
+        var = torch.sum(torch.square(xs - mean) * w, dim=dims, keepdim=True) / safe
+        return mean, var, count, None, None
+    count = 1
+    for d in dims:
+        count *= x.size(d)
+    grouped = dims == reduce_dims(x.dim()) and x.dim() >= 3
+    lay = kernel_layout(x) if grouped else None
+    if lay is not None:
+        shape = (x.size(0), 1, x.size(2)) + (1,) * (x.dim() - 3)
+        parts = [_fused.stats(x[g], lay) for g in range(x.size(0))]
+        mean = torch.stack([p[0] for p in parts]).view(shape)
+        var = torch.stack([p[1] for p in parts]).view(shape)
+        return mean, var, torch.full_like(mean, float(count)), None, None
+    spatial = x[0, 0, 0].numel() if grouped else 0
+    if torch.compiler.is_compiling():
+        mean, var, work, center = _stats_two_pass(x, dims, count, dt)  # no data-dependent branch
+    elif grouped and x.dim() >= 4 and spatial >= 32 and x.is_contiguous():
+        mean, var, work, center = _stats_rows(x, count, dt)
+    elif grouped and x.size(0) == 1 and x.dtype == dt and x.stride(2) == 1 and x.device.type == "cpu":
+        mean, var, work, center = _stats_channels_last(x, count)
+    else:
+        mean, var, work, center = _stats_two_pass(x, dims, count, dt)
+    if not keep_work:
+        work = center = None
+    return mean, var, torch.full_like(mean, float(count)), work, center
+
+
+def _stats_rows(x: Tensor, count: int, dt: torch.dtype):
+    G, n, C = x.shape[:3]
+    xs = x if x.dtype == dt else x.to(dt)
+    xv = xs.view(G, n, C, -1)                                            # (G, n, C, S)
+    shape = (G, 1, C) + (1,) * (x.dim() - 3)
+    center = (xv.sum(3).sum(1) / count).view(G, 1, C, 1)                 # first mean
+    work = xv - center                                                   # x - center
+    delta = work.sum(3).sum(1) / count                                   # (G, C)
+    sq = torch.linalg.vector_norm(work, dim=3).square_().sum(1) / count  # (G, C)
+    var = (sq - delta * delta).clamp_min_(0.0)
+    mean = center.view(G, C) + delta
+    return mean.view(shape), var.view(shape), work.view(x.shape), center.view(shape)
+
+
+def _stats_channels_last(x: Tensor, count: int):
+    x0 = x[0]                                                            # (N, C, *S)
+    C = x0.size(1)
+    shape = (1, 1, C) + (1,) * (x.dim() - 3)
+    mean, var = torch.batch_norm_update_stats(x0, None, None, 0.0)       # biased var
+    eps = torch.finfo(x.dtype).eps
+    risk = (mean.abs() * (math.sqrt(count) * eps) > _NAIVE_SUM_RISK * var.sqrt()).any()
+    if not bool(risk):
+        return mean.view(shape), var.view(shape), None, None
+    # Shift by one sample per channel: the naive sums then see values of the order of the
+    # spread, and x - sample is exact in floating point for values close together.
+    center = x0[(0, slice(None)) + (0,) * (x0.dim() - 2)].reshape(shape)  # (1, 1, C, 1..)
+    work = x - center
+    delta, var = torch.batch_norm_update_stats(work[0], None, None, 0.0)
+    return (center.reshape(-1) + delta).view(shape), var.view(shape), work, center
+
+
+def _stats_two_pass(x: Tensor, dims, count: int, dt: torch.dtype):
+    # Corrected two-pass algorithm (Chan, Golub & LeVeque): a first mean, then the mean and
+    # mean square of the values centred on it; the small correction term makes the mean
+    # exact to rounding even when float32 sums of large values are not.
+    xs = x if x.dtype == dt else x.to(dt)
+    first = torch.sum(xs, dim=dims, keepdim=True) / count
+    centred = xs - first
+    correction = torch.sum(centred, dim=dims, keepdim=True) / count
+    var = torch.sum(centred.square_(), dim=dims, keepdim=True) / count - correction.square()
+    return first + correction, var.clamp_min_(0.0), None, None
 
 
 def merge_stats(counts: Tensor, means: Tensor, variances: Tensor, dim: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
@@ -198,11 +281,15 @@ def update_running_stats(
     return True
 
 
-def _factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> float:
+def _factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]):
+    """The weight of the new batch: ``momentum``, or 1/num_batches_tracked (already counting
+    this batch) for the cumulative average; a tensor under torch.compile (no host read)."""
     if momentum is not None:
         return float(momentum)
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs a num_batches_tracked buffer")
+    if torch.compiler.is_compiling():
+        return 1.0 / num_batches_tracked.clamp_min(1).to(torch.float32)
     return 1.0 / float(num_batches_tracked.clamp_min(1))
 
 
@@ -233,6 +320,8 @@ def transform(
     r: Optional[Tensor] = None,
     d: Optional[Tensor] = None,
     process_group=None,
+    work: Optional[Tensor] = None,
+    center: Optional[Tensor] = None,
 ) -> Tensor:
     """Training-mode BN transform of a grouped view ``x`` (G, n, C, *S) with the
     hand-written backward of Section 3 (see :mod:`batchnorm._autograd`).
@@ -241,8 +330,10 @@ def transform(
     autograd; the backward accounts for their dependence on ``x``). ``r``/``d`` are Batch
     Renormalization's corrections (constants). ``process_group``, if given, means the
     statistics are global over the group and the backward all-reduces its two sums.
+    ``work``/``center`` (from :func:`batch_stats_work`): a private buffer x - center that
+    the output may overwrite.
     """
-    return BatchNormTransform.apply(x, weight, bias, mean, invstd, count, mask, r, d, process_group)
+    return BatchNormTransform.apply(x, weight, bias, mean, invstd, count, mask, r, d, process_group, work, center)
 
 
 def batch_norm(
@@ -268,8 +359,8 @@ def batch_norm(
     Inference: the same map with the running statistics.
 
     ``impl``: "paper" always uses the hand-written autograd Function of this package;
-    "native" uses torch's kernel; "auto" (default) uses torch's kernel, which computes the
-    same function, since the plain transform has nothing extra to do. Either way a batch
+    "native" uses torch's kernel; "auto" (default) picks the faster of the two for the
+    input (:func:`prefer_paper`); both compute the same function. Either way a batch
     with non-finite statistics leaves the running buffers untouched (``nonfinite`` says
     whether to "warn", "raise" or "ignore"). ``momentum=None`` needs ``num_batches_tracked``.
     """
@@ -290,11 +381,38 @@ def batch_norm(
     if not training:
         return _eval(input, running_mean, running_var, weight, bias, eps, impl)
 
+    lay = fast_layout(input) if impl == "auto" else None
+    if lay is not None:
+        return _train_fused(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite,
+                            num_batches_tracked, lay)
     if impl == "paper":
         return _train_paper(input, running_mean, running_var, weight, bias, momentum, eps,
                             nonfinite, num_batches_tracked)
     return _train_native(input, running_mean, running_var, weight, bias, momentum, eps,
                          nonfinite, num_batches_tracked)
+
+
+# Below this many elements the training step runs on torch's kernel (its C++ autograd node
+# costs less than our Python one), checked and folded into the running buffers by one call.
+_FUSED_MIN_NUMEL = 1 << 15
+
+
+def fast_layout(input: Tensor):
+    """The fused kernels' layout of ``input`` if ``impl="auto"`` trains it on this package's
+    CPU path, else None (then torch's kernel is used).
+
+    That path: CPU float32/float64 tensors, NCHW-contiguous or channels-innermost, with the
+    kernels built (:func:`batchnorm.kernels_status`), outside torch.compile's tracing. On
+    CUDA, cuDNN is used; half precision stays on torch's kernel.
+    """
+    if torch.compiler.is_compiling() or not _fused.available():
+        return None
+    return _fused.layout(input)
+
+
+def prefer_paper(input: Tensor) -> bool:
+    """Whether ``impl="auto"`` trains ``input`` on this package's CPU path (see :func:`fast_layout`)."""
+    return fast_layout(input) is not None
 
 
 def _eval(input, running_mean, running_var, weight, bias, eps, impl):
@@ -319,21 +437,73 @@ def affine_coefficients(running_mean: Tensor, running_var: Tensor, weight: Optio
     return scale, shift
 
 
+def _train_fused(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt, lay=None):
+    """Plain BN training on the CPU path (the caller checked :func:`fast_layout`)."""
+    if lay is None:
+        lay = _fused.layout(input)
+    if running_mean is None:
+        factor = 0.0
+    else:
+        factor = momentum if momentum is not None else 1.0 / (float(nbt) + 1.0)
+    m = lay[0] * lay[2]
+    if input.numel() < _FUSED_MIN_NUMEL:
+        # Small: torch's kernel and C++ autograd node, then one call checks its statistics
+        # (NaN/Inf, or a large common offset that its float sums may have rounded away, which
+        # sends the batch to our stable kernels below) and updates the running buffers.
+        out, save_mean, save_invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+        code, updated = _fused.check_update(save_mean, save_invstd, m, eps, running_mean, running_var, factor)
+        if code != 2:
+            if running_mean is not None:
+                if code == 1:
+                    _report_nonfinite(nonfinite, "batch_norm")
+                    return out
+                if not updated:
+                    var = (save_invstd.pow(-2) - eps).clamp_min_(0.0) * (m / max(m - 1, 1))
+                    running_mean.lerp_(save_mean.to(running_mean.dtype), factor)
+                    running_var.lerp_(var.to(running_var.dtype), factor)
+                if nbt is not None:
+                    nbt.add_(1)
+            return out
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        result = []
+        out = FusedBatchNorm.apply(input, weight, bias, lay, eps, running_mean, running_var, factor, result)
+        st, finite, direct = result
+    else:
+        out, st, finite, direct = _fused.train_forward(input, lay, weight, bias, eps, running_mean, running_var,
+                                                       factor)
+    if running_mean is not None:
+        if not finite:
+            _report_nonfinite(nonfinite, "batch_norm")
+        else:
+            if not direct:
+                running_mean.lerp_(st[0].to(running_mean.dtype), factor)
+                running_var.lerp_((st[2] * (m / max(m - 1, 1))).to(running_var.dtype), factor)
+            if nbt is not None:
+                nbt.add_(1)
+    return out
+
+
 def _train_native(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt):
     if running_mean is None:
         return torch.nn.functional.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
-    factor = momentum if momentum is not None else 1.0 / (float(nbt) + 1.0)
     if torch.compiler.is_compiling():
-        # No data-dependent branch under compile: update scratch copies and select.
-        rm, rv = running_mean.clone(), running_var.clone()
-        out = torch.nn.functional.batch_norm(input, rm, rv, weight, bias, True, factor, eps)
-        finite = torch.isfinite(rm).all() & torch.isfinite(rv).all()
+        # No data-dependent branch or host read under compile: torch's kernel on scratch
+        # copies of the buffers, our own update, and a select instead of the guard's branch.
+        out, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+        m = input.numel() // input.size(1)
+        var = (invstd.pow(-2) - eps).clamp_min(0.0) * (m / max(m - 1, 1))
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all() & (invstd > 0).all()
+        factor = momentum if momentum is not None else 1.0 / (nbt.to(torch.float32) + 1.0)
+        rm = torch.lerp(running_mean, mean.detach().to(running_mean.dtype), factor)
+        rv = torch.lerp(running_var, var.detach().to(running_var.dtype), factor)
         with torch.no_grad():
             running_mean.copy_(torch.where(finite, rm, running_mean))
             running_var.copy_(torch.where(finite, rv, running_var))
             if nbt is not None:
                 nbt.add_(finite.to(nbt.dtype))
         return out
+    factor = momentum if momentum is not None else 1.0 / (float(nbt) + 1.0)
     # torch's kernel updates the buffers in place. Keep a backup (one small op) and put it
     # back if the update is not finite, so a NaN/Inf batch cannot poison the statistics.
     backup = torch.stack((running_mean, running_var))                    # (2, C)
@@ -364,9 +534,9 @@ def _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, 
     xv = grouped_view(input, 1)
     dims = reduce_dims(xv.dim())
     with torch.no_grad():
-        mean, var, count = batch_stats(xv, dims)
+        mean, var, count, work, center = batch_stats_work(xv, dims)
         invstd = torch.rsqrt(var + eps)
-    out = transform(xv, weight, bias, mean, invstd, count).view(input.shape)
+    out = transform(xv, weight, bias, mean, invstd, count, work=work, center=center).view(input.shape)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, nbt, mean.reshape(-1), unbiased(var, count).reshape(-1),
                              momentum, nonfinite, "batch_norm")

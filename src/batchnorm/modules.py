@@ -179,8 +179,15 @@ class _BatchNormBase(nn.Module):
         update = self.training and not self.frozen and running_mean is not None
         if (self.impl != "paper" and mask is None and self.virtual_batch_size is None and self._stat_sink is None
                 and not self.sync and not self._is_renorm()):
-            # Plain BN: torch's kernel computes exactly Algorithm 1 (and the unbiased update).
+            # Plain BN: Algorithm 1 and the unbiased update, on our fused kernels where they
+            # are faster, else on torch's kernel, which computes exactly the same.
             F.check_training_count(input, input.numel() // self.num_features, self._name)
+            lay = F.fast_layout(input) if self.impl == "auto" else None
+            if lay is not None:
+                if not update:
+                    running_mean = running_var = None
+                return F._train_fused(input, running_mean, running_var, weight, bias, self.momentum, self.eps,
+                                      self.nonfinite, buffers["num_batches_tracked"], lay)
             if not update:
                 return torch.batch_norm(input, weight, bias, None, None, True, 0.0, self.eps,
                                         torch.backends.cudnn.enabled)
@@ -199,20 +206,25 @@ class _BatchNormBase(nn.Module):
         if mask is not None:
             mv = F.grouped_view(mask.unsqueeze(1), groups)             # (G, n, 1, L)
         with torch.no_grad():
-            mean, var, count = F.batch_stats(xv, dims, mv)             # (G, 1, C, 1..)
-        return xv, mv, mean, var, count
+            mean, var, count, work, center = F.batch_stats_work(xv, dims, mv)  # (G, 1, C, 1..)
+        return xv, mv, mean, var, count, work, center
 
     def _forward_paper(self, input: Tensor, mask: Optional[Tensor], update: bool) -> Tensor:
         groups = self._groups(input)
         group = self._process_group()
         if input.size(0) == 0 and group is None:
             F.check_training_count(input, 0, self._name)
-        xv, mv, mean, var, count = self._local_stats(input, mask, groups)
+        xv, mv, mean, var, count, work, center = self._local_stats(input, mask, groups)
         if group is not None:
             mean, var, count = self._sync_stats(mean, var, count, group)
         # All checks on the statistics happen before any state changes.
-        min_count = int(count.min()) if count.numel() else 0
-        if min_count <= 1:
+        if mask is None and group is None:
+            min_count = input.numel() // self.num_features // groups     # known from the shape
+        elif torch.compiler.is_compiling():
+            min_count = None  # data-dependent (mask, other ranks): not checkable without a graph break
+        else:
+            min_count = int(count.min()) if count.numel() else 0
+        if min_count is not None and min_count <= 1:
             if mask is not None and min_count == 0:
                 raise ValueError(f"{self._name}: the mask has no valid position "
                                  f"{'in some ghost batch ' if groups > 1 else ''}in training mode; "
@@ -221,7 +233,12 @@ class _BatchNormBase(nn.Module):
         with torch.no_grad():
             invstd = torch.rsqrt(var + self.eps)
             r, d = self._renorm(mean, var)
-        out = F.transform(xv, self.weight, self.bias, mean, invstd, count, mv, r, d, group)
+            if r is not None:
+                # Constants of the backward. Explicitly detached: under torch.compile's
+                # AOTAutograd, values computed from the running buffers inside this no_grad
+                # block were otherwise differentiated through (tests/test_compile.py).
+                r, d = r.detach(), d.detach()
+        out = F.transform(xv, self.weight, self.bias, mean, invstd, count, mv, r, d, group, work, center)
         out = out.view(input.shape)
         with torch.no_grad():
             # Algorithm 2's estimate over the groups: mean of mu_B and of m/(m-1) sigma2_B.

@@ -15,12 +15,11 @@ __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "default_r_max", "
 Schedule = Union[float, Callable[[int], float]]
 
 
-def _ramp(step: int, start: int, end: int, lo: float, hi: float) -> float:
-    if step <= start:
-        return lo
-    if step >= end:
-        return hi
-    return lo + (hi - lo) * (step - start) / (end - start)
+def _ramp(step, start: int, end: int, lo: float, hi: float):
+    """lo until ``start``, then linearly to hi at ``end``; ``step`` an int or a 0-d tensor."""
+    frac = (step - start) / (end - start)
+    frac = frac.clamp(0.0, 1.0) if isinstance(frac, Tensor) else min(max(frac, 0.0), 1.0)
+    return lo + (hi - lo) * frac
 
 
 def default_r_max(step: int) -> float:
@@ -68,7 +67,15 @@ class _BatchRenorm(_BatchNormBase):
         return True
 
     def current_limits(self) -> Tuple[float, float]:
-        """(r_max, d_max) at the current step count."""
+        """(r_max, d_max) at the current step count.
+
+        Under torch.compile a callable schedule receives the step count as a 0-d tensor
+        (the defaults accept either) and its values are not validated (no host read)."""
+        if torch.compiler.is_compiling():
+            step = self.num_batches_tracked
+            r_max = self.r_max(step) if callable(self.r_max) else float(self.r_max)
+            d_max = self.d_max(step) if callable(self.d_max) else float(self.d_max)
+            return r_max, d_max
         step = int(self.num_batches_tracked)
         r_max = float(self.r_max(step)) if callable(self.r_max) else float(self.r_max)
         d_max = float(self.d_max(step)) if callable(self.d_max) else float(self.d_max)
@@ -86,6 +93,8 @@ class _BatchRenorm(_BatchNormBase):
         sigma_b = torch.sqrt(var + self.eps)
         r = torch.clamp(sigma_b / sigma, 1.0 / r_max, r_max)              # (G, 1, C, 1..)
         d = torch.clamp((mean - rm) / sigma, -d_max, d_max)               # (G, 1, C, 1..)
+        if isinstance(r_max, Tensor):  # under torch.compile: the scalars were tensors
+            r, d = r.to(mean.dtype), d.to(mean.dtype)
         return r, d
 
     def extra_repr(self) -> str:

@@ -1,0 +1,176 @@
+"""Python side of the fused CPU kernels (``_kernels.c``, built by :mod:`batchnorm._jit`).
+
+Each function takes one statistics group, a tensor ``(n, C, *S)`` laid out either as
+NCHW-contiguous rows or channels-innermost (channels_last, and plain ``(N, C)``), and
+returns new tensors; :func:`layout` says whether a tensor qualifies. Statistics come back
+in the input's dtype (float32 or float64), accumulated in double inside the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _jit
+
+# Below this many elements a kernel runs on one thread: waking the pool's sleeping workers
+# (tens of microseconds on a busy machine) costs more than the second core saves.
+_PARALLEL_MIN = 1 << 16
+
+Layout = Tuple[int, int, int, int]  # (N, C, S, channels_innermost)
+
+
+def available() -> bool:
+    return _jit.kernels() is not None
+
+
+def layout(t: Tensor) -> Optional[Layout]:
+    """(N, C, S, cl) if the kernels can read ``t`` of shape (N, C, *S) in place, else None."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.dim() < 2:
+        return None
+    n, c = t.shape[:2]
+    s = math.prod(t.shape[2:])
+    if n * c * s == 0:
+        return None
+    if t.is_contiguous():
+        return (n, c, s, 1 if s == 1 else 0)
+    if t.stride(1) == 1 and t.permute(0, *range(2, t.dim()), 1).is_contiguous():
+        return (n, c, s, 1)
+    return None
+
+
+def _threads(lay: Layout) -> int:
+    return torch.get_num_threads() if lay[0] * lay[1] * lay[2] >= _PARALLEL_MIN else 1
+
+
+def _suffix(t: Tensor) -> str:
+    return "f32" if t.dtype == torch.float32 else "f64"
+
+
+def _vec(v: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector as a contiguous (C,) tensor of ``like``'s dtype."""
+    return v.detach().reshape(-1).to(like.dtype).contiguous()
+
+
+def stats(x: Tensor, lay: Layout) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x``, one read of it."""
+    lib = _jit.kernels()
+    n, c, s, cl = lay
+    out = torch.empty(2, c, dtype=torch.float64)
+    if getattr(lib, f"bn_stats_{_suffix(x)}")(x.data_ptr(), n, c, s, cl, out[0].data_ptr(), out[1].data_ptr(),
+                                               _threads(lay)):
+        raise MemoryError("batchnorm: out of memory in the statistics kernel")
+    out = out.to(x.dtype)
+    return out[0], out[1]
+
+
+def affine(x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, out: Tensor) -> None:
+    """out = scale[c] * x + shift[c]; ``out`` has ``x``'s layout."""
+    lib = _jit.kernels()
+    n, c, s, cl = lay
+    a, b = _vec(scale, x), _vec(shift, x)
+    getattr(lib, f"bn_affine_{_suffix(x)}")(x.data_ptr(), out.data_ptr(), n, c, s, cl, a.data_ptr(), b.data_ptr(),
+                                             _threads(lay))
+
+
+def sums(dy: Tensor, x: Tensor, lay: Layout, mean: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per channel: sum dy and sum dy * (x - mean), one read of each."""
+    lib = _jit.kernels()
+    n, c, s, cl = lay
+    mu = _vec(mean, x)
+    out = torch.empty(2, c, dtype=torch.float64)
+    if getattr(lib, f"bn_sums_{_suffix(x)}")(dy.data_ptr(), x.data_ptr(), n, c, s, cl, mu.data_ptr(),
+                                              out[0].data_ptr(), out[1].data_ptr(), _threads(lay)):
+        raise MemoryError("batchnorm: out of memory in the gradient-sums kernel")
+    out = out.to(x.dtype)
+    return out[0], out[1]
+
+
+def grad_input(dy: Tensor, x: Tensor, lay: Layout, alpha: Tensor, beta: Tensor, gamma: Tensor, out: Tensor) -> None:
+    """out = alpha[c] * dy + beta[c] * x + gamma[c]."""
+    lib = _jit.kernels()
+    n, c, s, cl = lay
+    al, be, ga = _vec(alpha, x), _vec(beta, x), _vec(gamma, x)
+    getattr(lib, f"bn_dx_{_suffix(x)}")(dy.data_ptr(), x.data_ptr(), out.data_ptr(), n, c, s, cl, al.data_ptr(),
+                                         be.data_ptr(), ga.data_ptr(), _threads(lay))
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _param(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    if t is None or (t.dtype == like.dtype and t.is_contiguous()):
+        return t  # only its data pointer is taken: no detach needed
+    return t.detach().to(like.dtype).contiguous()
+
+
+def _direct(running_mean: Optional[Tensor], running_var: Optional[Tensor], x: Tensor) -> bool:
+    """Whether the kernels may update the running buffers in place (same dtype, contiguous)."""
+    return (running_mean is not None and running_mean.dtype == x.dtype and running_var.dtype == x.dtype
+            and running_mean.is_contiguous() and running_var.is_contiguous())
+
+
+def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  momentum: float) -> Tuple[Tensor, Tensor, bool, bool]:
+    """One plain-BN training forward: y; the batch statistics as one (3, C) tensor (mean,
+    invstd, biased var); whether they were finite; whether the kernel already updated the
+    running buffers (it does when :func:`_direct`; never for a non-finite batch)."""
+    lib = _jit.kernels()
+    n, c, s, cl = lay
+    y = torch.empty_like(x)
+    st = torch.empty(3, c, dtype=x.dtype)
+    p = st.data_ptr()
+    step = c * st.element_size()
+    direct = _direct(running_mean, running_var, x)
+    rc = getattr(lib, _NAMES["fwd", x.dtype])(
+        x.data_ptr(), y.data_ptr(), n, c, s, cl, _ptr(_param(weight, x)), _ptr(_param(bias, x)), eps,
+        p, p + step, p + 2 * step,
+        running_mean.data_ptr() if direct else None, running_var.data_ptr() if direct else None,
+        momentum, _threads(lay))
+    if rc < 0:
+        raise MemoryError("batchnorm: out of memory in the forward kernel")
+    return y, st, rc == 0, direct
+
+
+def train_backward(dy: Tensor, x: Tensor, lay: Layout, weight: Optional[Tensor], st: Tensor,
+                   need_x: bool, need_w: bool, need_b: bool):
+    """Gradients of plain BN (Section 3): (dx, dweight, dbias), None where not needed;
+    ``st`` is :func:`train_forward`'s statistics."""
+    lib = _jit.kernels()
+    n, c, s, cl = lay
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)  # the kernel reads both tensors with one layout
+    dx = torch.empty_like(x) if need_x else None
+    dw = torch.empty(c, dtype=x.dtype) if need_w else None
+    db = torch.empty(c, dtype=x.dtype) if need_b else None
+    p = st.data_ptr()
+    if getattr(lib, _NAMES["bwd", x.dtype])(dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, s, cl,
+                                            _ptr(_param(weight, x)), p, p + c * st.element_size(), _ptr(dw),
+                                            _ptr(db), _threads(lay)) < 0:
+        raise MemoryError("batchnorm: out of memory in the backward kernel")
+    return dx, dw, db
+
+
+def check_update(mean: Tensor, invstd: Tensor, m: int, eps: float, running_mean: Optional[Tensor],
+                 running_var: Optional[Tensor], momentum: float) -> Tuple[int, bool]:
+    """Check torch's batch statistics (mean, invstd) and fold them into the running buffers.
+
+    Returns (code, updated): code 0 fine, 1 non-finite, 2 possibly inexact (a large common
+    offset; recompute with :func:`train_forward`); ``updated`` whether the buffers were
+    updated here (only with code 0 and :func:`_direct` buffers)."""
+    lib = _jit.kernels()
+    direct = _direct(running_mean, running_var, mean)
+    code = getattr(lib, _NAMES["upd", mean.dtype])(mean.data_ptr(), invstd.data_ptr(), mean.numel(), m, eps,
+                                                   running_mean.data_ptr() if direct else None,
+                                                   running_var.data_ptr() if direct else None, momentum)
+    return code, direct and code == 0
+
+
+_NAMES = {(k, dt): f"bn_{name}_{'f32' if dt == torch.float32 else 'f64'}"
+          for k, name in (("fwd", "train_fwd"), ("bwd", "train_bwd"), ("upd", "update_running"))
+          for dt in (torch.float32, torch.float64)}

@@ -1,0 +1,691 @@
+/* Fused CPU kernels for Batch Normalization, compiled on first use by batchnorm._jit.
+ *
+ * A tensor is seen as (N, C, S): N examples, C channels, S spatial positions.
+ *   rows layout (cl == 0): element (n, c, s) at (n * C + c) * S + s   (NCHW contiguous)
+ *   channels-innermost (cl == 1): element (n, c, s) at (n * S + s) * C + c   (channels_last,
+ *   and (N, C) matrices with S == 1)
+ *
+ * Kernels for one statistics group (used by the variants: ghost batches, sync, renorm):
+ *   stats   one read of x            -> per-channel mean and biased variance
+ *   affine  one read, one write      -> y = a[c] * x + b[c]
+ *   sums    one read of dy and x     -> sum dy and sum dy * (x - mean[c])
+ *   dx      two reads, one write     -> dx = alpha[c] * dy + beta[c] * x + gamma[c]
+ * and whole training steps of plain BN (bn_train_fwd, bn_train_bwd), which in the rows
+ * layout work one channel at a time, so that the second pass over a channel finds it in
+ * cache.
+ *
+ * Statistics are shifted sums: each channel's values minus one of its own samples (its first
+ * value), accumulated in float lanes over at most about a thousand values each and in double
+ * beyond, so neither a large common offset nor a long float accumulation costs accuracy; the
+ * variance is sum (x - K)^2 / m - (mean - K)^2 with |mean - K| of the order of the spread.
+ * NaN and Inf propagate into the statistics (the caller's guard relies on it).
+ *
+ * Large float32 outputs are written with non-temporal stores (no read-for-ownership of
+ * lines about to be overwritten): a tensor much larger than the caches would be evicted
+ * before anyone read it from there anyway.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 256          /* rows per float block in the channels-innermost reductions */
+#define FLUSH 1024         /* values per float lane before it is added into a double */
+#define STREAM_MIN (8L << 20) /* bytes of output from which stores are non-temporal */
+
+typedef void (*task_fn)(void *arg, int t, int nt);
+
+#ifdef _OPENMP
+/* Built with -fopenmp: the parallel regions run on the OpenMP runtime torch itself loaded
+ * (libgomp.so.1, shared by soname), so our threads are torch's threads: no second pool
+ * competing for the cores, and workers still warm from the previous torch operation. */
+#include <omp.h>
+#define MAX_THREADS 256
+
+static void run_parallel(task_fn fn, void *arg, int nt) {
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    if (nt <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
+    fn(arg, omp_get_thread_num(), omp_get_num_threads());
+}
+
+#else
+
+/* A persistent pool: starting threads per call costs tens of microseconds, more than a
+ * whole small BN layer. Workers spin briefly for the next task, then sleep on a condition
+ * variable; a call hands out shares 1..nt-1 and runs share 0 itself. Calls are serialized
+ * by a mutex (callers from several threads take turns; nested calls do not happen). */
+#define MAX_THREADS 64
+#define SPIN 2000
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+static pthread_mutex_t pool_call = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static int pool_size = 0;                 /* workers started */
+static volatile long pool_gen = 0;        /* task generation */
+static volatile int pool_left = 0;        /* shares still running */
+static task_fn pool_fn;
+static void *pool_arg;
+static int pool_nt;
+
+static void *pool_worker(void *p) {
+    int me = (int)(intptr_t)p; /* share index, 1-based */
+    long seen = 0;
+    for (;;) {
+        int spins = 0;
+        while (__atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE) == seen && spins < SPIN) {
+            spins++;
+            CPU_RELAX();
+        }
+        if (__atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE) == seen) {
+            pthread_mutex_lock(&pool_mu);
+            while (pool_gen == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+            pthread_mutex_unlock(&pool_mu);
+        }
+        seen = __atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE);
+        if (me < pool_nt) {
+            pool_fn(pool_arg, me, pool_nt);
+            __atomic_sub_fetch(&pool_left, 1, __ATOMIC_ACQ_REL);
+        }
+    }
+    return NULL;
+}
+
+/* A forked child has none of the parent's workers: start over. */
+static void pool_after_fork(void) {
+    pthread_mutex_t m0 = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c0 = PTHREAD_COND_INITIALIZER;
+    pool_call = m0;
+    pool_mu = m0;
+    pool_cv = c0;
+    pool_size = 0;
+    pool_gen = 0;
+    pool_left = 0;
+}
+
+/* Run fn(arg, t, nt) for t = 0..nt-1, t = 0 on the calling thread. */
+static void run_parallel(task_fn fn, void *arg, int nt) {
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    if (nt <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    static int registered = 0;
+    pthread_mutex_lock(&pool_call);
+    if (!registered) registered = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
+    while (pool_size < nt - 1) {
+        pthread_t th;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        int ok = pthread_create(&th, &at, pool_worker, (void *)(intptr_t)(pool_size + 1)) == 0;
+        pthread_attr_destroy(&at);
+        if (!ok) break;
+        pool_size++;
+    }
+    if (nt > pool_size + 1) nt = pool_size + 1; /* could not start more: fewer shares */
+    if (nt <= 1) {
+        pthread_mutex_unlock(&pool_call);
+        fn(arg, 0, 1);
+        return;
+    }
+    pool_fn = fn;
+    pool_arg = arg;
+    pool_nt = nt;
+    __atomic_store_n(&pool_left, nt - 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&pool_mu);
+    __atomic_add_fetch(&pool_gen, 1, __ATOMIC_ACQ_REL);
+    pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    fn(arg, 0, nt);
+    while (__atomic_load_n(&pool_left, __ATOMIC_ACQUIRE) > 0) CPU_RELAX();
+    pthread_mutex_unlock(&pool_call);
+}
+
+#endif /* _OPENMP */
+
+static inline void split(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
+    *lo = n * t / nt;
+    *hi = n * (t + 1) / nt;
+}
+
+static inline void fence(int streamed) {
+#if defined(__AVX512F__) || defined(__AVX__)
+    if (streamed) _mm_sfence();
+#else
+    (void)streamed;
+#endif
+}
+
+/* o[i] = a * x[i] + b and o[i] = al * dy[i] + be * x[i] + ga over a row, float, optionally
+ * with non-temporal stores on the aligned middle part. */
+static inline void affine_row_f32(const float *restrict x, float *restrict o, int64_t n, float a, float b,
+                                  int stream) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (stream) {
+        for (; i < n && ((uintptr_t)(o + i) & 63); i++) o[i] = x[i] * a + b;
+        const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+        for (; i + 16 <= n; i += 16) _mm512_stream_ps(o + i, _mm512_fmadd_ps(_mm512_loadu_ps(x + i), va, vb));
+    }
+#elif defined(__AVX__)
+    if (stream) {
+        for (; i < n && ((uintptr_t)(o + i) & 31); i++) o[i] = x[i] * a + b;
+        const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+        for (; i + 8 <= n; i += 8)
+            _mm256_stream_ps(o + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), va), vb));
+    }
+#else
+    (void)stream;
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < n; j++) o[j] = x[j] * a + b;
+}
+
+static inline void dx_row_f32(const float *restrict dy, const float *restrict x, float *restrict o, int64_t n,
+                              float al, float be, float ga, int stream) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (stream) {
+        for (; i < n && ((uintptr_t)(o + i) & 63); i++) o[i] = al * dy[i] + be * x[i] + ga;
+        const __m512 va = _mm512_set1_ps(al), vb = _mm512_set1_ps(be), vg = _mm512_set1_ps(ga);
+        for (; i + 16 <= n; i += 16)
+            _mm512_stream_ps(o + i, _mm512_fmadd_ps(_mm512_loadu_ps(dy + i), va,
+                                                    _mm512_fmadd_ps(_mm512_loadu_ps(x + i), vb, vg)));
+    }
+#elif defined(__AVX__)
+    if (stream) {
+        for (; i < n && ((uintptr_t)(o + i) & 31); i++) o[i] = al * dy[i] + be * x[i] + ga;
+        const __m256 va = _mm256_set1_ps(al), vb = _mm256_set1_ps(be), vg = _mm256_set1_ps(ga);
+        for (; i + 8 <= n; i += 8)
+            _mm256_stream_ps(o + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(dy + i), va),
+                                                  _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vb), vg)));
+    }
+#else
+    (void)stream;
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < n; j++) o[j] = al * dy[j] + be * x[j] + ga;
+}
+
+static inline void affine_vec_f32(const float *restrict x, float *restrict o, int64_t n, const float *restrict a,
+                                  const float *restrict b, int stream) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (stream && !((uintptr_t)o & 63))
+        for (; i + 16 <= n; i += 16)
+            _mm512_stream_ps(o + i, _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(a + i),
+                                                    _mm512_loadu_ps(b + i)));
+#else
+    (void)stream;
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < n; j++) o[j] = x[j] * a[j] + b[j];
+}
+
+static inline void dx_vec_f32(const float *restrict dy, const float *restrict x, float *restrict o, int64_t n,
+                              const float *restrict al, const float *restrict be, const float *restrict ga,
+                              int stream) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (stream && !((uintptr_t)o & 63))
+        for (; i + 16 <= n; i += 16)
+            _mm512_stream_ps(o + i, _mm512_fmadd_ps(_mm512_loadu_ps(dy + i), _mm512_loadu_ps(al + i),
+                                                    _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(be + i),
+                                                                    _mm512_loadu_ps(ga + i))));
+#else
+    (void)stream;
+#endif
+#pragma omp simd
+    for (int64_t j = i; j < n; j++) o[j] = al[j] * dy[j] + be[j] * x[j] + ga[j];
+}
+
+/* double: plain stores (the float path is the one that matters for speed) */
+static inline void affine_row_f64(const double *restrict x, double *restrict o, int64_t n, double a, double b,
+                                  int stream) {
+    (void)stream;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) o[j] = x[j] * a + b;
+}
+static inline void dx_row_f64(const double *restrict dy, const double *restrict x, double *restrict o, int64_t n,
+                              double al, double be, double ga, int stream) {
+    (void)stream;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) o[j] = al * dy[j] + be * x[j] + ga;
+}
+static inline void affine_vec_f64(const double *restrict x, double *restrict o, int64_t n,
+                                  const double *restrict a, const double *restrict b, int stream) {
+    (void)stream;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) o[j] = x[j] * a[j] + b[j];
+}
+static inline void dx_vec_f64(const double *restrict dy, const double *restrict x, double *restrict o, int64_t n,
+                              const double *restrict al, const double *restrict be, const double *restrict ga,
+                              int stream) {
+    (void)stream;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) o[j] = al[j] * dy[j] + be[j] * x[j] + ga[j];
+}
+
+static inline double clamp_var(double v) { return v > 0.0 ? v : (v == v ? 0.0 : v); /* keeps NaN */ }
+
+static void channel_sums_f32(const float *x, const float *dy, int64_t N, int64_t C, int64_t S, int64_t c,
+                             float k, double *s1, double *s2);
+static void channel_sums_f64(const double *x, const double *dy, int64_t N, int64_t C, int64_t S, int64_t c,
+                             double k, double *s1, double *s2);
+
+#define DEFINE_KERNELS(T, SUF, L)                                                                \
+                                                                                                 \
+/* Lane accumulators over one channel's rows: a1 += x - k, a2 += (x - k)^2 (stats), or          \
+ * a1 += dy, a2 += dy * (x - k) (sums, when dy != NULL). Double totals in s1, s2. */             \
+__attribute__((unused)) static void channel_sums_generic_##SUF(const T *x, const T *dy, int64_t N, int64_t C, int64_t S,         \
+                               int64_t c, T k, double *s1, double *s2) {                         \
+    T a1[L], a2[L];                                                                              \
+    double t1 = 0.0, t2 = 0.0;                                                                   \
+    int64_t since = 0;                                                                           \
+    for (int l = 0; l < L; l++) { a1[l] = 0; a2[l] = 0; }                                        \
+    for (int64_t n = 0; n < N; n++) {                                                            \
+        const T *restrict xr = x + (n * C + c) * S;                                              \
+        const T *restrict gr = dy ? dy + (n * C + c) * S : NULL;                                 \
+        int64_t s = 0;                                                                           \
+        if (gr) {                                                                                \
+            for (; s + L <= S; s += L)                                                           \
+                for (int l = 0; l < L; l++) {                                                    \
+                    a1[l] += gr[s + l];                                                          \
+                    a2[l] += gr[s + l] * (xr[s + l] - k);                                        \
+                }                                                                                \
+            for (int l = 0; s < S; s++, l++) { a1[l] += gr[s]; a2[l] += gr[s] * (xr[s] - k); }   \
+        } else {                                                                                 \
+            for (; s + L <= S; s += L)                                                           \
+                for (int l = 0; l < L; l++) {                                                    \
+                    const T d = xr[s + l] - k;                                                   \
+                    a1[l] += d;                                                                  \
+                    a2[l] += d * d;                                                              \
+                }                                                                                \
+            for (int l = 0; s < S; s++, l++) { const T d = xr[s] - k; a1[l] += d; a2[l] += d * d; } \
+        }                                                                                        \
+        since += S / L + 1;                                                                      \
+        if (since >= FLUSH || n == N - 1) {                                                      \
+            for (int l = 0; l < L; l++) { t1 += a1[l]; t2 += a2[l]; a1[l] = 0; a2[l] = 0; }      \
+            since = 0;                                                                           \
+        }                                                                                        \
+    }                                                                                            \
+    *s1 = t1;                                                                                    \
+    *s2 = t2;                                                                                    \
+}                                                                                                \
+                                                                                                 \
+/* Channels-innermost: rows [lo, hi) of (M, C) into double totals s1[C], s2[C]; b is 2*C       \
+ * float scratch. dy == NULL: stats of x - k[c]; else sums dy, dy * (x - k[c]). */               \
+static void cl_sums_##SUF(const T *x, const T *dy, int64_t C, int64_t lo, int64_t hi,            \
+                          const T *restrict k, double *restrict s1, double *restrict s2,         \
+                          T *restrict b) {                                                       \
+    T *restrict b1 = b, *restrict b2 = b + C;                                                    \
+    for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }                                \
+    for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {                                                \
+        const int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;                                    \
+        for (int64_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }                                \
+        for (int64_t r = r0; r < r1; r++) {                                                      \
+            const T *restrict xr = x + r * C;                                                    \
+            if (dy) {                                                                            \
+                const T *restrict gr = dy + r * C;                                               \
+                _Pragma("omp simd")                                                              \
+                for (int64_t c = 0; c < C; c++) { b1[c] += gr[c]; b2[c] += gr[c] * (xr[c] - k[c]); } \
+            } else {                                                                             \
+                _Pragma("omp simd")                                                              \
+                for (int64_t c = 0; c < C; c++) {                                                \
+                    const T d = xr[c] - k[c];                                                    \
+                    b1[c] += d;                                                                  \
+                    b2[c] += d * d;                                                              \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int64_t c = 0; c < C; c++) { s1[c] += b1[c]; s2[c] += b2[c]; }                      \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* One task type for every kernel: what each pass needs. */                                      \
+struct job_##SUF {                                                                               \
+    const T *x, *dy; T *out; int64_t N, C, S; int stream;                                        \
+    const T *k;            /* per-channel shift (stats) or mean (sums) */                        \
+    double *s1, *s2;       /* totals: C (rows) or nt * C (channels-innermost) */                \
+    T *scratch;            /* 2 * C floats per thread (channels-innermost) */                   \
+    const T *c0, *c1, *c2; /* per-channel coefficients of the elementwise pass */               \
+    /* whole steps */                                                                            \
+    const T *w, *b; double eps; T *mean, *invstd, *var, *dw, *db;                                \
+};                                                                                               \
+                                                                                                 \
+static void rows_sums_task_##SUF(void *p, int t, int nt) {                                       \
+    struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
+    int64_t lo, hi;                                                                              \
+    split(j->C, t, nt, &lo, &hi);                                                                \
+    for (int64_t c = lo; c < hi; c++) {                                                          \
+        const T k = j->dy ? j->k[c] : j->x[c * j->S];                                            \
+        channel_sums_##SUF(j->x, j->dy, j->N, j->C, j->S, c, k, &j->s1[c], &j->s2[c]);           \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+static void cl_sums_task_##SUF(void *p, int t, int nt) {                                         \
+    struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
+    int64_t lo, hi;                                                                              \
+    split(j->N * j->S, t, nt, &lo, &hi);                                                         \
+    cl_sums_##SUF(j->x, j->dy, j->C, lo, hi, j->k, j->s1 + (int64_t)t * j->C,                    \
+                  j->s2 + (int64_t)t * j->C, j->scratch + (int64_t)t * 2 * j->C);                \
+}                                                                                                \
+                                                                                                 \
+/* out = c0[c] * dy + c1[c] * x + c2[c] (dy == NULL: out = c1[c] * x + c2[c]) */                \
+static void ew_task_##SUF(void *p, int t, int nt) {                                              \
+    struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
+    const int64_t C = j->C, S = j->S;                                                            \
+    int64_t lo, hi;                                                                              \
+    if (j->scratch == NULL) { /* rows */                                                         \
+        split(j->N * C, t, nt, &lo, &hi);                                                        \
+        for (int64_t r = lo; r < hi; r++) {                                                      \
+            const int64_t c = r % C;                                                             \
+            if (j->dy)                                                                           \
+                dx_row_##SUF(j->dy + r * S, j->x + r * S, j->out + r * S, S, j->c0[c], j->c1[c],  \
+                             j->c2[c], j->stream);                                               \
+            else                                                                                 \
+                affine_row_##SUF(j->x + r * S, j->out + r * S, S, j->c1[c], j->c2[c], j->stream); \
+        }                                                                                        \
+    } else {                                                                                     \
+        split(j->N * S, t, nt, &lo, &hi);                                                        \
+        for (int64_t r = lo; r < hi; r++) {                                                      \
+            if (j->dy)                                                                           \
+                dx_vec_##SUF(j->dy + r * C, j->x + r * C, j->out + r * C, C, j->c0, j->c1, j->c2,  \
+                             j->stream);                                                         \
+            else                                                                                 \
+                affine_vec_##SUF(j->x + r * C, j->out + r * C, C, j->c1, j->c2, j->stream);       \
+        }                                                                                        \
+    }                                                                                            \
+    fence(j->stream);                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* Totals s1, s2 per channel (C doubles each): rows or channels-innermost, x - shift stats     \
+ * (dy == NULL, shift = first value of each channel) or dy sums around k. 0 or -1 (memory). */ \
+static int totals_##SUF(const T *x, const T *dy, int64_t N, int64_t C, int64_t S, int cl,        \
+                        const T *k, double *s1, double *s2, int nt) {                            \
+    struct job_##SUF j;                                                                          \
+    memset(&j, 0, sizeof j);                                                                     \
+    j.x = x; j.dy = dy; j.N = N; j.C = C; j.S = S; j.k = k;                                      \
+    if (!cl) {                                                                                   \
+        j.s1 = s1; j.s2 = s2;                                                                    \
+        run_parallel(rows_sums_task_##SUF, &j, nt);                                              \
+        return 0;                                                                                \
+    }                                                                                            \
+    if (nt > MAX_THREADS) nt = MAX_THREADS;                                                      \
+    double *s = (double *)malloc((size_t)(2 * nt) * C * sizeof(double));                         \
+    T *scr = (T *)malloc((size_t)(2 * nt) * C * sizeof(T) + 64);                                 \
+    if (!s || !scr) { free(s); free(scr); return -1; }                                           \
+    for (int tt = 0; tt < 2 * nt; tt++) memset(s + tt * C, 0, (size_t)C * sizeof(double));       \
+    j.s1 = s; j.s2 = s + (int64_t)nt * C; j.scratch = scr;                                       \
+    if (!dy) j.k = x; /* the first row is one sample of every channel */                        \
+    run_parallel(cl_sums_task_##SUF, &j, nt);                                                    \
+    for (int64_t c = 0; c < C; c++) {                                                            \
+        double u = 0.0, q = 0.0;                                                                 \
+        for (int tt = 0; tt < nt; tt++) { u += j.s1[tt * C + c]; q += j.s2[tt * C + c]; }         \
+        s1[c] = u;                                                                               \
+        s2[c] = q;                                                                               \
+    }                                                                                            \
+    free(s); free(scr);                                                                          \
+    return 0;                                                                                    \
+}                                                                                                \
+                                                                                                 \
+static int stream_ok_##SUF(int64_t N, int64_t C, int64_t S) {                                    \
+    return (double)N * C * S * sizeof(T) >= (double)STREAM_MIN;                                  \
+}                                                                                                \
+                                                                                                 \
+static void elementwise_##SUF(const T *dy, const T *x, T *out, int64_t N, int64_t C, int64_t S, \
+                              int cl, const T *c0, const T *c1, const T *c2, int nt) {           \
+    struct job_##SUF j;                                                                          \
+    memset(&j, 0, sizeof j);                                                                     \
+    T dummy;                                                                                     \
+    j.x = x; j.dy = dy; j.out = out; j.N = N; j.C = C; j.S = S;                                  \
+    j.stream = stream_ok_##SUF(N, C, S);                                                         \
+    j.c0 = c0; j.c1 = c1; j.c2 = c2;                                                             \
+    j.scratch = cl ? &dummy : NULL;                                                              \
+    run_parallel(ew_task_##SUF, &j, nt);                                                         \
+}                                                                                                \
+                                                                                                 \
+int bn_stats_##SUF(const T *x, int64_t N, int64_t C, int64_t S, int cl, double *mean,            \
+                   double *var, int nt) {                                                        \
+    double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                              \
+    if (!s) return -1;                                                                           \
+    if (totals_##SUF(x, NULL, N, C, S, cl, NULL, s, s + C, nt)) { free(s); return -1; }           \
+    const double m = (double)(N * S);                                                            \
+    for (int64_t c = 0; c < C; c++) {                                                            \
+        const double d = s[c] / m;                                                               \
+        mean[c] = (double)(cl ? x[c] : x[c * S]) + d;                                            \
+        var[c] = clamp_var(s[C + c] / m - d * d);                                                \
+    }                                                                                            \
+    free(s);                                                                                     \
+    return 0;                                                                                    \
+}                                                                                                \
+                                                                                                 \
+void bn_affine_##SUF(const T *x, T *y, int64_t N, int64_t C, int64_t S, int cl, const T *a,      \
+                     const T *b, int nt) {                                                       \
+    elementwise_##SUF(NULL, x, y, N, C, S, cl, NULL, a, b, nt);                                  \
+}                                                                                                \
+                                                                                                 \
+int bn_sums_##SUF(const T *dy, const T *x, int64_t N, int64_t C, int64_t S, int cl,              \
+                  const T *mean, double *sdy, double *sdyx, int nt) {                            \
+    return totals_##SUF(x, dy, N, C, S, cl, mean, sdy, sdyx, nt);                                \
+}                                                                                                \
+                                                                                                 \
+void bn_dx_##SUF(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S, int cl,        \
+                 const T *alpha, const T *beta, const T *gamma, int nt) {                        \
+    elementwise_##SUF(dy, x, dx, N, C, S, cl, alpha, beta, gamma, nt);                           \
+}                                                                                                \
+                                                                                                 \
+/* Per-channel forward coefficients from the totals of x - k: mean, invstd, var, and the     \
+ * output's scale and shift. */                                                                  \
+static void fwd_coef_##SUF(double s1, double s2, double m, double k, const T *w, const T *b,     \
+                           int64_t c, double eps, T *mean, T *invstd, T *var, T *scale, T *shift) { \
+    const double d = s1 / m, v = clamp_var(s2 / m - d * d), mu = k + d, is = 1.0 / sqrt(v + eps); \
+    const double sc = w ? is * (double)w[c] : is;                                                \
+    mean[c] = (T)mu; invstd[c] = (T)is; var[c] = (T)v;                                           \
+    *scale = (T)sc;                                                                              \
+    *shift = (T)((b ? (double)b[c] : 0.0) - mu * sc);                                            \
+}                                                                                                \
+                                                                                                 \
+/* Per-channel backward: dweight, dbias, and dx = al * dy + be * x + ga (Section 3). */        \
+static void bwd_coef_##SUF(double sdy, double sdyx, double m, const T *w, int64_t c, T mean,     \
+                           T invstd, T *dw, T *db, T *al, T *be, T *ga) {                        \
+    const double is = (double)invstd;                                                            \
+    if (db) db[c] = (T)sdy;                                                                      \
+    if (dw) dw[c] = (T)(sdyx * is);                                                              \
+    const double k = w ? is * (double)w[c] : is;                                                 \
+    const double bb = k * sdyx * is * is / m, aa = k * sdy / m;                                  \
+    *al = (T)k; *be = (T)(-bb); *ga = (T)(bb * (double)mean - aa);                               \
+}                                                                                                \
+                                                                                                 \
+static void fwd_rows_task_##SUF(void *p, int t, int nt) {                                        \
+    struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
+    const int64_t N = j->N, C = j->C, S = j->S;                                                  \
+    int64_t lo, hi;                                                                              \
+    split(C, t, nt, &lo, &hi);                                                                   \
+    for (int64_t c = lo; c < hi; c++) {                                                          \
+        const T k = j->x[c * S];                                                                 \
+        double s1, s2;                                                                           \
+        T scale, shift;                                                                          \
+        channel_sums_##SUF(j->x, NULL, N, C, S, c, k, &s1, &s2);                                 \
+        fwd_coef_##SUF(s1, s2, (double)(N * S), (double)k, j->w, j->b, c, j->eps, j->mean,       \
+                       j->invstd, j->var, &scale, &shift);                                       \
+        for (int64_t n = 0; n < N; n++)                                                          \
+            affine_row_##SUF(j->x + (n * C + c) * S, j->out + (n * C + c) * S, S, scale, shift,  \
+                             j->stream);                                                         \
+    }                                                                                            \
+    fence(j->stream);                                                                            \
+}                                                                                                \
+                                                                                                 \
+static void bwd_rows_task_##SUF(void *p, int t, int nt) {                                        \
+    struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
+    const int64_t N = j->N, C = j->C, S = j->S;                                                  \
+    int64_t lo, hi;                                                                              \
+    split(C, t, nt, &lo, &hi);                                                                   \
+    for (int64_t c = lo; c < hi; c++) {                                                          \
+        double s1, s2;                                                                           \
+        T al, be, ga;                                                                            \
+        channel_sums_##SUF(j->x, j->dy, N, C, S, c, j->mean[c], &s1, &s2);                       \
+        bwd_coef_##SUF(s1, s2, (double)(N * S), j->w, c, j->mean[c], j->invstd[c], j->dw, j->db,  \
+                       &al, &be, &ga);                                                           \
+        if (!j->out) continue;                                                                   \
+        for (int64_t n = 0; n < N; n++)                                                          \
+            dx_row_##SUF(j->dy + (n * C + c) * S, j->x + (n * C + c) * S, j->out + (n * C + c) * S, \
+                         S, al, be, ga, j->stream);                                              \
+    }                                                                                            \
+    fence(j->stream);                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* Returns 1 if a statistic is NaN/Inf (running buffers untouched), 0 if not, -1 (memory). */  \
+int bn_train_fwd_##SUF(const T *x, T *y, int64_t N, int64_t C, int64_t S, int cl, const T *w,    \
+                       const T *b, double eps, T *mean, T *invstd, T *var, T *run_mean,          \
+                       T *run_var, double momentum, int nt) {                                    \
+    const int64_t m = N * S;                                                                     \
+    if (!cl) {                                                                                   \
+        struct job_##SUF j;                                                                      \
+        memset(&j, 0, sizeof j);                                                                 \
+        j.x = x; j.out = y; j.N = N; j.C = C; j.S = S; j.stream = stream_ok_##SUF(N, C, S);      \
+        j.w = w; j.b = b; j.eps = eps; j.mean = mean; j.invstd = invstd; j.var = var;            \
+        run_parallel(fwd_rows_task_##SUF, &j, nt);                                               \
+    } else {                                                                                     \
+        double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                          \
+        T *co = (T *)malloc((size_t)(2 * C) * sizeof(T));                                        \
+        if (!s || !co || totals_##SUF(x, NULL, N, C, S, 1, NULL, s, s + C, nt)) {                \
+            free(s); free(co); return -1;                                                        \
+        }                                                                                        \
+        for (int64_t c = 0; c < C; c++)                                                          \
+            fwd_coef_##SUF(s[c], s[C + c], (double)m, (double)x[c], w, b, c, eps, mean, invstd,  \
+                           var, &co[c], &co[C + c]);                                             \
+        elementwise_##SUF(NULL, x, y, N, C, S, 1, NULL, co, co + C, nt);                         \
+        free(s); free(co);                                                                       \
+    }                                                                                            \
+    int bad = 0;                                                                                 \
+    for (int64_t c = 0; c < C; c++)                                                              \
+        if (!isfinite((double)mean[c]) || !isfinite((double)var[c])) bad = 1;                    \
+    if (!bad && run_mean) {                                                                      \
+        const double unb = m > 1 ? (double)m / (double)(m - 1) : 1.0;                            \
+        for (int64_t c = 0; c < C; c++) {                                                        \
+            run_mean[c] = (T)((1.0 - momentum) * (double)run_mean[c] + momentum * (double)mean[c]); \
+            run_var[c] = (T)((1.0 - momentum) * (double)run_var[c] + momentum * unb * (double)var[c]); \
+        }                                                                                        \
+    }                                                                                            \
+    return bad;                                                                                  \
+}                                                                                                \
+                                                                                                 \
+int bn_train_bwd_##SUF(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S, int cl,  \
+                       const T *w, const T *mean, const T *invstd, T *dw, T *db, int nt) {       \
+    if (!cl) {                                                                                   \
+        struct job_##SUF j;                                                                      \
+        memset(&j, 0, sizeof j);                                                                 \
+        j.x = x; j.dy = dy; j.out = dx; j.N = N; j.C = C; j.S = S;                               \
+        j.stream = stream_ok_##SUF(N, C, S);                                                     \
+        j.w = w; j.mean = (T *)mean; j.invstd = (T *)invstd; j.dw = dw; j.db = db;             \
+        run_parallel(bwd_rows_task_##SUF, &j, nt);                                               \
+        return 0;                                                                                \
+    }                                                                                            \
+    double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                             \
+    T *co = (T *)malloc((size_t)(3 * C) * sizeof(T));                                            \
+    if (!s || !co || totals_##SUF(x, dy, N, C, S, 1, mean, s, s + C, nt)) {                      \
+        free(s); free(co); return -1;                                                            \
+    }                                                                                            \
+    for (int64_t c = 0; c < C; c++)                                                              \
+        bwd_coef_##SUF(s[c], s[C + c], (double)(N * S), w, c, mean[c], invstd[c], dw, db, &co[c], \
+                       &co[C + c], &co[2 * C + c]);                                              \
+    if (dx) elementwise_##SUF(dy, x, dx, N, C, S, 1, co, co + C, co + 2 * C, nt);                \
+    free(s); free(co);                                                                           \
+    return 0;                                                                                    \
+}
+
+
+DEFINE_KERNELS(float, f32, 16)
+DEFINE_KERNELS(double, f64, 8)
+
+/* float32 channel sums with vector accumulators held across rows (short rows would
+ * otherwise pay a horizontal reduction each). */
+static void channel_sums_f32(const float *x, const float *dy, int64_t N, int64_t C, int64_t S, int64_t c,
+                             float k, double *s1, double *s2) {
+#if defined(__AVX512F__)
+    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+    const __m512 vk = _mm512_set1_ps(k);
+    double t1 = 0.0, t2 = 0.0;
+    int64_t since = 0;
+    for (int64_t n = 0; n < N; n++) {
+        const float *xr = x + (n * C + c) * S;
+        const float *gr = dy ? dy + (n * C + c) * S : NULL;
+        int64_t s = 0;
+        for (; s < S; s += 16) {
+            const __mmask16 m = S - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s)) - 1u);
+            const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xr + s), vk);
+            if (gr) {
+                const __m512 g = _mm512_maskz_loadu_ps(m, gr + s);
+                a1 = _mm512_add_ps(a1, g);
+                a2 = _mm512_fmadd_ps(g, d, a2);
+            } else {
+                a1 = _mm512_add_ps(a1, d);
+                a2 = _mm512_fmadd_ps(d, d, a2);
+            }
+        }
+        since += S / 16 + 1;
+        if (since >= FLUSH || n == N - 1) {
+            t1 += (double)_mm512_reduce_add_ps(a1);
+            t2 += (double)_mm512_reduce_add_ps(a2);
+            a1 = _mm512_setzero_ps();
+            a2 = _mm512_setzero_ps();
+            since = 0;
+        }
+    }
+    *s1 = t1;
+    *s2 = t2;
+#else
+    channel_sums_generic_f32(x, dy, N, C, S, c, k, s1, s2);
+#endif
+}
+
+static void channel_sums_f64(const double *x, const double *dy, int64_t N, int64_t C, int64_t S, int64_t c,
+                             double k, double *s1, double *s2) {
+    channel_sums_generic_f64(x, dy, N, C, S, c, k, s1, s2);
+}
+
+/* Check, then fold into the running buffers, a batch's mean and invstd = 1 / sqrt(var + eps)
+ * as torch's own kernel returns them (var = 1 / invstd^2 - eps, unbiased by m / (m - 1)).
+ * Returns 1 (and changes nothing) if a statistic is NaN/Inf or a variance overflowed
+ * (invstd == 0); 2 (and changes nothing) if torch's naive float sums may have cost more
+ * than 1e-3 of a standard deviation (sqrt(m) * eps_T * |mean| * invstd > 1e-3, a large
+ * common offset): the caller then recomputes with the stable kernels; 0 otherwise. With
+ * run_mean == NULL it only checks. */
+#define DEFINE_UPDATE(T, SUF, EPS_T)                                                             \
+int bn_update_running_##SUF(const T *mean, const T *invstd, int64_t C, int64_t m, double eps,    \
+                            T *run_mean, T *run_var, double momentum) {                          \
+    const double risk = sqrt((double)m) * (EPS_T);                                               \
+    int code = 0;                                                                                \
+    for (int64_t c = 0; c < C; c++) {                                                            \
+        const double is = (double)invstd[c], mu = (double)mean[c];                               \
+        if (!isfinite(mu) || !isfinite(is) || !(is > 0.0)) return 1;                             \
+        if (risk * fabs(mu) * is > 1e-3) code = 2;                                               \
+    }                                                                                            \
+    if (code || !run_mean) return code;                                                          \
+    const double unb = m > 1 ? (double)m / (double)(m - 1) : 1.0;                                \
+    for (int64_t c = 0; c < C; c++) {                                                            \
+        const double is = (double)invstd[c];                                                     \
+        double v = 1.0 / (is * is) - eps;                                                        \
+        v = v > 0.0 ? v : 0.0;                                                                   \
+        run_mean[c] = (T)((1.0 - momentum) * (double)run_mean[c] + momentum * (double)mean[c]);  \
+        run_var[c] = (T)((1.0 - momentum) * (double)run_var[c] + momentum * unb * v);            \
+    }                                                                                            \
+    return 0;                                                                                    \
+}
+DEFINE_UPDATE(float, f32, 5.9604644775390625e-08)
+DEFINE_UPDATE(double, f64, 1.1102230246251565e-16)

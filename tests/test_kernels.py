@@ -1,0 +1,187 @@
+"""The fused CPU kernels (src/batchnorm/_kernels.c, built on first use) and the paths that
+choose them: parity with torch.nn on inputs large enough to take them, gradcheck, large-mean
+stability in every layout, the non-finite guard, the small-input path, and the fallback
+when no kernels can be built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm as bn
+from batchnorm import _fused, _jit
+from batchnorm import functional as F
+
+
+def _need_kernels():
+    if _jit._compiler() is None:
+        pytest.skip("no C compiler on this machine: the kernels cannot be built (torch operations are used)")
+    assert _jit.kernels() is not None, _jit.status()  # a compiler that cannot build them is a failure
+
+
+# Shapes above F._FUSED_MIN_NUMEL (fused kernels) in each layout, and one below (torch's
+# kernel plus our check). (name, shape, channels_last)
+BIG = [("rows", (8, 8, 24, 24), False), ("channels_last", (8, 8, 24, 24), True), ("matrix", (4096, 16), False),
+       ("rows 3d", (64, 8, 100), False)]
+
+
+def _make(shape, cl=False, scale=2.0, offset=1.0):
+    x = torch.randn(*shape) * scale + offset
+    return x.to(memory_format=torch.channels_last) if cl else x
+
+
+@pytest.mark.parametrize("name,shape,cl", BIG, ids=[b[0] for b in BIG])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_path_matches_torch(name, shape, cl, momentum):
+    _need_kernels()
+    assert F.fast_layout(_make(shape, cl)) is not None and torch.Size(shape).numel() >= F._FUSED_MIN_NUMEL
+    ours = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(shape[1], momentum=momentum)
+    ref = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1], momentum=momentum)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+            m.bias.copy_(torch.linspace(-1, 1, shape[1]))
+    for _ in range(3):
+        x = _make(shape, cl)
+        g = torch.randn(*shape)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        assert ya.is_contiguous(memory_format=torch.channels_last) == cl
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    ours.eval()
+    ref.eval()
+    x = _make(shape, cl)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,cl", [((3, 4, 5, 6), False), ((3, 4, 5, 6), True), ((7, 5), False), ((4, 3, 9), False)])
+def test_fused_function_gradcheck(shape, cl):
+    _need_kernels()
+    from batchnorm._autograd import FusedBatchNorm
+    x = torch.randn(*shape, dtype=torch.float64)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.rand(shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.rand(shape[1], dtype=torch.float64, requires_grad=True)
+    lay = _fused.layout(x)
+    assert lay is not None
+    f = lambda x, w, b: FusedBatchNorm.apply(x, w, b, lay, 1e-5, None, None, 0.0, [])  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("shape,cl", [((64, 3, 16, 16), False), ((64, 3, 16, 16), True), ((20000, 3), False),
+                                      ((16, 3, 8, 8), True), ((2000, 3), False)],
+                         ids=["rows", "channels_last", "matrix", "small channels_last", "small matrix"])
+def test_large_mean_is_stable_in_every_layout(shape, cl):
+    # torch's own kernel sums channels_last and (N, C) inputs naively in float32; mean 1e4
+    # then costs it about 1e-2 of a standard deviation. Ours must stay within 2e-3.
+    x64 = torch.randn(*shape, dtype=torch.float64) + 1e4
+    x = x64.float()
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    dims = tuple(d for d in range(x.dim()) if d != 1)
+    ref = (x.double() - x.double().mean(dims, keepdim=True)) / torch.sqrt(
+        x.double().var(dims, unbiased=False, keepdim=True) + 1e-5)
+    m = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(shape[1])
+    y = m(x.clone().requires_grad_())
+    assert (y.double() - ref).abs().max() < 2e-3
+    torch.testing.assert_close(m.running_mean.double(), 0.9 * 0 + 0.1 * x.double().mean(dims), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 24, 24), (16, 8, 5)], ids=["fused", "small"])
+def test_nonfinite_batch_is_rejected(shape):
+    _need_kernels()
+    m = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(shape[1])
+    m(torch.randn(*shape))
+    before = [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(*shape)
+        x.view(-1)[5] = bad
+        with pytest.warns(bn.NonFiniteBatchWarning):
+            m(x)
+        for a, b in zip(before, (m.running_mean, m.running_var, m.num_batches_tracked)):
+            assert torch.equal(a, b)
+    m.nonfinite = "raise"
+    x = torch.randn(*shape)
+    x.view(-1)[0] = float("nan")
+    with pytest.raises(bn.NonFiniteBatchError):
+        m(x)
+
+
+def test_thread_counts_agree():
+    _need_kernels()
+    x = torch.randn(16, 8, 32, 32) * 3 + 2
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            m = bn.BatchNorm2d(8)
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            y.square().sum().backward()
+            results.append((y, xi.grad, m.running_var.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_variants_use_the_kernels_and_match_paper_formulas():
+    # Ghost batches and renorm run the per-group kernels; their eager torch-operation
+    # fallback (kernels disabled in the subprocess below) is covered by the other tests.
+    _need_kernels()
+    x = torch.randn(16, 8, 12, 12)
+    ghost = bn.BatchNorm2d(8, virtual_batch_size=4)
+    y = ghost(x)
+    for k in range(4):
+        chunk = x[4 * k:4 * k + 4].double()
+        ref = (chunk - chunk.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+            chunk.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+        torch.testing.assert_close(y[4 * k:4 * k + 4].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_build_is_cached_and_leaves_no_partial_files(tmp_path):
+    _need_kernels()
+    env = dict(os.environ, BATCHNORM_CACHE=str(tmp_path))
+    code = "from batchnorm import _jit; print(_jit.status())"
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "loaded" in out.stdout, out.stderr
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].endswith(".so"), files
+
+
+def test_disabled_kernels_fall_back_to_torch_operations():
+    code = ("import torch, batchnorm as bn; from batchnorm import _jit, functional as F;"
+            "x = torch.randn(8, 8, 24, 24); m = bn.BatchNorm2d(8); y = m(x);"
+            "ref = torch.nn.functional.batch_norm(x, None, None, training=True);"
+            "assert F.fast_layout(x) is None; torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5);"
+            "print(_jit.status())")
+    env = dict(os.environ, BATCHNORM_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "disabled" in out.stdout
+
+
+def test_bad_compiler_falls_back(tmp_path):
+    code = "from batchnorm import _jit; print(_jit.kernels() is None, _jit.status())"
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\necho broken >&2\nexit 1\n")
+    bad.chmod(0o755)
+    env = dict(os.environ, CC=str(bad), BATCHNORM_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("True") and "build failed" in out.stdout
