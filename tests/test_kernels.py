@@ -77,7 +77,7 @@ def test_fused_function_gradcheck(shape, cl):
     b = torch.rand(shape[1], dtype=torch.float64, requires_grad=True)
     lay = _fused.layout(x)
     assert lay is not None
-    f = lambda x, w, b: FusedBatchNorm.apply(x, w, b, lay, 1e-5, None, None, 0.0, [])  # noqa: E731
+    f = lambda x, w, b: FusedBatchNorm.apply(x, w, b, lay, 1e-5, None, None, 0.0, None, [])  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 

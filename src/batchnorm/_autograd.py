@@ -159,8 +159,9 @@ class FusedBatchNorm(torch.autograd.Function):
     buffers were updated in the kernel."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lay, eps, running_mean, running_var, factor, result):
-        y, st, finite, direct = _fused.train_forward(x, lay, weight, bias, eps, running_mean, running_var, factor)
+    def forward(ctx, x, weight, bias, lay, eps, running_mean, running_var, factor, nbt, result):
+        y, st, finite, direct = _fused.train_forward(x, lay, weight, bias, eps, running_mean, running_var, factor,
+                                                     nbt)
         ctx.save_for_backward(x, weight, st)
         ctx.lay = lay
         ctx.has_bias = bias is not None
@@ -177,4 +178,4 @@ class FusedBatchNorm(torch.autograd.Function):
             dw = dw.to(weight.dtype)
         if db is not None and weight is not None and db.dtype != weight.dtype:
             db = db.to(weight.dtype)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None

@@ -27,18 +27,24 @@ def available() -> bool:
     return _jit.kernels() is not None
 
 
+_DTYPES = (torch.float32, torch.float64)
+
+
 def layout(t: Tensor) -> Optional[Layout]:
     """(N, C, S, cl) if the kernels can read ``t`` of shape (N, C, *S) in place, else None."""
-    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or t.dim() < 2:
+    if not t.is_cpu or t.dtype not in _DTYPES or t.dim() < 2:
         return None
-    n, c = t.shape[:2]
-    s = math.prod(t.shape[2:])
-    if n * c * s == 0:
+    shape = t.shape
+    nc = shape[0] * shape[1]
+    if nc == 0:
+        return None
+    s = t.numel() // nc
+    if s == 0:
         return None
     if t.is_contiguous():
-        return (n, c, s, 1 if s == 1 else 0)
+        return (shape[0], shape[1], s, 1 if s == 1 else 0)
     if t.stride(1) == 1 and t.permute(0, *range(2, t.dim()), 1).is_contiguous():
-        return (n, c, s, 1)
+        return (shape[0], shape[1], s, 1)
     return None
 
 
@@ -114,12 +120,19 @@ def _direct(running_mean: Optional[Tensor], running_var: Optional[Tensor], x: Te
             and running_mean.is_contiguous() and running_var.is_contiguous())
 
 
+def _counter(nbt: Optional[Tensor]) -> Optional[int]:
+    """num_batches_tracked's address if the kernels may increment it in place."""
+    if nbt is None or nbt.dtype != torch.int64 or not nbt.is_cpu or nbt.numel() != 1:
+        return None
+    return nbt.data_ptr()
+
+
 def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  momentum: float) -> Tuple[Tensor, Tensor, bool, bool]:
+                  momentum: float, nbt: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, bool, bool]:
     """One plain-BN training forward: y; the batch statistics as one (3, C) tensor (mean,
     invstd, biased var); whether they were finite; whether the kernel already updated the
-    running buffers (it does when :func:`_direct`; never for a non-finite batch)."""
+    running buffers and ``nbt`` (it does when :func:`_direct`; never for a non-finite batch)."""
     lib = _jit.kernels()
     n, c, s, cl = lay
     y = torch.empty_like(x)
@@ -131,7 +144,7 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
         x.data_ptr(), y.data_ptr(), n, c, s, cl, _ptr(_param(weight, x)), _ptr(_param(bias, x)), eps,
         p, p + step, p + 2 * step,
         running_mean.data_ptr() if direct else None, running_var.data_ptr() if direct else None,
-        momentum, _threads(lay))
+        momentum, _counter(nbt) if direct else None, _threads(lay))
     if rc < 0:
         raise MemoryError("batchnorm: out of memory in the forward kernel")
     return y, st, rc == 0, direct
@@ -157,17 +170,18 @@ def train_backward(dy: Tensor, x: Tensor, lay: Layout, weight: Optional[Tensor],
 
 
 def check_update(mean: Tensor, invstd: Tensor, m: int, eps: float, running_mean: Optional[Tensor],
-                 running_var: Optional[Tensor], momentum: float) -> Tuple[int, bool]:
+                 running_var: Optional[Tensor], momentum: float, nbt: Optional[Tensor] = None) -> Tuple[int, bool]:
     """Check torch's batch statistics (mean, invstd) and fold them into the running buffers.
 
     Returns (code, updated): code 0 fine, 1 non-finite, 2 possibly inexact (a large common
-    offset; recompute with :func:`train_forward`); ``updated`` whether the buffers were
-    updated here (only with code 0 and :func:`_direct` buffers)."""
+    offset; recompute with :func:`train_forward`); ``updated`` whether the buffers and
+    ``nbt`` were updated here (only with code 0 and :func:`_direct` buffers)."""
     lib = _jit.kernels()
     direct = _direct(running_mean, running_var, mean)
     code = getattr(lib, _NAMES["upd", mean.dtype])(mean.data_ptr(), invstd.data_ptr(), mean.numel(), m, eps,
                                                    running_mean.data_ptr() if direct else None,
-                                                   running_var.data_ptr() if direct else None, momentum)
+                                                   running_var.data_ptr() if direct else None, momentum,
+                                                   _counter(nbt) if direct else None)
     return code, direct and code == 0
 
 

@@ -447,40 +447,50 @@ def _train_fused(input, running_mean, running_var, weight, bias, momentum, eps, 
         factor = momentum if momentum is not None else 1.0 / (float(nbt) + 1.0)
     m = lay[0] * lay[2]
     if input.numel() < _FUSED_MIN_NUMEL:
-        # Small: torch's kernel and C++ autograd node, then one call checks its statistics
-        # (NaN/Inf, or a large common offset that its float sums may have rounded away, which
-        # sends the batch to our stable kernels below) and updates the running buffers.
-        out, save_mean, save_invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
-        code, updated = _fused.check_update(save_mean, save_invstd, m, eps, running_mean, running_var, factor)
-        if code != 2:
-            if running_mean is not None:
-                if code == 1:
-                    _report_nonfinite(nonfinite, "batch_norm")
-                    return out
-                if not updated:
-                    var = (save_invstd.pow(-2) - eps).clamp_min_(0.0) * (m / max(m - 1, 1))
-                    running_mean.lerp_(save_mean.to(running_mean.dtype), factor)
-                    running_var.lerp_(var.to(running_var.dtype), factor)
-                if nbt is not None:
-                    nbt.add_(1)
+        out = _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt)
+        if out is not None:
             return out
+        # else: a large common offset; the stable kernels below recompute the batch
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         result = []
-        out = FusedBatchNorm.apply(input, weight, bias, lay, eps, running_mean, running_var, factor, result)
+        out = FusedBatchNorm.apply(input, weight, bias, lay, eps, running_mean, running_var, factor, nbt, result)
         st, finite, direct = result
     else:
         out, st, finite, direct = _fused.train_forward(input, lay, weight, bias, eps, running_mean, running_var,
-                                                       factor)
+                                                       factor, nbt)
     if running_mean is not None:
         if not finite:
             _report_nonfinite(nonfinite, "batch_norm")
-        else:
-            if not direct:
-                running_mean.lerp_(st[0].to(running_mean.dtype), factor)
-                running_var.lerp_((st[2] * (m / max(m - 1, 1))).to(running_var.dtype), factor)
+        elif not direct:
+            running_mean.lerp_(st[0].to(running_mean.dtype), factor)
+            running_var.lerp_((st[2] * (m / max(m - 1, 1))).to(running_var.dtype), factor)
             if nbt is not None:
                 nbt.add_(1)
+        elif nbt is not None and _fused._counter(nbt) is None:
+            nbt.add_(1)
+    return out
+
+
+def _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt):
+    """torch's kernel and C++ autograd node (cheapest for small inputs), then one call of
+    ours checks its statistics and updates the running buffers: NaN/Inf rejects the batch;
+    a large common offset, which torch's naive float sums may have rounded into the
+    statistics, returns None so that the caller recomputes the batch stably."""
+    out, save_mean, save_invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+    m = input.numel() // input.size(1)
+    code, updated = _fused.check_update(save_mean, save_invstd, m, eps, running_mean, running_var, factor, nbt)
+    if code == 2:
+        return None
+    if running_mean is not None and not updated:
+        if code == 1:
+            _report_nonfinite(nonfinite, "batch_norm")
+            return out
+        var = (save_invstd.pow(-2) - eps).clamp_min_(0.0) * (m / max(m - 1, 1))
+        running_mean.lerp_(save_mean.to(running_mean.dtype), factor)
+        running_var.lerp_(var.to(running_var.dtype), factor)
+        if nbt is not None:
+            nbt.add_(1)
     return out
 
 
@@ -504,6 +514,11 @@ def _train_native(input, running_mean, running_var, weight, bias, momentum, eps,
                 nbt.add_(finite.to(nbt.dtype))
         return out
     factor = momentum if momentum is not None else 1.0 / (float(nbt) + 1.0)
+    if input.device.type == "cpu" and _fused.available():
+        out = _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt)
+        if out is not None:
+            return out
+        return _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt)
     # torch's kernel updates the buffers in place. Keep a backup (one small op) and put it
     # back if the update is not finite, so a NaN/Inf batch cannot poison the statistics.
     backup = torch.stack((running_mean, running_var))                    # (2, C)
