@@ -185,3 +185,80 @@ def test_bad_compiler_falls_back(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("True") and "build failed" in out.stdout
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("kind", ["renorm", "ghost", "renorm+ghost"])
+def test_fused_variants_match_torch_operation_path(kind, cl):
+    # The fused kernels (impl="auto") against the torch-operation path (impl="paper") over
+    # training steps with Batch Renorm's clipping active: outputs, all gradients, buffers.
+    _need_kernels()
+    kw = {"virtual_batch_size": 4} if "ghost" in kind else {}
+    make = (lambda impl: bn.BatchRenorm2d(6, r_max=1.3, d_max=0.4, impl=impl, **kw)) if "renorm" in kind else \
+        (lambda impl: bn.BatchNorm2d(6, impl=impl, **kw))
+    fused, ref = make("auto"), make("paper")
+    with torch.no_grad():
+        for m in (fused, ref):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            m.bias.copy_(torch.linspace(-1, 1, 6))
+            m.running_mean.fill_(0.3)
+            m.running_var.fill_(2.0)
+    for step in range(3):
+        x = _make((16, 6, 20, 20), cl, scale=1.0 + step, offset=step)
+        g = torch.randn(16, 6, 20, 20)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = fused(xa), ref(xb)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused, name), getattr(ref, name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_masked_matches_torch_operation_path(dtype):
+    _need_kernels()
+    fused, ref = bn.BatchNorm1d(5, dtype=dtype), bn.BatchNorm1d(5, impl="paper", dtype=dtype)
+    with torch.no_grad():
+        for m in (fused, ref):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            m.bias.copy_(torch.linspace(-1, 1, 5))
+    for step in range(3):
+        x = torch.randn(8, 5, 33, dtype=dtype) * 3 + 5
+        mask = torch.rand(8, 33) > 0.4
+        g = torch.randn(8, 5, 33, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = fused(xa, mask), ref(xb, mask)
+        ya.backward(g)
+        yb.backward(g)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ya, yb, **tol)
+        torch.testing.assert_close(xa.grad, xb.grad, **tol)
+        torch.testing.assert_close(fused.weight.grad, ref.weight.grad, **tol)
+        torch.testing.assert_close(fused.bias.grad, ref.bias.grad, **tol)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused, name), getattr(ref, name))
+
+
+def test_fused_masked_gradcheck_and_errors():
+    _need_kernels()
+    from batchnorm._autograd import FusedMaskedBatchNorm
+    x = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 7) > 0.3
+    mask[0, 0] = mask[1, 1] = True
+    f = lambda x, w, b: FusedMaskedBatchNorm.apply(x, mask, w, b, 1e-5, [])  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    m = bn.BatchNorm1d(2)
+    before = m.running_mean.clone()
+    with pytest.raises(ValueError, match="no valid position"):
+        m(torch.randn(3, 2, 7), torch.zeros(3, 7, dtype=torch.bool))
+    one = torch.zeros(3, 7, dtype=torch.bool)
+    one[0, 0] = True
+    with pytest.raises(ValueError, match="more than 1 value"):
+        m(torch.randn(3, 2, 7), one)
+    assert torch.equal(m.running_mean, before) and int(m.num_batches_tracked) == 0

@@ -179,3 +179,79 @@ class FusedBatchNorm(torch.autograd.Function):
         if db is not None and weight is not None and db.dtype != weight.dtype:
             db = db.to(weight.dtype)
         return dx, dw, db, None, None, None, None, None, None, None
+
+
+class FusedGroupedBatchNorm(torch.autograd.Function):
+    """Ghost batches and/or Batch Renormalization on the fused CPU kernels: one forward and
+    one backward kernel call per statistics group of the grouped view (G, n, C, *S).
+
+    ``renorm``: None, or (running_mean, running_var, r_max, d_max); r and d are computed in
+    the kernel from each group's statistics and the running ones, exactly as
+    :meth:`batchnorm.renorm._BatchRenorm._renorm` does, and are constants of the backward.
+    ``result`` receives the (G, 3, C) statistics (mean, invstd, biased var) and whether all
+    were finite. The running buffers are left to the caller."""
+
+    @staticmethod
+    def forward(ctx, xv, weight, bias, lay, eps, renorm, result):
+        G, C = xv.size(0), xv.size(2)
+        y = torch.empty_like(xv)
+        st = torch.empty(G, 3, C, dtype=xv.dtype)
+        rd = torch.empty(G, 2, C, dtype=xv.dtype) if renorm is not None else None
+        finite = True
+        for g in range(G):
+            ok = _fused.train_forward(xv[g], lay, weight, bias, eps, None, None, 0.0, None, y[g], st[g],
+                                      None if renorm is None else (*renorm, rd[g]))[2]
+            finite = finite and ok
+        ctx.save_for_backward(xv, weight, st, rd)
+        ctx.lay = lay
+        ctx.has_bias = bias is not None
+        result.extend((st, finite))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xv, weight, st, rd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_w, need_b = weight is not None and need[1], ctx.has_bias and need[2]
+        dx = torch.empty_like(xv) if need[0] else None
+        dw = db = None
+        for g in range(xv.size(0)):
+            _, w_g, b_g = _fused.train_backward(grad_out[g], xv[g], ctx.lay, weight, st[g], need[0], need_w, need_b,
+                                                None if dx is None else dx[g], None if rd is None else rd[g])
+            if need_w:
+                dw = w_g if dw is None else dw.add_(w_g)
+            if need_b:
+                db = b_g if db is None else db.add_(b_g)
+        if dw is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+        if db is not None and weight is not None and db.dtype != weight.dtype:
+            db = db.to(weight.dtype)
+        return dx, dw, db, None, None, None, None
+
+
+class FusedMaskedBatchNorm(torch.autograd.Function):
+    """Masked statistics on the fused CPU kernels for contiguous (N, C, L) input and an (N, L)
+    bool mask: statistics over valid positions, every position normalized, and the masked
+    Section 3 gradients (module docstring). ``result`` receives the (3, C) statistics and
+    the number of valid positions (0: nothing was computed; the caller raises)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, weight, bias, eps, result):
+        y, st, count = _fused.masked_forward(x, mask, weight, bias, eps)
+        ctx.save_for_backward(x, mask, weight, st)
+        ctx.count = count
+        ctx.has_bias = bias is not None
+        result.extend((st, count))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, weight, st = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = _fused.masked_backward(grad_out, x, mask, weight, st, ctx.count, need[0],
+                                            weight is not None and need[2], ctx.has_bias and need[3])
+        if dw is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+        if db is not None and weight is not None and db.dtype != weight.dtype:
+            db = db.to(weight.dtype)
+        return dx, None, dw, db, None, None

@@ -129,62 +129,113 @@ def _counter(nbt: Optional[Tensor]) -> Optional[int]:
 
 def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  momentum: float, nbt: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, bool, bool]:
+                  momentum: float, nbt: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                  st: Optional[Tensor] = None, renorm=None) -> Tuple[Tensor, Tensor, bool, bool]:
     """One plain-BN training forward: y; the batch statistics as one (3, C) tensor (mean,
     invstd, biased var); whether they were finite; whether the kernel already updated the
-    running buffers and ``nbt`` (it does when :func:`_direct`; never for a non-finite batch)."""
+    running buffers and ``nbt`` (it does when :func:`_direct`; never for a non-finite batch).
+
+    ``out``/``st``: buffers to write y and the statistics into (one statistics group of a
+    larger tensor). ``renorm``: (running_mean, running_var, r_max, d_max, rd) for Batch
+    Renormalization, rd a (2, C) buffer that receives r and d."""
     lib = _jit.kernels()
     n, c, s, cl = lay
-    y = torch.empty_like(x)
-    st = torch.empty(3, c, dtype=x.dtype)
+    y = torch.empty_like(x) if out is None else out
+    if st is None:
+        st = torch.empty(3, c, dtype=x.dtype)
     p = st.data_ptr()
     step = c * st.element_size()
     direct = _direct(running_mean, running_var, x)
+    if renorm is None:
+        ren = (None, None, 0.0, 0.0, None)
+    else:
+        rm, rv, r_max, d_max, rd = renorm
+        ren = (_param(rm, x).data_ptr(), _param(rv, x).data_ptr(), float(r_max), float(d_max), rd.data_ptr())
     rc = getattr(lib, _NAMES["fwd", x.dtype])(
         x.data_ptr(), y.data_ptr(), n, c, s, cl, _ptr(_param(weight, x)), _ptr(_param(bias, x)), eps,
         p, p + step, p + 2 * step,
         running_mean.data_ptr() if direct else None, running_var.data_ptr() if direct else None,
-        momentum, _counter(nbt) if direct else None, _threads(lay))
+        momentum, _counter(nbt) if direct else None, *ren, _threads(lay))
     if rc < 0:
         raise MemoryError("batchnorm: out of memory in the forward kernel")
     return y, st, rc == 0, direct
 
 
 def train_backward(dy: Tensor, x: Tensor, lay: Layout, weight: Optional[Tensor], st: Tensor,
-                   need_x: bool, need_w: bool, need_b: bool):
+                   need_x: bool, need_w: bool, need_b: bool, out: Optional[Tensor] = None,
+                   rd: Optional[Tensor] = None):
     """Gradients of plain BN (Section 3): (dx, dweight, dbias), None where not needed;
-    ``st`` is :func:`train_forward`'s statistics."""
+    ``st`` is :func:`train_forward`'s statistics, ``rd`` its Batch Renormalization r and d;
+    ``out`` a buffer for dx."""
     lib = _jit.kernels()
     n, c, s, cl = lay
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)  # the kernel reads both tensors with one layout
-    dx = torch.empty_like(x) if need_x else None
+    dx = (torch.empty_like(x) if out is None else out) if need_x else None
     dw = torch.empty(c, dtype=x.dtype) if need_w else None
     db = torch.empty(c, dtype=x.dtype) if need_b else None
     p = st.data_ptr()
     if getattr(lib, _NAMES["bwd", x.dtype])(dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, s, cl,
                                             _ptr(_param(weight, x)), p, p + c * st.element_size(), _ptr(dw),
-                                            _ptr(db), _threads(lay)) < 0:
+                                            _ptr(db), _ptr(rd), _threads(lay)) < 0:
         raise MemoryError("batchnorm: out of memory in the backward kernel")
     return dx, dw, db
 
 
 def check_update(mean: Tensor, invstd: Tensor, m: int, eps: float, running_mean: Optional[Tensor],
-                 running_var: Optional[Tensor], momentum: float, nbt: Optional[Tensor] = None) -> Tuple[int, bool]:
-    """Check torch's batch statistics (mean, invstd) and fold them into the running buffers.
+                 running_var: Optional[Tensor], momentum: float, nbt: Optional[Tensor] = None,
+                 check_offset: bool = True) -> Tuple[int, bool]:
+    """Check batch statistics (mean, invstd) and fold them into the running buffers.
 
     Returns (code, updated): code 0 fine, 1 non-finite, 2 possibly inexact (a large common
-    offset; recompute with :func:`train_forward`); ``updated`` whether the buffers and
-    ``nbt`` were updated here (only with code 0 and :func:`_direct` buffers)."""
+    offset that torch's naive sums may have rounded away; recompute with
+    :func:`train_forward`; only tested with ``check_offset``, for torch's statistics);
+    ``updated`` whether the buffers and ``nbt`` were updated here (only with code 0 and
+    :func:`_direct` buffers)."""
     lib = _jit.kernels()
     direct = _direct(running_mean, running_var, mean)
     code = getattr(lib, _NAMES["upd", mean.dtype])(mean.data_ptr(), invstd.data_ptr(), mean.numel(), m, eps,
                                                    running_mean.data_ptr() if direct else None,
                                                    running_var.data_ptr() if direct else None, momentum,
-                                                   _counter(nbt) if direct else None)
+                                                   _counter(nbt) if direct else None, int(check_offset))
     return code, direct and code == 0
 
 
+def masked_forward(x: Tensor, mask: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float) -> Tuple[Tensor, Tensor, int]:
+    """BN of a contiguous (N, C, L) ``x`` with statistics over the positions where the (N, L)
+    bool ``mask`` is true; every position is normalized. Returns y, the (3, C) statistics
+    (mean, invstd, biased var) and the number of valid positions (0: nothing computed)."""
+    lib = _jit.kernels()
+    n, c, length = x.shape
+    y = torch.empty_like(x)
+    st = torch.empty(3, c, dtype=x.dtype)
+    p, step = st.data_ptr(), c * st.element_size()
+    m8 = mask.contiguous().view(torch.uint8)
+    count = getattr(lib, _NAMES["mfwd", x.dtype])(x.data_ptr(), m8.data_ptr(), y.data_ptr(), n, c, length,
+                                                  _ptr(_param(weight, x)), _ptr(_param(bias, x)), eps, p, p + step,
+                                                  p + 2 * step, _threads((n, c, length, 0)))
+    return y, st, int(count)
+
+
+def masked_backward(dy: Tensor, x: Tensor, mask: Tensor, weight: Optional[Tensor], st: Tensor, count: int,
+                    need_x: bool, need_w: bool, need_b: bool):
+    """Gradients of :func:`masked_forward`: (dx, dweight, dbias), None where not needed."""
+    lib = _jit.kernels()
+    n, c, length = x.shape
+    dy = dy.contiguous()
+    dx = torch.empty_like(x) if need_x else None
+    dw = torch.empty(c, dtype=x.dtype) if need_w else None
+    db = torch.empty(c, dtype=x.dtype) if need_b else None
+    p = st.data_ptr()
+    m8 = mask.contiguous().view(torch.uint8)
+    getattr(lib, _NAMES["mbwd", x.dtype])(dy.data_ptr(), x.data_ptr(), m8.data_ptr(), _ptr(dx), n, c, length,
+                                          _ptr(_param(weight, x)), p, p + c * st.element_size(), count, _ptr(dw),
+                                          _ptr(db), _threads((n, c, length, 0)))
+    return dx, dw, db
+
+
 _NAMES = {(k, dt): f"bn_{name}_{'f32' if dt == torch.float32 else 'f64'}"
-          for k, name in (("fwd", "train_fwd"), ("bwd", "train_bwd"), ("upd", "update_running"))
+          for k, name in (("fwd", "train_fwd"), ("bwd", "train_bwd"), ("upd", "update_running"),
+                          ("mfwd", "masked_fwd"), ("mbwd", "masked_bwd"))
           for dt in (torch.float32, torch.float64)}

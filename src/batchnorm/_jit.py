@@ -97,11 +97,16 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"bn_dx_{suf}").argtypes = [p, p, p, i64, i64, i64, i, p, p, p, i]
         getattr(lib, f"bn_dx_{suf}").restype = None
         d = ctypes.c_double
-        getattr(lib, f"bn_train_fwd_{suf}").argtypes = [p, p, i64, i64, i64, i, p, p, d, p, p, p, p, p, d, p, i]
+        getattr(lib, f"bn_train_fwd_{suf}").argtypes = [p, p, i64, i64, i64, i, p, p, d, p, p, p, p, p, d, p,
+                                                        p, p, d, d, p, i]
         getattr(lib, f"bn_train_fwd_{suf}").restype = i
-        getattr(lib, f"bn_train_bwd_{suf}").argtypes = [p, p, p, i64, i64, i64, i, p, p, p, p, p, i]
+        getattr(lib, f"bn_train_bwd_{suf}").argtypes = [p, p, p, i64, i64, i64, i, p, p, p, p, p, p, i]
         getattr(lib, f"bn_train_bwd_{suf}").restype = i
-        getattr(lib, f"bn_update_running_{suf}").argtypes = [p, p, i64, i64, d, p, p, d, p]
+        getattr(lib, f"bn_masked_fwd_{suf}").argtypes = [p, p, p, i64, i64, i64, p, p, d, p, p, p, i]
+        getattr(lib, f"bn_masked_fwd_{suf}").restype = i64
+        getattr(lib, f"bn_masked_bwd_{suf}").argtypes = [p, p, p, p, i64, i64, i64, p, p, p, i64, p, p, i]
+        getattr(lib, f"bn_masked_bwd_{suf}").restype = None
+        getattr(lib, f"bn_update_running_{suf}").argtypes = [p, p, i64, i64, d, p, p, d, p, i]
         getattr(lib, f"bn_update_running_{suf}").restype = i
 
 

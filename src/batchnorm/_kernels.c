@@ -369,6 +369,9 @@ struct job_##SUF {                                                              
     const T *c0, *c1, *c2; /* per-channel coefficients of the elementwise pass */               \
     /* whole steps */                                                                            \
     const T *w, *b; double eps; T *mean, *invstd, *var, *dw, *db;                                \
+    /* Batch Renormalization (rd != NULL): r and d from the running statistics ren_mean,     \
+     * ren_var (read before any update) and the limits; rd holds r then d (C each). */       \
+    const T *ren_mean, *ren_var; double r_max, d_max; T *rd;                                     \
 };                                                                                               \
                                                                                                  \
 static void rows_sums_task_##SUF(void *p, int t, int nt) {                                       \
@@ -496,23 +499,37 @@ void bn_dx_##SUF(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S
 }                                                                                                \
                                                                                                  \
 /* Per-channel forward coefficients from the totals of x - k: mean, invstd, var, and the     \
- * output's scale and shift. */                                                                  \
-static void fwd_coef_##SUF(double s1, double s2, double m, double k, const T *w, const T *b,     \
-                           int64_t c, double eps, T *mean, T *invstd, T *var, T *scale, T *shift) { \
-    const double d = s1 / m, v = clamp_var(s2 / m - d * d), mu = k + d, is = 1.0 / sqrt(v + eps); \
-    const double sc = w ? is * (double)w[c] : is;                                                \
-    mean[c] = (T)mu; invstd[c] = (T)is; var[c] = (T)v;                                           \
+ * output's scale and shift; with Batch Renormalization (j->rd) also r and d:               \
+ * y = w * (r * (x - mu) * invstd + d) + b, r = clip(sigma_B / sigma, 1/r_max, r_max),        \
+ * d = clip((mu - running_mean) / sigma, -d_max, d_max), sigma = sqrt(running_var + eps). */  \
+static void fwd_coef_##SUF(const struct job_##SUF *j, double s1, double s2, double m, double k,    \
+                           int64_t c, T *scale, T *shift) {                                      \
+    const double d = s1 / m, v = clamp_var(s2 / m - d * d), mu = k + d, is = 1.0 / sqrt(v + j->eps); \
+    double r = 1.0, dd = 0.0;                                                                    \
+    if (j->rd) {                                                                                 \
+        const double sigma = sqrt((double)j->ren_var[c] + j->eps);                               \
+        r = sqrt(v + j->eps) / sigma;                                                            \
+        r = r < 1.0 / j->r_max ? 1.0 / j->r_max : (r > j->r_max ? j->r_max : r);                 \
+        dd = (mu - (double)j->ren_mean[c]) / sigma;                                              \
+        dd = dd < -j->d_max ? -j->d_max : (dd > j->d_max ? j->d_max : dd);                       \
+        j->rd[c] = (T)r; j->rd[j->C + c] = (T)dd;                                                \
+    }                                                                                            \
+    const double w = j->w ? (double)j->w[c] : 1.0;                                               \
+    const double sc = is * r * w;                                                                \
+    j->mean[c] = (T)mu; j->invstd[c] = (T)is; j->var[c] = (T)v;                                  \
     *scale = (T)sc;                                                                              \
-    *shift = (T)((b ? (double)b[c] : 0.0) - mu * sc);                                            \
+    *shift = (T)((j->b ? (double)j->b[c] : 0.0) + w * dd - mu * sc);                             \
 }                                                                                                \
                                                                                                  \
-/* Per-channel backward: dweight, dbias, and dx = al * dy + be * x + ga (Section 3). */        \
+/* Per-channel backward: dweight, dbias, and dx = al * dy + be * x + ga (Section 3); rd:     \
+ * Batch Renormalization's r then d (constants of the backward), or NULL. */                  \
 static void bwd_coef_##SUF(double sdy, double sdyx, double m, const T *w, int64_t c, T mean,     \
-                           T invstd, T *dw, T *db, T *al, T *be, T *ga) {                        \
+                           T invstd, T *dw, T *db, T *al, T *be, T *ga, const T *rd, int64_t C) { \
     const double is = (double)invstd;                                                            \
+    const double r = rd ? (double)rd[c] : 1.0, dd = rd ? (double)rd[C + c] : 0.0;                \
     if (db) db[c] = (T)sdy;                                                                      \
-    if (dw) dw[c] = (T)(sdyx * is);                                                              \
-    const double k = w ? is * (double)w[c] : is;                                                 \
+    if (dw) dw[c] = (T)(r * sdyx * is + dd * sdy);                                               \
+    const double k = (w ? is * (double)w[c] : is) * r;                                           \
     const double bb = k * sdyx * is * is / m, aa = k * sdy / m;                                  \
     *al = (T)k; *be = (T)(-bb); *ga = (T)(bb * (double)mean - aa);                               \
 }                                                                                                \
@@ -527,8 +544,7 @@ static void fwd_rows_task_##SUF(void *p, int t, int nt) {                       
         double s1, s2;                                                                           \
         T scale, shift;                                                                          \
         channel_sums_##SUF(j->x, NULL, N, C, S, c, k, &s1, &s2);                                 \
-        fwd_coef_##SUF(s1, s2, (double)(N * S), (double)k, j->w, j->b, c, j->eps, j->mean,       \
-                       j->invstd, j->var, &scale, &shift);                                       \
+        fwd_coef_##SUF(j, s1, s2, (double)(N * S), (double)k, c, &scale, &shift);                \
         for (int64_t n = 0; n < N; n++)                                                          \
             affine_row_##SUF(j->x + (n * C + c) * S, j->out + (n * C + c) * S, S, scale, shift,  \
                              j->stream);                                                         \
@@ -546,7 +562,7 @@ static void bwd_rows_task_##SUF(void *p, int t, int nt) {                       
         T al, be, ga;                                                                            \
         channel_sums_##SUF(j->x, j->dy, N, C, S, c, j->mean[c], &s1, &s2);                       \
         bwd_coef_##SUF(s1, s2, (double)(N * S), j->w, c, j->mean[c], j->invstd[c], j->dw, j->db,  \
-                       &al, &be, &ga);                                                           \
+                       &al, &be, &ga, j->rd, C);                                                 \
         if (!j->out) continue;                                                                   \
         for (int64_t n = 0; n < N; n++)                                                          \
             dx_row_##SUF(j->dy + (n * C + c) * S, j->x + (n * C + c) * S, j->out + (n * C + c) * S, \
@@ -555,16 +571,19 @@ static void bwd_rows_task_##SUF(void *p, int t, int nt) {                       
     fence(j->stream);                                                                            \
 }                                                                                                \
                                                                                                  \
-/* Returns 1 if a statistic is NaN/Inf (running buffers untouched), 0 if not, -1 (memory). */  \
+/* Returns 1 if a statistic is NaN/Inf (running buffers untouched), 0 if not, -1 (memory).    \
+ * rd != NULL: Batch Renormalization with ren_mean/ren_var/r_max/d_max (see fwd_coef). */      \
 int bn_train_fwd_##SUF(const T *x, T *y, int64_t N, int64_t C, int64_t S, int cl, const T *w,    \
                        const T *b, double eps, T *mean, T *invstd, T *var, T *run_mean,          \
-                       T *run_var, double momentum, int64_t *nbt, int nt) {                      \
+                       T *run_var, double momentum, int64_t *nbt, const T *ren_mean,             \
+                       const T *ren_var, double r_max, double d_max, T *rd, int nt) {            \
     const int64_t m = N * S;                                                                     \
+    struct job_##SUF j;                                                                          \
+    memset(&j, 0, sizeof j);                                                                     \
+    j.x = x; j.out = y; j.N = N; j.C = C; j.S = S; j.stream = stream_ok_##SUF(N, C, S);          \
+    j.w = w; j.b = b; j.eps = eps; j.mean = mean; j.invstd = invstd; j.var = var;                \
+    j.ren_mean = ren_mean; j.ren_var = ren_var; j.r_max = r_max; j.d_max = d_max; j.rd = rd;     \
     if (!cl) {                                                                                   \
-        struct job_##SUF j;                                                                      \
-        memset(&j, 0, sizeof j);                                                                 \
-        j.x = x; j.out = y; j.N = N; j.C = C; j.S = S; j.stream = stream_ok_##SUF(N, C, S);      \
-        j.w = w; j.b = b; j.eps = eps; j.mean = mean; j.invstd = invstd; j.var = var;            \
         run_parallel(fwd_rows_task_##SUF, &j, nt);                                               \
     } else {                                                                                     \
         double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                          \
@@ -573,8 +592,7 @@ int bn_train_fwd_##SUF(const T *x, T *y, int64_t N, int64_t C, int64_t S, int cl
             free(s); free(co); return -1;                                                        \
         }                                                                                        \
         for (int64_t c = 0; c < C; c++)                                                          \
-            fwd_coef_##SUF(s[c], s[C + c], (double)m, (double)x[c], w, b, c, eps, mean, invstd,  \
-                           var, &co[c], &co[C + c]);                                             \
+            fwd_coef_##SUF(&j, s[c], s[C + c], (double)m, (double)x[c], c, &co[c], &co[C + c]);  \
         elementwise_##SUF(NULL, x, y, N, C, S, 1, NULL, co, co + C, nt);                         \
         free(s); free(co);                                                                       \
     }                                                                                            \
@@ -593,13 +611,15 @@ int bn_train_fwd_##SUF(const T *x, T *y, int64_t N, int64_t C, int64_t S, int cl
 }                                                                                                \
                                                                                                  \
 int bn_train_bwd_##SUF(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S, int cl,  \
-                       const T *w, const T *mean, const T *invstd, T *dw, T *db, int nt) {       \
+                       const T *w, const T *mean, const T *invstd, T *dw, T *db, const T *rd,    \
+                       int nt) {                                                                 \
     if (!cl) {                                                                                   \
         struct job_##SUF j;                                                                      \
         memset(&j, 0, sizeof j);                                                                 \
         j.x = x; j.dy = dy; j.out = dx; j.N = N; j.C = C; j.S = S;                               \
         j.stream = stream_ok_##SUF(N, C, S);                                                     \
         j.w = w; j.mean = (T *)mean; j.invstd = (T *)invstd; j.dw = dw; j.db = db;             \
+        j.rd = (T *)rd;                                                                          \
         run_parallel(bwd_rows_task_##SUF, &j, nt);                                               \
         return 0;                                                                                \
     }                                                                                            \
@@ -610,7 +630,7 @@ int bn_train_bwd_##SUF(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int
     }                                                                                            \
     for (int64_t c = 0; c < C; c++)                                                              \
         bwd_coef_##SUF(s[c], s[C + c], (double)(N * S), w, c, mean[c], invstd[c], dw, db, &co[c], \
-                       &co[C + c], &co[2 * C + c]);                                              \
+                       &co[C + c], &co[2 * C + c], rd, C);                                       \
     if (dx) elementwise_##SUF(dy, x, dx, N, C, S, 1, co, co + C, co + 2 * C, nt);                \
     free(s); free(co);                                                                           \
     return 0;                                                                                    \
@@ -673,11 +693,13 @@ static void channel_sums_f64(const double *x, const double *dy, int64_t N, int64
  * than 1e-3 of a standard deviation (sqrt(m) * eps_T * |mean| * invstd > 1e-3, a large
  * common offset): the caller then recomputes with the stable kernels; 0 otherwise. With
  * run_mean == NULL it only checks. A non-NULL nbt (num_batches_tracked) is incremented
- * with every update. */
+ * with every update. check_offset == 0 skips the large-offset test (statistics that were
+ * computed stably, by our own kernels). */
 #define DEFINE_UPDATE(T, SUF, EPS_T)                                                             \
 int bn_update_running_##SUF(const T *mean, const T *invstd, int64_t C, int64_t m, double eps,    \
-                            T *run_mean, T *run_var, double momentum, int64_t *nbt) {            \
-    const double risk = sqrt((double)m) * (EPS_T);                                               \
+                            T *run_mean, T *run_var, double momentum, int64_t *nbt,              \
+                            int check_offset) {                                                  \
+    const double risk = check_offset ? sqrt((double)m) * (EPS_T) : 0.0;                          \
     int code = 0;                                                                                \
     for (int64_t c = 0; c < C; c++) {                                                            \
         const double is = (double)invstd[c], mu = (double)mean[c];                               \
@@ -776,3 +798,171 @@ static int cl_sums_fast_f64(const double *x, const double *dy, int64_t C, int64_
     (void)x; (void)dy; (void)C; (void)lo; (void)hi; (void)k; (void)s1; (void)s2;
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------
+ * Masked statistics, rows layout (N, C, L) with a (N, L) mask of 0/1 bytes: the statistics
+ * see only valid positions, every position is normalized, and (Section 3 with the mask)
+ * dx = k dy - w (b (x - mu) + a), the two sums running over every position.
+ * ------------------------------------------------------------------------------------- */
+/* float32 masked channel sums with vector accumulators held across rows (AVX-512 BW/VL);
+ * returns 0 where not available (then the portable loop runs). */
+static int masked_sums_fast_f32(const float *x, const uint8_t *w8, int64_t N, int64_t C, int64_t L, int64_t c,
+                                float k, double *s1, double *s2) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+    const __m512 vk = _mm512_set1_ps(k);
+    double t1 = 0.0, t2 = 0.0;
+    int64_t since = 0;
+    for (int64_t n = 0; n < N; n++) {
+        const float *xr = x + (n * C + c) * L;
+        const uint8_t *wr = w8 + n * L;
+        for (int64_t l = 0; l < L; l += 16) {
+            const __mmask16 in = L - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - l)) - 1u);
+            const __m128i mb = _mm_maskz_loadu_epi8(in, wr + l);
+            const __mmask16 m = _mm_test_epi8_mask(mb, mb);
+            const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xr + l), vk);
+            a1 = _mm512_add_ps(a1, d);
+            a2 = _mm512_fmadd_ps(d, d, a2);
+        }
+        since += L / 16 + 1;
+        if (since >= FLUSH || n == N - 1) {
+            t1 += (double)_mm512_reduce_add_ps(a1);
+            t2 += (double)_mm512_reduce_add_ps(a2);
+            a1 = _mm512_setzero_ps();
+            a2 = _mm512_setzero_ps();
+            since = 0;
+        }
+    }
+    *s1 = t1;
+    *s2 = t2;
+    return 1;
+#else
+    (void)x; (void)w8; (void)N; (void)C; (void)L; (void)c; (void)k; (void)s1; (void)s2;
+    return 0;
+#endif
+}
+
+static int masked_dx_fast_f32(const float *gr, const float *xr, const uint8_t *wr, float *o, int64_t L, float al,
+                              float be, float ga) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const __m512 va = _mm512_set1_ps(al), vb = _mm512_set1_ps(be), vg = _mm512_set1_ps(ga);
+    for (int64_t l = 0; l < L; l += 16) {
+        const __mmask16 in = L - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - l)) - 1u);
+        const __m128i mb = _mm_maskz_loadu_epi8(in, wr + l);
+        const __mmask16 m = _mm_test_epi8_mask(mb, mb);
+        const __m512 corr = _mm512_maskz_fmadd_ps(m, _mm512_maskz_loadu_ps(m, xr + l), vb, vg);
+        _mm512_mask_storeu_ps(o + l, in, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, gr + l), va, corr));
+    }
+    return 1;
+#else
+    (void)gr; (void)xr; (void)wr; (void)o; (void)L; (void)al; (void)be; (void)ga;
+    return 0;
+#endif
+}
+
+static int masked_dx_fast_f64(const double *gr, const double *xr, const uint8_t *wr, double *o, int64_t L, double al,
+                              double be, double ga) {
+    (void)gr; (void)xr; (void)wr; (void)o; (void)L; (void)al; (void)be; (void)ga;
+    return 0;
+}
+
+static int masked_sums_fast_f64(const double *x, const uint8_t *w8, int64_t N, int64_t C, int64_t L, int64_t c,
+                                double k, double *s1, double *s2) {
+    (void)x; (void)w8; (void)N; (void)C; (void)L; (void)c; (void)k; (void)s1; (void)s2;
+    return 0;
+}
+
+#define DEFINE_MASKED(T, SUF)                                                                    \
+struct masked_##SUF {                                                                            \
+    const T *x, *dy; T *out; const uint8_t *w8; int64_t N, C, L, n0, l0; double m, eps;          \
+    const T *w, *b; T *mean, *invstd, *var, *dw, *db;                                            \
+};                                                                                               \
+                                                                                                 \
+static void masked_fwd_task_##SUF(void *p, int t, int nt) {                                      \
+    struct masked_##SUF *a = (struct masked_##SUF *)p;                                           \
+    const int64_t N = a->N, C = a->C, L = a->L;                                                  \
+    int64_t lo, hi;                                                                              \
+    split(C, t, nt, &lo, &hi);                                                                   \
+    for (int64_t c = lo; c < hi; c++) {                                                          \
+        const T k = a->x[(a->n0 * C + c) * L + a->l0]; /* a valid sample of the channel */     \
+        double s1 = 0.0, s2 = 0.0;                                                               \
+        if (!masked_sums_fast_##SUF(a->x, a->w8, N, C, L, c, k, &s1, &s2)) {                     \
+            for (int64_t n = 0; n < N; n++) {                                                    \
+                const T *restrict xr = a->x + (n * C + c) * L;                                   \
+                const uint8_t *restrict wr = a->w8 + n * L;                                      \
+                T b1 = 0, b2 = 0;                                                                \
+                _Pragma("omp simd reduction(+:b1,b2)")                                           \
+                for (int64_t l = 0; l < L; l++) {                                                \
+                    const T d = wr[l] ? xr[l] - k : (T)0;                                        \
+                    b1 += d;                                                                     \
+                    b2 += d * d;                                                                 \
+                }                                                                                \
+                s1 += b1;                                                                        \
+                s2 += b2;                                                                        \
+            }                                                                                    \
+        }                                                                                        \
+        const double d = s1 / a->m, v = clamp_var(s2 / a->m - d * d), mu = (double)k + d;       \
+        const double is = 1.0 / sqrt(v + a->eps), sc = a->w ? is * (double)a->w[c] : is;         \
+        const T scale = (T)sc, shift = (T)((a->b ? (double)a->b[c] : 0.0) - mu * sc);            \
+        a->mean[c] = (T)mu; a->invstd[c] = (T)is; a->var[c] = (T)v;                              \
+        for (int64_t n = 0; n < N; n++)                                                          \
+            affine_row_##SUF(a->x + (n * C + c) * L, a->out + (n * C + c) * L, L, scale, shift, 0); \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* Returns the number of valid positions (the statistics' m); 0 leaves everything untouched. */ \
+int64_t bn_masked_fwd_##SUF(const T *x, const uint8_t *mask, T *y, int64_t N, int64_t C,        \
+                            int64_t L, const T *w, const T *b, double eps, T *mean, T *invstd,   \
+                            T *var, int nt) {                                                    \
+    int64_t count = 0, first = -1;                                                               \
+    for (int64_t i = 0; i < N * L; i++)                                                          \
+        if (mask[i]) { count++; if (first < 0) first = i; }                                      \
+    if (count == 0) return 0;                                                                    \
+    struct masked_##SUF a;                                                                       \
+    memset(&a, 0, sizeof a);                                                                     \
+    a.x = x; a.out = y; a.w8 = mask; a.N = N; a.C = C; a.L = L; a.n0 = first / L;                \
+    a.l0 = first % L; a.m = (double)count; a.eps = eps; a.w = w; a.b = b;                        \
+    a.mean = mean; a.invstd = invstd; a.var = var;                                               \
+    run_parallel(masked_fwd_task_##SUF, &a, nt);                                                 \
+    return count;                                                                                \
+}                                                                                                \
+                                                                                                 \
+static void masked_bwd_task_##SUF(void *p, int t, int nt) {                                      \
+    struct masked_##SUF *a = (struct masked_##SUF *)p;                                           \
+    const int64_t N = a->N, C = a->C, L = a->L;                                                  \
+    int64_t lo, hi;                                                                              \
+    split(C, t, nt, &lo, &hi);                                                                   \
+    for (int64_t c = lo; c < hi; c++) {                                                          \
+        const T mu = a->mean[c];                                                                 \
+        double s1, s2;                                                                           \
+        channel_sums_##SUF(a->x, a->dy, N, C, L, c, mu, &s1, &s2);                               \
+        const double is = (double)a->invstd[c];                                                  \
+        if (a->db) a->db[c] = (T)s1;                                                             \
+        if (a->dw) a->dw[c] = (T)(s2 * is);                                                      \
+        if (!a->out) continue;                                                                   \
+        const double k = a->w ? is * (double)a->w[c] : is;                                       \
+        const double bb = k * s2 * is * is / a->m, aa = k * s1 / a->m;                           \
+        const T al = (T)k, be = (T)(-bb), ga = (T)(bb * (double)mu - aa);                        \
+        for (int64_t n = 0; n < N; n++) {                                                        \
+            const T *restrict xr = a->x + (n * C + c) * L, *restrict gr = a->dy + (n * C + c) * L; \
+            const uint8_t *restrict wr = a->w8 + n * L;                                          \
+            T *restrict o = a->out + (n * C + c) * L;                                            \
+            if (masked_dx_fast_##SUF(gr, xr, wr, o, L, al, be, ga)) continue;                    \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t l = 0; l < L; l++)                                                      \
+                o[l] = al * gr[l] + (wr[l] ? be * xr[l] + ga : (T)0);                            \
+        }                                                                                        \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+void bn_masked_bwd_##SUF(const T *dy, const T *x, const uint8_t *mask, T *dx, int64_t N,         \
+                         int64_t C, int64_t L, const T *w, const T *mean, const T *invstd,       \
+                         int64_t count, T *dw, T *db, int nt) {                                  \
+    struct masked_##SUF a;                                                                       \
+    memset(&a, 0, sizeof a);                                                                     \
+    a.x = x; a.dy = dy; a.out = dx; a.w8 = mask; a.N = N; a.C = C; a.L = L; a.m = (double)count; \
+    a.w = w; a.mean = (T *)mean; a.invstd = (T *)invstd; a.dw = dw; a.db = db;                   \
+    run_parallel(masked_bwd_task_##SUF, &a, nt);                                                 \
+}
+DEFINE_MASKED(float, f32)
+DEFINE_MASKED(double, f64)

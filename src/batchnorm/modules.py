@@ -7,7 +7,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import _fused
 from . import functional as F
+from ._autograd import FusedGroupedBatchNorm, FusedMaskedBatchNorm, kernel_layout
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -214,6 +216,14 @@ class _BatchNormBase(nn.Module):
         group = self._process_group()
         if input.size(0) == 0 and group is None:
             F.check_training_count(input, 0, self._name)
+        if mask is None and group is None and self.impl != "paper":
+            xv = F.grouped_view(input, groups)
+            lay = kernel_layout(xv)
+            if lay is not None:
+                return self._forward_grouped_fused(input, xv, lay, groups, update)
+        if (mask is not None and groups == 1 and group is None and self.impl != "paper" and not self._is_renorm()
+                and input.is_contiguous() and kernel_layout(input.unsqueeze(0)) is not None):
+            return self._forward_masked_fused(input, mask, update)
         xv, mv, mean, var, count, work, center = self._local_stats(input, mask, groups)
         if group is not None:
             mean, var, count = self._sync_stats(mean, var, count, group)
@@ -251,6 +261,56 @@ class _BatchNormBase(nn.Module):
                                               batch_mean, batch_var, self.momentum, self.nonfinite, self._name)
             if accepted:
                 self._after_update()
+        return out
+
+    def _forward_grouped_fused(self, input: Tensor, xv: Tensor, lay, groups: int, update: bool) -> Tensor:
+        """Ghost batches and/or Batch Renormalization on the fused CPU kernels (the same
+        mathematics as the rest of :meth:`_forward_paper`, one kernel call per group)."""
+        F.check_training_count(input, input.numel() // self.num_features // groups, self._name)
+        renorm = None
+        if self._is_renorm():
+            r_max, d_max = self.current_limits()
+            renorm = (self.running_mean, self.running_var, r_max, d_max)
+        result = []
+        out = FusedGroupedBatchNorm.apply(xv, self.weight, self.bias, lay, self.eps, renorm, result)
+        st, finite = result
+        m = input.numel() // self.num_features // groups
+        with torch.no_grad():
+            mean = st[:, 0]                                             # (G, C)
+            var_u = st[:, 2] * (m / max(m - 1, 1))                      # (G, C), unbiased
+        if self._stat_sink is not None:
+            self._stat_sink.append((mean.clone(), var_u.clone()))
+        elif update:
+            accepted = F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
+                                              mean.mean(dim=0), var_u.mean(dim=0), self.momentum, self.nonfinite,
+                                              self._name)
+            if accepted:
+                self._after_update()
+        return out.view(input.shape)
+
+    def _forward_masked_fused(self, input: Tensor, mask: Tensor, update: bool) -> Tensor:
+        """Masked statistics on the fused CPU kernels (same mathematics as the rest of
+        :meth:`_forward_paper`)."""
+        result = []
+        out = FusedMaskedBatchNorm.apply(input, mask, self.weight, self.bias, self.eps, result)
+        st, count = result  # the kernel counted the valid positions; no state has changed yet
+        if count <= 1:
+            if count == 0:
+                raise ValueError(f"{self._name}: the mask has no valid position in training mode; "
+                                 "statistics need at least two valid values per channel")
+            F.check_training_count(input, count, self._name)
+        if self._stat_sink is not None:
+            with torch.no_grad():
+                self._stat_sink.append((st[0].view(1, -1).clone(), (st[2] * (count / (count - 1))).view(1, -1)))
+        elif update:
+            factor = self.momentum if self.momentum is not None else 1.0 / (float(self.num_batches_tracked) + 1.0)
+            code, updated = _fused.check_update(st[0], st[1], count, self.eps, self.running_mean, self.running_var,
+                                                factor, self.num_batches_tracked, check_offset=False)
+            if code == 1:
+                F._report_nonfinite(self.nonfinite, self._name)
+            elif not updated:
+                F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, st[0],
+                                       st[2] * (count / (count - 1)), self.momentum, self.nonfinite, self._name)
         return out
 
     def _after_update(self) -> None:

@@ -41,13 +41,15 @@ class _BatchRenorm(_BatchNormBase):
     d constants in the backward. Inference, running statistics and state are exactly
     BatchNorm's, so a checkpoint loads into BatchNorm. ``r_max``/``d_max`` are floats or
     callables of the number of training steps taken (num_batches_tracked); the defaults
-    follow the paper's schedule (:func:`default_r_max`, :func:`default_d_max`).
+    follow the paper's schedule (:func:`default_r_max`, :func:`default_d_max`). ``impl``:
+    "auto" runs the fused CPU kernels where they apply, "paper" always the torch-operation
+    path of :class:`batchnorm._autograd.BatchNormTransform` (the same mathematics).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  bias: bool = True, r_max: Schedule = default_r_max, d_max: Schedule = default_d_max,
-                 virtual_batch_size: Optional[int] = None, nonfinite: str = "warn") -> None:
+                 virtual_batch_size: Optional[int] = None, nonfinite: str = "warn", impl: str = "auto") -> None:
         if not track_running_stats:
             raise ValueError(f"{self._name}: Batch Renormalization corrects toward the running statistics, "
                              "so it needs track_running_stats=True")
@@ -59,7 +61,7 @@ class _BatchRenorm(_BatchNormBase):
         if not callable(d_max) and d_max < 0:
             raise ValueError(f"{self._name}: d_max must be >= 0, got {d_max}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, virtual_batch_size=virtual_batch_size, nonfinite=nonfinite, impl="paper")
+                         bias=bias, virtual_batch_size=virtual_batch_size, nonfinite=nonfinite, impl=impl)
         self.r_max = r_max
         self.d_max = d_max
 
