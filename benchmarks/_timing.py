@@ -59,3 +59,16 @@ def pin_malloc() -> None:
     env = dict(os.environ, GLIBC_TUNABLES=PINNED_MALLOC, BATCHNORM_BENCH_REEXEC="1")
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def bench_args(doc: str, argv=None):
+    """The common command line of the benchmarks (--quick, --system-malloc); pins malloc
+    unless asked not to. Returns (args, repeats)."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
+    args = p.parse_args(argv)
+    if not args.system_malloc:
+        pin_malloc()
+    return args, (7 if args.quick else 21)

@@ -14,7 +14,6 @@ Networks (bnrepro.models, built twice from one seed, differing only in the BN cl
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batchnorm as bn  # noqa: E402
-from _timing import compare, machine, pin_malloc, table  # noqa: E402
+from _timing import bench_args, compare, machine, table  # noqa: E402
 from bnrepro import models  # noqa: E402
 
 
@@ -65,13 +64,7 @@ def step_fn(net, x, y):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
-    args = p.parse_args(argv)
-    if not args.system_malloc:
-        pin_malloc()
-    repeats = 7 if args.quick else 21
+    _, repeats = bench_args(__doc__, argv)
     print(f"# benchmarks/e2e.py: {machine()}")
     rows = []
     for name, net, shape, cl in networks():

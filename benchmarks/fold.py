@@ -12,7 +12,6 @@ Timed at batch sizes 1 (latency) and 256 (throughput), under torch.inference_mod
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batchnorm as bn  # noqa: E402
-from _timing import compare, machine, pin_malloc, table  # noqa: E402
+from _timing import bench_args, compare, machine, table  # noqa: E402
 from bnrepro.models import SmallInception  # noqa: E402
 
 
@@ -39,13 +38,7 @@ def trained_network() -> torch.nn.Module:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
-    args = p.parse_args(argv)
-    if not args.system_malloc:
-        pin_malloc()
-    repeats = 7 if args.quick else 21
+    _, repeats = bench_args(__doc__, argv)
     net = trained_network()
     folded = bn.fold(net)
     n_bn = sum(bn.population.is_batchnorm(m) for m in net.modules())

@@ -10,7 +10,6 @@ plain BN). Target: every variant within 1.5x plain BN.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batchnorm as bn  # noqa: E402
-from _timing import compare, machine, pin_malloc, table  # noqa: E402
+from _timing import bench_args, compare, machine, table  # noqa: E402
 
 
 def cases():
@@ -34,13 +33,7 @@ def cases():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
-    args = p.parse_args(argv)
-    if not args.system_malloc:
-        pin_malloc()
-    repeats = 7 if args.quick else 21
+    _, repeats = bench_args(__doc__, argv)
     print(f"# benchmarks/variants.py: {machine()}")
     rows = []
     for name, shape, cl, make, extra in cases():

@@ -15,6 +15,17 @@ from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __version__ = "0.1.0"
 
+
+def kernels_status() -> str:
+    """Whether the fused CPU kernels (compiled on first use) are in use, and if not, why.
+
+    Training on CPU uses them for float32/float64 inputs in NCHW-contiguous or
+    channels-last layout; ``BATCHNORM_KERNELS=0`` in the environment turns them off, and
+    without a C compiler everything runs on torch operations (same results)."""
+    from . import _jit
+    return _jit.status()
+
+
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
@@ -31,6 +42,7 @@ __all__ = [
     "fold",
     "freeze",
     "functional",
+    "kernels_status",
     "monitor",
     "population_statistics",
     "unfreeze",

@@ -151,6 +151,15 @@ class BatchNormTransform(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
+def _param_dtype(dw, db, weight):
+    """The kernels' parameter gradients (input dtype) in the parameters' dtype."""
+    if dw is not None and dw.dtype != weight.dtype:
+        dw = dw.to(weight.dtype)
+    if db is not None and weight is not None and db.dtype != weight.dtype:
+        db = db.to(weight.dtype)
+    return dw, db
+
+
 class FusedBatchNorm(torch.autograd.Function):
     """Plain BN training step on the fused CPU kernels: statistics, output and running
     update in one call forward, the Section 3 gradients in one call backward (the same
@@ -174,10 +183,7 @@ class FusedBatchNorm(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dw, db = _fused.train_backward(grad_out, x, ctx.lay, weight, st, need[0],
                                            weight is not None and need[1], ctx.has_bias and need[2])
-        if dw is not None and dw.dtype != weight.dtype:
-            dw = dw.to(weight.dtype)
-        if db is not None and weight is not None and db.dtype != weight.dtype:
-            db = db.to(weight.dtype)
+        dw, db = _param_dtype(dw, db, weight)
         return dx, dw, db, None, None, None, None, None, None, None
 
 
@@ -222,10 +228,7 @@ class FusedGroupedBatchNorm(torch.autograd.Function):
                 dw = w_g if dw is None else dw.add_(w_g)
             if need_b:
                 db = b_g if db is None else db.add_(b_g)
-        if dw is not None and dw.dtype != weight.dtype:
-            dw = dw.to(weight.dtype)
-        if db is not None and weight is not None and db.dtype != weight.dtype:
-            db = db.to(weight.dtype)
+        dw, db = _param_dtype(dw, db, weight)
         return dx, dw, db, None, None, None, None
 
 
@@ -250,8 +253,5 @@ class FusedMaskedBatchNorm(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dw, db = _fused.masked_backward(grad_out, x, mask, weight, st, ctx.count, need[0],
                                             weight is not None and need[2], ctx.has_bias and need[3])
-        if dw is not None and dw.dtype != weight.dtype:
-            dw = dw.to(weight.dtype)
-        if db is not None and weight is not None and db.dtype != weight.dtype:
-            db = db.to(weight.dtype)
+        dw, db = _param_dtype(dw, db, weight)
         return dx, None, dw, db, None, None

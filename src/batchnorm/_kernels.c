@@ -730,8 +730,12 @@ static int cl_sums_fast_f32(const float *x, const float *dy, int64_t C, int64_t 
     if (C % 16) return 0;
     for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
     float t1[64], t2[64];
-    for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {
-        const int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;
+    /* Rows per block: the block is re-read once per 64-channel chunk, so keep it near L1's
+     * size (8192 floats = 32 KiB), between 16 and BLOCK rows. */
+    int64_t block = 8192 / C;
+    block = block < 16 ? 16 : (block > BLOCK ? BLOCK : block);
+    for (int64_t r0 = lo; r0 < hi; r0 += block) {
+        const int64_t r1 = r0 + block < hi ? r0 + block : hi;
         int64_t c0 = 0;
         for (; c0 + 64 <= C; c0 += 64) {
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
