@@ -8,7 +8,6 @@ in the input's dtype (float32 or float64), accumulated in double inside the kern
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
