@@ -77,6 +77,36 @@ def worker(rank, world, port, repeats, batch, queue):
     dist.destroy_process_group()
 
 
+def one_rank(port, repeats, batch, queue):
+    """The synchronized path's own cost, without a partner to wait for: both nets in one
+    process and a one-rank gloo group, SyncBatchNorm forced onto its collective path (a
+    one-rank group normally makes it plain BN)."""
+    import torch.distributed as dist
+
+    import batchnorm as bn
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    world = dist.group.WORLD
+    bn.SyncBatchNorm._process_group = lambda self: world  # measurement only: force the collective path
+    torch.manual_seed(0)
+    models = {"local": net(bn.BatchNorm2d), "sync": net(bn.SyncBatchNorm)}
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    loss_fn = nn.CrossEntropyLoss()
+    times = {k: [] for k in models}
+    for r in range(repeats):
+        for k in (("local", "sync") if r % 2 == 0 else ("sync", "local")):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                models[k].zero_grad(set_to_none=True)
+                loss_fn(models[k](x), y).backward()
+            times[k].append((time.perf_counter() - t0) / 5)
+    queue.put({k: statistics.median(v) for k, v in times.items()})
+    dist.destroy_process_group()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -102,6 +132,16 @@ def main(argv=None):
     print(f"\nratio sync / local: {res['sync'] / res['local']:.2f} (target <= 1.3)")
     print(f"one bare gloo all_gather of a (3, 32) tensor: {res['collective'] * 1e3:.3f} ms median; the net has "
           "3 BN layers, so 6 collectives per step")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pr = ctx.Process(target=one_rank, args=(port, repeats, args.batch, q))
+    pr.start()
+    one = q.get(timeout=600)
+    pr.join()
+    print(f"one process, one-rank group, collective path forced (no partner to wait for): local "
+          f"{one['local'] * 1e3:.2f} ms, sync {one['sync'] * 1e3:.2f} ms, ratio {one['sync'] / one['local']:.2f} "
+          "(forward+backward, no optimizer)")
 
 
 if __name__ == "__main__":
