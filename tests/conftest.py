@@ -9,3 +9,14 @@ def _deterministic():
 
 
 SHAPES = [(16, 4), (8, 4, 7), (4, 4, 5, 6), (2, 4, 3, 4, 5)]
+
+
+@pytest.fixture(params=["kernels", "torch-ops"])
+def kernel_mode(request, monkeypatch):
+    """Run a test twice: with the fused CPU kernels (when this machine can build them) and
+    with them switched off, so the torch-operation paths are tested on every machine."""
+    if request.param == "torch-ops":
+        from batchnorm import _jit
+        monkeypatch.setattr(_jit, "_lib", None)
+        monkeypatch.setattr(_jit, "_status", "disabled for this test")
+    return request.param

@@ -7,6 +7,9 @@ from batchnorm import functional as F
 
 from conftest import SHAPES
 
+# Every test here runs with the fused CPU kernels and with torch operations (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_mode")
+
 
 def reference(x, weight, bias, eps=1e-5):
     """Algorithm 1 composed of autograd ops, in float64: the independent reference."""

@@ -9,6 +9,9 @@ from batchnorm import functional as F
 
 from conftest import SHAPES
 
+# Every test here runs with the fused CPU kernels and with torch operations (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_mode")
+
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("impl", ["paper", "native"])

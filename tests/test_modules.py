@@ -11,6 +11,9 @@ import batchnorm as bn
 
 from conftest import SHAPES
 
+# Every test here runs with the fused CPU kernels and with torch operations (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_mode")
+
 PAIRS = {2: (bn.BatchNorm1d, nn.BatchNorm1d), 3: (bn.BatchNorm1d, nn.BatchNorm1d),
          4: (bn.BatchNorm2d, nn.BatchNorm2d), 5: (bn.BatchNorm3d, nn.BatchNorm3d)}
 

@@ -6,6 +6,9 @@ from torch import nn
 
 import batchnorm as bn
 
+# Every test here runs with the fused CPU kernels and with torch operations (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_mode")
+
 
 def make(kind):
     norm = bn.BatchNorm1d if kind == "ours" else nn.BatchNorm1d

@@ -9,6 +9,9 @@ from torch import nn
 import batchnorm as bn
 from batchnorm.renorm import default_d_max, default_r_max
 
+# Every test here runs with the fused CPU kernels and with torch operations (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_mode")
+
 
 def grads_of(fn, *tensors, gy):
     ts = [t.clone().requires_grad_() for t in tensors]

@@ -8,6 +8,7 @@ in the input's dtype (float32 or float64), accumulated in double inside the kern
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -192,12 +193,36 @@ def check_update(mean: Tensor, invstd: Tensor, m: int, eps: float, running_mean:
     ``updated`` whether the buffers and ``nbt`` were updated here (only with code 0 and
     :func:`_direct` buffers)."""
     lib = _jit.kernels()
+    if lib is None:
+        return _check_update_torch(mean, invstd, m, eps, running_mean, running_var, momentum, nbt, check_offset)
     direct = _direct(running_mean, running_var, mean)
     code = getattr(lib, _NAMES["upd", mean.dtype])(mean.data_ptr(), invstd.data_ptr(), mean.numel(), m, eps,
                                                    running_mean.data_ptr() if direct else None,
                                                    running_var.data_ptr() if direct else None, momentum,
                                                    _counter(nbt) if direct else None, int(check_offset))
     return code, direct and code == 0
+
+
+def _check_update_torch(mean, invstd, m, eps, running_mean, running_var, momentum, nbt, check_offset):
+    """:func:`check_update` in torch operations, for machines without the kernels (the same
+    tests, one host read)."""
+    with torch.no_grad():
+        finite = torch.isfinite(mean).all() & torch.isfinite(invstd).all() & (invstd > 0).all()
+        unit = torch.finfo(mean.dtype).eps / 2  # unit roundoff, as in the C kernels
+        risky = (mean.abs() * invstd * (math.sqrt(m) * unit) > 1e-3).any()
+        ok, risk = torch.stack((finite, risky)).tolist()
+        if not ok:
+            return 1, False
+        if check_offset and risk:
+            return 2, False
+        if running_mean is None:
+            return 0, False
+        var = (invstd.pow(-2) - eps).clamp_min_(0.0) * (m / max(m - 1, 1))
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(var.to(running_var.dtype), momentum)
+        if nbt is not None:
+            nbt.add_(1)
+    return 0, True
 
 
 def masked_forward(x: Tensor, mask: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

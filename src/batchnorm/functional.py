@@ -144,12 +144,14 @@ def batch_stats_work(x: Tensor, dims: Sequence[int], mask: Optional[Tensor] = No
         zeros = x.new_zeros(shape, dtype=dt)
         return zeros, zeros.clone(), zeros.clone(), None, None
     if mask is not None:
-        w = mask.to(dt)
+        # Positions outside the mask are left out with a select, not a product with 0/1,
+        # so that even NaN there does not reach the statistics (as in the fused kernels).
+        valid = mask if mask.dtype == torch.bool else mask != 0
         xs = x if x.dtype == dt else x.to(dt)
-        count = torch.sum(w.expand_as(xs), dim=dims, keepdim=True)
+        count = torch.sum(valid.to(dt).expand_as(xs), dim=dims, keepdim=True)
         safe = count.clamp_min(1.0)
-        mean = torch.sum(xs * w, dim=dims, keepdim=True) / safe
-        var = torch.sum(torch.square(xs - mean) * w, dim=dims, keepdim=True) / safe
+        mean = torch.sum(torch.where(valid, xs, 0.0), dim=dims, keepdim=True) / safe
+        var = torch.sum(torch.where(valid, torch.square(xs - mean), 0.0), dim=dims, keepdim=True) / safe
         return mean, var, count, None, None
     count = 1
     for d in dims:
@@ -360,7 +362,7 @@ def batch_norm(
 
     ``impl``: "paper" always uses the hand-written autograd Function of this package;
     "native" uses torch's kernel; "auto" (default) picks the faster of the two for the
-    input (:func:`prefer_paper`); both compute the same function. Either way a batch
+    input (:func:`fast_layout`); both compute the same function. Either way a batch
     with non-finite statistics leaves the running buffers untouched (``nonfinite`` says
     whether to "warn", "raise" or "ignore"). ``momentum=None`` needs ``num_batches_tracked``.
     """
@@ -408,11 +410,6 @@ def fast_layout(input: Tensor):
     if torch.compiler.is_compiling() or not _fused.available():
         return None
     return _fused.layout(input)
-
-
-def prefer_paper(input: Tensor) -> bool:
-    """Whether ``impl="auto"`` trains ``input`` on this package's CPU path (see :func:`fast_layout`)."""
-    return fast_layout(input) is not None
 
 
 def _eval(input, running_mean, running_var, weight, bias, eps, impl):
@@ -514,7 +511,8 @@ def _train_native(input, running_mean, running_var, weight, bias, momentum, eps,
                 nbt.add_(finite.to(nbt.dtype))
         return out
     factor = momentum if momentum is not None else 1.0 / (float(nbt) + 1.0)
-    if input.device.type == "cpu" and _fused.available():
+    if input.device.type == "cpu":
+        # torch's kernel, then our check (in C, or in torch operations without the kernels)
         out = _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt)
         if out is not None:
             return out

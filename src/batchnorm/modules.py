@@ -339,7 +339,9 @@ class BatchNorm1d(_BatchNormBase):
     ``impl`` ("auto" uses torch's kernel for plain BN, "paper" always the hand-written one).
     ``forward(input, mask=None)``: for (N, C, L) input an (N, L) bool mask restricts the
     statistics (and their gradients and the running-stat count) to the valid positions;
-    every position is still normalized.
+    every position is still normalized. Values outside the mask never reach the statistics
+    (not even NaN), but being normalized they take part in the backward: keep them finite
+    (e.g. zero padding) when training.
     """
 
     _ranks = (2, 3)
