@@ -53,7 +53,7 @@ class BatchNormTransform(torch.autograd.Function):
     """y = gamma * (r * (x - mean) * invstd + d) + beta, with the Section 3 backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, mask, r, d, process_group, work, center):
+    def forward(ctx, x, weight, bias, mean, invstd, count, mask, r, d, process_group, work, center, use_kernels):
         dt = mean.dtype
         nd = x.dim()
         # Fold everything per-channel into one scale and one shift: one pass over x.
@@ -65,7 +65,7 @@ class BatchNormTransform(torch.autograd.Function):
             shift = shift * w
         if bias is not None:
             shift = shift + _channel(bias.to(dt), nd)
-        lay = kernel_layout(x) if x.dtype == dt else None
+        lay = kernel_layout(x) if x.dtype == dt and use_kernels else None
         if lay is not None:
             y = torch.empty_like(x)
             for g in range(x.size(0)):                                    # statistics groups
@@ -80,6 +80,7 @@ class BatchNormTransform(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mean, invstd, count, mask, r, d)
         ctx.process_group = process_group
         ctx.has_bias = bias is not None
+        ctx.use_kernels = use_kernels
         return y.to(x.dtype)
 
     @staticmethod
@@ -90,7 +91,7 @@ class BatchNormTransform(torch.autograd.Function):
         dims = _dims(nd)
         dy = grad_out if grad_out.dtype == dt else grad_out.to(dt)        # (G, n, C, *S)
         fused = mask is None and x.dtype == dt and x.size(1) > 0 and x.size(2) > 0
-        lay = kernel_layout(x) if fused else None
+        lay = kernel_layout(x) if fused and ctx.use_kernels else None
         if lay is not None:
             if dy.stride() != x.stride():
                 dy = torch.empty_like(x).copy_(dy)                        # the kernels read both alike
@@ -148,7 +149,7 @@ class BatchNormTransform(torch.autograd.Function):
             else:
                 grad_x = dy * k - mask.to(dt) * (xc * b + a)
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
 
 
 def _param_dtype(dw, db, weight):

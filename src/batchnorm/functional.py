@@ -121,7 +121,8 @@ def batch_stats(x: Tensor, dims: Sequence[int], mask: Optional[Tensor] = None) -
 _NAIVE_SUM_RISK = 1e-3
 
 
-def batch_stats_work(x: Tensor, dims: Sequence[int], mask: Optional[Tensor] = None, keep_work: bool = True):
+def batch_stats_work(x: Tensor, dims: Sequence[int], mask: Optional[Tensor] = None, keep_work: bool = True,
+                     use_kernels: bool = True):
     """:func:`batch_stats` plus, where the method leaves one, a private buffer ``work`` =
     x - center (same shape and memory format as ``x``) and the per-channel ``center``, which
     the transform may overwrite with its output (``None, None`` otherwise).
@@ -136,6 +137,10 @@ def batch_stats_work(x: Tensor, dims: Sequence[int], mask: Optional[Tensor] = No
       kernel, whose float sums are naive; where |mean| / std makes that risky (see
       ``_NAIVE_SUM_RISK``) the statistics are recomputed on x minus one sample per channel.
     * Anything else, and masks: the corrected two-pass algorithm on centred values.
+
+    With ``use_kernels`` (and the kernels built, outside torch.compile) unmasked grouped
+    views in either layout take the fused kernels' statistics instead (shifted sums, one
+    read); ``use_kernels=False`` keeps to torch operations (``impl="paper"``).
     """
     dt = stat_dtype(x.dtype)
     dims = tuple(dims)
@@ -157,7 +162,7 @@ def batch_stats_work(x: Tensor, dims: Sequence[int], mask: Optional[Tensor] = No
     for d in dims:
         count *= x.size(d)
     grouped = dims == reduce_dims(x.dim()) and x.dim() >= 3
-    lay = kernel_layout(x) if grouped else None
+    lay = kernel_layout(x) if grouped and use_kernels else None
     if lay is not None:
         shape = (x.size(0), 1, x.size(2)) + (1,) * (x.dim() - 3)
         parts = [_fused.stats(x[g], lay) for g in range(x.size(0))]
@@ -324,6 +329,7 @@ def transform(
     process_group=None,
     work: Optional[Tensor] = None,
     center: Optional[Tensor] = None,
+    use_kernels: bool = True,
 ) -> Tensor:
     """Training-mode BN transform of a grouped view ``x`` (G, n, C, *S) with the
     hand-written backward of Section 3 (see :mod:`batchnorm._autograd`).
@@ -333,9 +339,10 @@ def transform(
     Renormalization's corrections (constants). ``process_group``, if given, means the
     statistics are global over the group and the backward all-reduces its two sums.
     ``work``/``center`` (from :func:`batch_stats_work`): a private buffer x - center that
-    the output may overwrite.
+    the output may overwrite. ``use_kernels=False`` keeps every pass on torch operations.
     """
-    return BatchNormTransform.apply(x, weight, bias, mean, invstd, count, mask, r, d, process_group, work, center)
+    return BatchNormTransform.apply(x, weight, bias, mean, invstd, count, mask, r, d, process_group, work, center,
+                                    use_kernels)
 
 
 def batch_norm(
@@ -360,7 +367,8 @@ def batch_norm(
     running buffers, if given, updated with mu_B and the unbiased m/(m-1) sigma2_B.
     Inference: the same map with the running statistics.
 
-    ``impl``: "paper" always uses the hand-written autograd Function of this package;
+    ``impl``: "paper" always uses the hand-written autograd Function of this package, on
+    torch operations only (the reference path);
     "native" uses torch's kernel; "auto" (default) picks the faster of the two for the
     input (:func:`fast_layout`); both compute the same function. Either way a batch
     with non-finite statistics leaves the running buffers untouched (``nonfinite`` says
@@ -516,7 +524,8 @@ def _train_native(input, running_mean, running_var, weight, bias, momentum, eps,
         out = _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt)
         if out is not None:
             return out
-        return _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt)
+        return _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt,
+                            use_kernels=True)
     # torch's kernel updates the buffers in place. Keep a backup (one small op) and put it
     # back if the update is not finite, so a NaN/Inf batch cannot poison the statistics.
     backup = torch.stack((running_mean, running_var))                    # (2, C)
@@ -543,13 +552,14 @@ def _var_finite(running_var: Tensor) -> bool:
     return math.isfinite(float(running_var.sum()))
 
 
-def _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt):
+def _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt, use_kernels=False):
     xv = grouped_view(input, 1)
     dims = reduce_dims(xv.dim())
     with torch.no_grad():
-        mean, var, count, work, center = batch_stats_work(xv, dims)
+        mean, var, count, work, center = batch_stats_work(xv, dims, use_kernels=use_kernels)
         invstd = torch.rsqrt(var + eps)
-    out = transform(xv, weight, bias, mean, invstd, count, work=work, center=center).view(input.shape)
+    out = transform(xv, weight, bias, mean, invstd, count, work=work, center=center,
+                    use_kernels=use_kernels).view(input.shape)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, nbt, mean.reshape(-1), unbiased(var, count).reshape(-1),
                              momentum, nonfinite, "batch_norm")

@@ -208,7 +208,8 @@ class _BatchNormBase(nn.Module):
         if mask is not None:
             mv = F.grouped_view(mask.unsqueeze(1), groups)             # (G, n, 1, L)
         with torch.no_grad():
-            mean, var, count, work, center = F.batch_stats_work(xv, dims, mv)  # (G, 1, C, 1..)
+            mean, var, count, work, center = F.batch_stats_work(xv, dims, mv,  # (G, 1, C, 1..)
+                                                                use_kernels=self.impl != "paper")
         return xv, mv, mean, var, count, work, center
 
     def _forward_paper(self, input: Tensor, mask: Optional[Tensor], update: bool) -> Tensor:
@@ -248,7 +249,8 @@ class _BatchNormBase(nn.Module):
                 # AOTAutograd, values computed from the running buffers inside this no_grad
                 # block were otherwise differentiated through (tests/test_compile.py).
                 r, d = r.detach(), d.detach()
-        out = F.transform(xv, self.weight, self.bias, mean, invstd, count, mv, r, d, group, work, center)
+        out = F.transform(xv, self.weight, self.bias, mean, invstd, count, mv, r, d, group, work, center,
+                          use_kernels=self.impl != "paper")
         out = out.view(input.shape)
         with torch.no_grad():
             # Algorithm 2's estimate over the groups: mean of mu_B and of m/(m-1) sigma2_B.
@@ -336,7 +338,10 @@ class BatchNorm1d(_BatchNormBase):
 
     Extra keyword-only options (``bias=False``, as in torch 2.13, drops beta): ``virtual_batch_size`` (ghost batches: statistics per
     consecutive chunk of that many examples; the batch size must be a multiple of it),
-    ``impl`` ("auto" uses torch's kernel for plain BN, "paper" always the hand-written one).
+    ``impl``: "auto" trains on this package's fused CPU kernels where they apply (CPU
+    float32/float64, NCHW or channels_last; see :func:`batchnorm.kernels_status`) and on
+    torch's kernel elsewhere; "native" always uses torch's kernel for plain BN; "paper"
+    always uses the hand-written Function on torch operations (the reference path).
     ``forward(input, mask=None)``: for (N, C, L) input an (N, L) bool mask restricts the
     statistics (and their gradients and the running-stat count) to the valid positions;
     every position is still normalized. Values outside the mask never reach the statistics
