@@ -263,3 +263,57 @@ def test_fused_masked_gradcheck_and_errors():
     with pytest.raises(ValueError, match="more than 1 value"):
         m(torch.randn(3, 2, 7), one)
     assert torch.equal(m.running_mean, before) and int(m.num_batches_tracked) == 0
+
+
+_ARCH_CHECK = """
+import torch, batchnorm as bn
+from batchnorm import _jit
+from torch import nn
+assert _jit.kernels() is not None, _jit.status()
+torch.manual_seed(0)
+worst = 0.0
+for shape, cl in [((8, 64, 20, 20), False), ((8, 64, 20, 20), True), ((4096, 16), False), ((64, 8, 100), False),
+                  ((16, 256, 10, 10), True), ((300, 13), False)]:
+    ours = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(shape[1])
+    ref = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1])
+    x = torch.randn(*shape) * 2 + 1
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    g = torch.randn(*shape)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    ya.backward(g)
+    yb.backward(g)
+    for a, b in ((ya, yb), (xa.grad, xb.grad), (ours.running_var, ref.running_var)):
+        worst = max(worst, (a - b).abs().max().item())
+x = torch.randn(8, 5, 33) * 3 + 5
+mask = torch.rand(8, 33) > 0.4
+for a_mod, b_mod, xx, args in (
+        (bn.BatchNorm1d(5), bn.BatchNorm1d(5, impl="paper"), x, (mask,)),
+        (bn.BatchNorm2d(6, virtual_batch_size=4), bn.BatchNorm2d(6, virtual_batch_size=4, impl="paper"),
+         torch.randn(16, 6, 20, 20), ()),
+        (bn.BatchRenorm2d(6, r_max=1.3, d_max=0.4), bn.BatchRenorm2d(6, r_max=1.3, d_max=0.4, impl="paper"),
+         torch.randn(16, 6, 20, 20).to(memory_format=torch.channels_last), ())):
+    g = torch.randn(*xx.shape)
+    xa, xb = xx.clone().requires_grad_(), xx.clone().requires_grad_()
+    ya, yb = a_mod(xa, *args), b_mod(xb, *args)
+    ya.backward(g)
+    yb.backward(g)
+    for a, b in ((ya, yb), (xa.grad, xb.grad)):
+        worst = max(worst, (a - b).abs().max().item())
+assert worst < 1e-4, worst
+print("ok", worst)
+"""
+
+
+@pytest.mark.parametrize("arch", ["x86-64", "x86-64-v3"])
+def test_portable_builds_are_correct(arch, tmp_path):
+    # This machine builds with -march=native (AVX-512 here); the AVX2 and plain-SSE2 code
+    # paths of _kernels.c are built and checked against torch.nn and impl="paper" here.
+    import platform
+    _need_kernels()
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 -march levels")
+    env = dict(os.environ, BATCHNORM_MARCH=arch, BATCHNORM_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _ARCH_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr

@@ -22,7 +22,10 @@ import threading
 from typing import Optional
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.c")
-_FLAGS = ["-O3", "-fopenmp-simd", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11"]
+# $BATCHNORM_MARCH overrides -march=native (e.g. "x86-64-v3" for a cache shared by
+# machines of one family, or "x86-64" for the portable code paths).
+_FLAGS = ["-O3", "-fopenmp-simd", f"-march={os.environ.get('BATCHNORM_MARCH', 'native')}", "-fPIC", "-shared",
+          "-pthread", "-std=c11"]
 # OpenMP first: the kernels then share torch's own OpenMP runtime (see _kernels.c); without
 # it (a compiler with no OpenMP) they fall back to a small pthread pool of their own.
 _VARIANTS = [["-fopenmp"], []]
