@@ -306,14 +306,20 @@ print("ok", worst)
 """
 
 
-@pytest.mark.parametrize("arch", ["x86-64", "x86-64-v3"])
+@pytest.mark.parametrize("arch", ["x86-64", "x86-64-v3", "native, no OpenMP"])
 def test_portable_builds_are_correct(arch, tmp_path):
-    # This machine builds with -march=native (AVX-512 here); the AVX2 and plain-SSE2 code
-    # paths of _kernels.c are built and checked against torch.nn and impl="paper" here.
+    # This machine builds with -march=native and OpenMP (AVX-512 here); the AVX2 and
+    # plain-SSE2 code paths and the pthread pool of _kernels.c are built and checked too,
+    # against torch.nn and impl="paper".
     import platform
     _need_kernels()
     if platform.machine() != "x86_64":
         pytest.skip("x86-64 -march levels")
-    env = dict(os.environ, BATCHNORM_MARCH=arch, BATCHNORM_CACHE=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", _ARCH_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, BATCHNORM_CACHE=str(tmp_path))
+    code = _ARCH_CHECK
+    if arch.startswith("native"):
+        code = "from batchnorm import _jit\n_jit._VARIANTS = [_jit._MARCH]\n" + code
+    else:
+        env["BATCHNORM_MARCH"] = arch
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr

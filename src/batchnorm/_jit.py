@@ -22,13 +22,13 @@ import threading
 from typing import Optional
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.c")
-# $BATCHNORM_MARCH overrides -march=native (e.g. "x86-64-v3" for a cache shared by
-# machines of one family, or "x86-64" for the portable code paths).
-_FLAGS = ["-O3", "-fopenmp-simd", f"-march={os.environ.get('BATCHNORM_MARCH', 'native')}", "-fPIC", "-shared",
-          "-pthread", "-std=c11"]
-# OpenMP first: the kernels then share torch's own OpenMP runtime (see _kernels.c); without
-# it (a compiler with no OpenMP) they fall back to a small pthread pool of their own.
-_VARIANTS = [["-fopenmp"], []]
+_FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=c11"]
+# Tried in order until one builds. OpenMP first: the kernels then share torch's own OpenMP
+# runtime (see _kernels.c); without it (a compiler with no OpenMP) they fall back to a small
+# pthread pool of their own. -march: $BATCHNORM_MARCH, default native (e.g. "x86-64-v3" for a
+# cache shared by machines of one family); a compiler that rejects it builds without.
+_MARCH = [f"-march={os.environ.get('BATCHNORM_MARCH', 'native')}"]
+_VARIANTS = [_MARCH + ["-fopenmp"], _MARCH, ["-fopenmp"], []]
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _status: Optional[str] = None  # None: not tried yet
