@@ -2,7 +2,8 @@
 
 Each function takes one statistics group, a tensor ``(n, C, *S)`` laid out either as
 NCHW-contiguous rows or channels-innermost (channels_last, and plain ``(N, C)``), and
-returns new tensors; :func:`layout` says whether a tensor qualifies. Statistics come back
+returns new tensors or writes into the buffers it is given; :func:`layout` says whether a
+tensor qualifies. Statistics come back
 in the input's dtype (float32 or float64), accumulated in double inside the kernels.
 """
 
@@ -16,8 +17,8 @@ from torch import Tensor
 
 from . import _jit
 
-# Below this many elements a kernel runs on one thread: waking the pool's sleeping workers
-# (tens of microseconds on a busy machine) costs more than the second core saves.
+# Below this many elements a kernel runs on one thread: opening a parallel region costs more
+# than a second core saves on so little data.
 _PARALLEL_MIN = 1 << 16
 
 Layout = Tuple[int, int, int, int]  # (N, C, S, channels_innermost)

@@ -5,14 +5,18 @@
  *   channels-innermost (cl == 1): element (n, c, s) at (n * S + s) * C + c   (channels_last,
  *   and (N, C) matrices with S == 1)
  *
- * Kernels for one statistics group (used by the variants: ghost batches, sync, renorm):
+ * Whole training steps (bn_train_fwd, bn_train_bwd), one call each way for one statistics
+ * group: plain BN, ghost batches (one call per group) and Batch Renormalization (r and d
+ * computed inside). In the rows layout they work one channel at a time, so that the second
+ * pass over a channel finds it in cache. Masked statistics for (N, C, L) rows have their own
+ * pair (bn_masked_fwd, bn_masked_bwd). Single passes, for paths whose statistics must leave
+ * the process between passes (SyncBatchNorm):
  *   stats   one read of x            -> per-channel mean and biased variance
  *   affine  one read, one write      -> y = a[c] * x + b[c]
  *   sums    one read of dy and x     -> sum dy and sum dy * (x - mean[c])
  *   dx      two reads, one write     -> dx = alpha[c] * dy + beta[c] * x + gamma[c]
- * and whole training steps of plain BN (bn_train_fwd, bn_train_bwd), which in the rows
- * layout work one channel at a time, so that the second pass over a channel finds it in
- * cache.
+ * bn_update_running checks statistics computed elsewhere (torch's kernel) and folds them into
+ * the running buffers.
  *
  * Statistics are shifted sums: each channel's values minus one of its own samples (its first
  * value), accumulated in float lanes over at most about a thousand values each and in double
