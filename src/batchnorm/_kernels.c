@@ -645,10 +645,12 @@ DEFINE_KERNELS(float, f32, 16)
 DEFINE_KERNELS(double, f64, 8)
 
 /* float32 channel sums with vector accumulators held across rows (short rows would
- * otherwise pay a horizontal reduction each). */
-static void channel_sums_f32(const float *x, const float *dy, int64_t N, int64_t C, int64_t S, int64_t c,
-                             float k, double *s1, double *s2) {
+ * otherwise pay a horizontal reduction each): a1 += d, a2 += d * d with d = x - k (stats), or
+ * a1 += dy, a2 += dy * d (sums, dy != NULL). With w8 (an (N, S) 0/1 byte mask; needs AVX-512
+ * BW/VL, the caller checks) only masked-in positions count. */
 #if defined(__AVX512F__)
+static void row_sums_avx512(const float *x, const float *dy, const uint8_t *w8, int64_t N, int64_t C, int64_t S,
+                            int64_t c, float k, double *s1, double *s2) {
     __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
     const __m512 vk = _mm512_set1_ps(k);
     double t1 = 0.0, t2 = 0.0;
@@ -656,9 +658,14 @@ static void channel_sums_f32(const float *x, const float *dy, int64_t N, int64_t
     for (int64_t n = 0; n < N; n++) {
         const float *xr = x + (n * C + c) * S;
         const float *gr = dy ? dy + (n * C + c) * S : NULL;
-        int64_t s = 0;
-        for (; s < S; s += 16) {
-            const __mmask16 m = S - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s)) - 1u);
+        for (int64_t s = 0; s < S; s += 16) {
+            __mmask16 m = S - s >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s)) - 1u);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+            if (w8) {
+                const __m128i mb = _mm_maskz_loadu_epi8(m, w8 + n * S + s);
+                m = _mm_test_epi8_mask(mb, mb);
+            }
+#endif
             const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xr + s), vk);
             if (gr) {
                 const __m512 g = _mm512_maskz_loadu_ps(m, gr + s);
@@ -680,6 +687,13 @@ static void channel_sums_f32(const float *x, const float *dy, int64_t N, int64_t
     }
     *s1 = t1;
     *s2 = t2;
+}
+#endif
+
+static void channel_sums_f32(const float *x, const float *dy, int64_t N, int64_t C, int64_t S, int64_t c,
+                             float k, double *s1, double *s2) {
+#if defined(__AVX512F__)
+    row_sums_avx512(x, dy, NULL, N, C, S, c, k, s1, s2);
 #else
     channel_sums_generic_f32(x, dy, N, C, S, c, k, s1, s2);
 #endif
@@ -832,37 +846,12 @@ static int cl_sums_fast_f64(const double *x, const double *dy, int64_t C, int64_
  * see only valid positions, every position is normalized, and (Section 3 with the mask)
  * dx = k dy - w (b (x - mu) + a), the two sums running over every position.
  * ------------------------------------------------------------------------------------- */
-/* float32 masked channel sums with vector accumulators held across rows (AVX-512 BW/VL);
- * returns 0 where not available (then the portable loop runs). */
+/* float32 masked channel sums (see row_sums_avx512); returns 0 where AVX-512 BW/VL is not
+ * available (then the portable loop runs). */
 static int masked_sums_fast_f32(const float *x, const uint8_t *w8, int64_t N, int64_t C, int64_t L, int64_t c,
                                 float k, double *s1, double *s2) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
-    const __m512 vk = _mm512_set1_ps(k);
-    double t1 = 0.0, t2 = 0.0;
-    int64_t since = 0;
-    for (int64_t n = 0; n < N; n++) {
-        const float *xr = x + (n * C + c) * L;
-        const uint8_t *wr = w8 + n * L;
-        for (int64_t l = 0; l < L; l += 16) {
-            const __mmask16 in = L - l >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - l)) - 1u);
-            const __m128i mb = _mm_maskz_loadu_epi8(in, wr + l);
-            const __mmask16 m = _mm_test_epi8_mask(mb, mb);
-            const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xr + l), vk);
-            a1 = _mm512_add_ps(a1, d);
-            a2 = _mm512_fmadd_ps(d, d, a2);
-        }
-        since += L / 16 + 1;
-        if (since >= FLUSH || n == N - 1) {
-            t1 += (double)_mm512_reduce_add_ps(a1);
-            t2 += (double)_mm512_reduce_add_ps(a2);
-            a1 = _mm512_setzero_ps();
-            a2 = _mm512_setzero_ps();
-            since = 0;
-        }
-    }
-    *s1 = t1;
-    *s2 = t2;
+    row_sums_avx512(x, NULL, w8, N, C, L, c, k, s1, s2);
     return 1;
 #else
     (void)x; (void)w8; (void)N; (void)C; (void)L; (void)c; (void)k; (void)s1; (void)s2;
