@@ -127,9 +127,8 @@ class BatchNormTransform(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if ctx.process_group is not None:
                 # The statistics were global, so the two sums they feed back must be too.
-                import torch.distributed as dist
-                both = torch.cat([sum_dy, sum_dy_xhat], dim=0)
-                dist.all_reduce(both, group=ctx.process_group)
+                from .distributed import all_sum
+                both = all_sum(torch.cat([sum_dy, sum_dy_xhat], dim=0), ctx.process_group)
                 sum_dy, sum_dy_xhat = both.chunk(2, dim=0)
             k = invstd if r is None else invstd * r                       # ds/dxhat scale
             if weight is not None:

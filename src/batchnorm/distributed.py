@@ -2,13 +2,16 @@
 
 Each replica computes its local per-channel (count, mean, biased variance); one
 all_gather per layer in the forward merges them exactly and stably (count-weighted mean
-and M2, :func:`batchnorm.functional.merge_stats`), and one all_reduce in the backward sums
-the two per-channel gradient sums of Section 3. No collective runs in eval mode.
+and M2, :func:`batchnorm.functional.merge_stats`), and one collective in the backward sums
+the two per-channel gradient sums of Section 3 (:func:`all_sum`). No collective runs in
+eval mode. Waits on CPU collectives poll rather than sleep (:data:`poll_ms`).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import time
 from typing import Optional
 
 import torch
@@ -17,7 +20,33 @@ from torch import Tensor, nn
 from . import functional as F
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_stats"]
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_stats", "all_sum", "run_collective"]
+
+#: How long (milliseconds) a rank waiting for a CPU (gloo) collective polls it, yielding its
+#: core, before it falls back to a blocking wait. Default from $BATCHNORM_SYNC_POLL_MS, else 20;
+#: 0 always blocks. Why: a blocking wait sleeps the calling thread and wakes it through
+#: gloo's worker thread; on a machine with as many busy processes as cores each wake costs
+#: about a millisecond (benchmarks/sync.py), several times the collective itself, and a
+#: training step waits at two such points per SyncBatchNorm layer.
+poll_ms: float = float(os.environ.get("BATCHNORM_SYNC_POLL_MS", "20"))
+
+
+_yield = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
+
+
+def run_collective(fn, *args, cpu: bool, **kwargs) -> None:
+    """Run the torch.distributed collective ``fn(*args, **kwargs)`` and return once it is
+    complete. For CPU tensors (gloo) the call is issued asynchronously and polled for up to
+    :data:`poll_ms`, then waited on as usual (errors and the group's timeout still surface
+    through ``wait``). CUDA (NCCL) collectives and traced code block as before."""
+    if not cpu or poll_ms <= 0 or torch.compiler.is_compiling():
+        fn(*args, **kwargs)
+        return
+    work = fn(*args, async_op=True, **kwargs)
+    deadline = time.perf_counter() + poll_ms * 1e-3
+    while not work.is_completed() and time.perf_counter() < deadline:
+        _yield()
+    work.wait()
 
 
 def sync_stats(mean: Tensor, var: Tensor, count: Tensor, group, num_features: int, name: str,
@@ -33,7 +62,7 @@ def sync_stats(mean: Tensor, var: Tensor, count: Tensor, group, num_features: in
     if module is not None and not getattr(module, "_sync_checked", False):
         mine = torch.tensor([num_features], dtype=torch.long, device=mean.device)
         theirs = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(theirs, mine, group=group)
+        run_collective(dist.all_gather, theirs, mine, group=group, cpu=mean.device.type == "cpu")
         channels = [int(t) for t in theirs]
         if len(set(channels)) != 1:
             raise ValueError(f"{name}: ranks disagree on the number of channels: {channels} "
@@ -42,10 +71,25 @@ def sync_stats(mean: Tensor, var: Tensor, count: Tensor, group, num_features: in
     # Why one collective: the three per-channel statistics travel together.
     local = torch.stack([count.reshape(-1), mean.reshape(-1), var.reshape(-1)]).to(mean.dtype)  # (3, C)
     gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local.contiguous(), group=group)
+    run_collective(dist.all_gather, gathered, local.contiguous(), group=group, cpu=mean.device.type == "cpu")
     parts = torch.stack(gathered)                                         # (W, 3, C)
     total, gmean, gvar = F.merge_stats(parts[:, 0], parts[:, 1], parts[:, 2], dim=0)  # (1, C) each
     return gmean.view_as(mean), gvar.view_as(var), total.view_as(count)
+
+
+def all_sum(t: Tensor, group) -> Tensor:
+    """The elementwise sum of ``t`` over the ranks of ``group``, identical on every rank,
+    with one collective: an all_reduce for CUDA tensors; for CPU tensors an all_gather
+    and a local sum in rank order, which measured faster than gloo's all_reduce on these
+    small per-channel tensors (benchmarks/sync.py)."""
+    import torch.distributed as dist
+
+    if t.device.type != "cpu":
+        run_collective(dist.all_reduce, t, group=group, cpu=False)
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    run_collective(dist.all_gather, parts, t.contiguous(), group=group, cpu=True)
+    return torch.stack(parts).sum(dim=0)
 
 
 class SyncBatchNorm(_BatchNormBase):
