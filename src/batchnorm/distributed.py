@@ -24,10 +24,11 @@ __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_stats", "all_sum", "
 
 #: How long (milliseconds) a rank waiting for a CPU (gloo) collective polls it, yielding its
 #: core, before it falls back to a blocking wait. Default from $BATCHNORM_SYNC_POLL_MS, else 20;
-#: 0 always blocks. Why: a blocking wait sleeps the calling thread and wakes it through
-#: gloo's worker thread; on a machine with as many busy processes as cores each wake costs
-#: about a millisecond (benchmarks/sync.py), several times the collective itself, and a
-#: training step waits at two such points per SyncBatchNorm layer.
+#: 0 always blocks. Why: a blocking wait puts the thread to sleep until gloo's worker thread
+#: wakes it. On this project's 2-core machine, with one busy process per core, a step of
+#: benchmarks/sync.py's net (6 waits) took 1.4 to 1.5 times local BN's with blocking waits and
+#: 1.2 to 1.45 with polled ones (records/benchmarks/sync*.md). Polling without yielding was
+#: slower than blocking in an experiment: gloo's own threads need the core.
 poll_ms: float = float(os.environ.get("BATCHNORM_SYNC_POLL_MS", "20"))
 
 
@@ -101,6 +102,11 @@ class SyncBatchNorm(_BatchNormBase):
     running_var gets m/(m-1) * sigma2_B with m the values per channel over all ranks.
     ``forward(input, mask=None)`` accepts an (N, L) bool mask for (N, C, L) input.
     Conventions (momentum, eps, unbiased running_var, float32 statistics) as BatchNorm1d.
+
+    On CPU a rank waiting for the others polls the collective, yielding its core, for up to
+    :data:`batchnorm.distributed.poll_ms` milliseconds (default 20, or
+    ``$BATCHNORM_SYNC_POLL_MS``) before it sleeps on it as usual; set 0 to always sleep
+    (e.g. when ranks share cores with other busy work).
     """
 
     _ranks = (2, 3, 4, 5, 6, 7, 8)
