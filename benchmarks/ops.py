@@ -21,15 +21,6 @@ An implementation that keeps a channel in cache between its two passes moves les
 that, so its fraction can exceed 100 %. For the smallest shapes the tensors live in cache
 and the bound says little; per-call overhead decides those rows.
 
-One-touch floor: the time to read every input once and write every output once per call
-(eval and train forward: read x, write y; forward+backward: read x, then dy and x, write
-y and dx), at the read and write bandwidths measured in the same run (a sum and a fill of
-64 MiB). No implementation that streams its tensors from memory can beat it, whatever it
-caches between its own passes; only data left in the last-level cache by the previous
-call (the suite repeats calls on one input) can, by at most that cache's size. The
-column "best ratio" is floor / torch: the lowest ours/torch any implementation could
-reach on that row on this machine, cross-call cache reuse aside.
-
 Allocator: fresh outputs of tens of MB are where glibc's malloc decides, from the state of
 its heap, whether to hand back recycled memory or new pages that fault on first touch,
 and the faults (about a microsecond per 4 KiB page here) then dominate both columns at
@@ -59,7 +50,6 @@ from _timing import compare, machine, pin_malloc, table  # noqa: E402
 SHAPES = [(32, 64, 56, 56), (128, 256, 14, 14), (256, 1024), (60, 100)]
 FORMATS = ["fp32", "fp32-channels_last", "bf16"]
 PASSES = {"train fwd": 3, "train fwd+bwd": 8, "eval fwd": 2}
-TOUCHES = {"train fwd": (1, 1), "train fwd+bwd": (3, 2), "eval fwd": (1, 1)}  # (tensors read, written)
 
 
 def modules(shape):
@@ -84,14 +74,6 @@ def bandwidth(repeats: int) -> float:
     dst = torch.empty_like(src)
     t = compare([lambda: dst.copy_(src)], min_time=0.02, repeats=repeats)[0]
     return 2 * src.numel() * src.element_size() / t
-
-
-def read_write_bandwidth(repeats: int):
-    """Bytes per second of a large sum (read only) and of a large fill (write only)."""
-    src = torch.randn(16 << 20)  # 64 MiB
-    t_read, t_write = compare([lambda: src.sum(), lambda: src.fill_(1.0)], min_time=0.02, repeats=repeats)
-    nbytes = src.numel() * src.element_size()
-    return nbytes / t_read, nbytes / t_write
 
 
 def bench_row(shape, fmt, impl, min_time, repeats):
@@ -119,7 +101,7 @@ def bench_row(shape, fmt, impl, min_time, repeats):
         for m in (ours, ref):
             m.train(mode == "train")
         t_ours, t_ref = compare([make(ours), make(ref)], min_time=min_time, repeats=repeats)
-        rows.append((op, t_ours, t_ref, x.numel() * x.element_size()))
+        rows.append((op, t_ours, t_ref, PASSES[op] * x.numel() * x.element_size()))
     return rows
 
 
@@ -146,37 +128,30 @@ def main(argv=None):
     repeats, min_time = (7, 1e-3) if args.quick else (21, 3e-3)
     from batchnorm import _jit
     bw = bandwidth(repeats)
-    read_bw, write_bw = read_write_bandwidth(repeats)
     print(f"# benchmarks/ops.py, impl={args.impl}: {machine()}")
     print(f"# kernels: {_jit.status()}; malloc: {os.environ.get('GLIBC_TUNABLES', 'glibc default')}")
     print(f"# copy bandwidth {bw / 1e9:.1f} GB/s (read + write); first build of the kernels: "
           f"{first_call_latency()}")
-    print(f"# read bandwidth {read_bw / 1e9:.1f} GB/s, write bandwidth {write_bw / 1e9:.1f} GB/s (one-touch floor)")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     out, results = [], []
     for shape in SHAPES:
         for fmt in FORMATS:
             if fmt == "fp32-channels_last" and len(shape) != 4:
                 continue
-            for op, t_ours, t_ref, size in bench_row(shape, fmt, args.impl, min_time, repeats):
-                bound = PASSES[op] * size / bw
-                reads, writes = TOUCHES[op]
-                floor = reads * size / read_bw + writes * size / write_bw
+            for op, t_ours, t_ref, nbytes in bench_row(shape, fmt, args.impl, min_time, repeats):
+                bound = nbytes / bw
                 ratio = t_ours / t_ref
-                results.append((fmt, op, ratio, floor / t_ref))
+                results.append((fmt, op, ratio))
                 out.append((str(shape), fmt, op, f"{t_ref * 1e3:.3f}", f"{t_ours * 1e3:.3f}", f"{ratio:.2f}",
-                            f"{bound * 1e3:.3f}", f"{100 * bound / t_ref:.0f}%", f"{100 * bound / t_ours:.0f}%",
-                            f"{floor * 1e3:.3f}", f"{floor / t_ref:.2f}"))
+                            f"{bound * 1e3:.3f}", f"{100 * bound / t_ref:.0f}%", f"{100 * bound / t_ours:.0f}%"))
                 print(" | ".join(out[-1]), file=sys.stderr, flush=True)
     print(table(["shape", "format", "op", "torch ms", "ours ms", "ours/torch", "bound ms", "torch of bound",
-                 "ours of bound", "floor ms", "best ratio"], out))
-    fp32 = [r for f, o, r, _ in results if f.startswith("fp32") and o == "train fwd+bwd"]
-    best = [b for f, o, _, b in results if f.startswith("fp32") and o == "train fwd+bwd"]
-    ev = [r for f, o, r, _ in results if f.startswith("fp32") and o == "eval fwd"]
-    allr = [r for _, _, r, _ in results]
+                 "ours of bound"], out))
+    fp32 = [r for f, o, r in results if f.startswith("fp32") and o == "train fwd+bwd"]
+    ev = [r for f, o, r in results if f.startswith("fp32") and o == "eval fwd"]
+    allr = [r for _, _, r in results]
     print(f"\nfp32 train fwd+bwd (contiguous and channels_last): median ratio {statistics.median(fp32):.2f}, "
-          f"max {max(fp32):.2f} over {len(fp32)} rows; one-touch floor / torch on the same rows: "
-          f"{', '.join(f'{b:.2f}' for b in best)}")
+          f"max {max(fp32):.2f} over {len(fp32)} rows")
     print(f"fp32 eval fwd: max ratio {max(ev):.2f} over {len(ev)} rows")
     print(f"all rows: median ratio {statistics.median(allr):.2f}, max {max(allr):.2f} over {len(allr)} rows")
 
