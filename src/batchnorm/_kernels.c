@@ -865,8 +865,9 @@ static int masked_sums_fast_f32(const float *x, const uint8_t *w8, int64_t N, in
 #endif
 }
 
+/* stream: non-temporal stores for whole, 64-byte aligned vectors (as in the plain kernels) */
 static int masked_dx_fast_f32(const float *gr, const float *xr, const uint8_t *wr, float *o, int64_t L, float al,
-                              float be, float ga) {
+                              float be, float ga, int stream) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
     const __m512 va = _mm512_set1_ps(al), vb = _mm512_set1_ps(be), vg = _mm512_set1_ps(ga);
     for (int64_t l = 0; l < L; l += 16) {
@@ -874,18 +875,22 @@ static int masked_dx_fast_f32(const float *gr, const float *xr, const uint8_t *w
         const __m128i mb = _mm_maskz_loadu_epi8(in, wr + l);
         const __mmask16 m = _mm_test_epi8_mask(mb, mb);
         const __m512 corr = _mm512_maskz_fmadd_ps(m, _mm512_maskz_loadu_ps(m, xr + l), vb, vg);
-        _mm512_mask_storeu_ps(o + l, in, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, gr + l), va, corr));
+        const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, gr + l), va, corr);
+        if (stream && in == (__mmask16)0xFFFF && !((uintptr_t)(o + l) & 63))
+            _mm512_stream_ps(o + l, v);
+        else
+            _mm512_mask_storeu_ps(o + l, in, v);
     }
     return 1;
 #else
-    (void)gr; (void)xr; (void)wr; (void)o; (void)L; (void)al; (void)be; (void)ga;
+    (void)gr; (void)xr; (void)wr; (void)o; (void)L; (void)al; (void)be; (void)ga; (void)stream;
     return 0;
 #endif
 }
 
 static int masked_dx_fast_f64(const double *gr, const double *xr, const uint8_t *wr, double *o, int64_t L, double al,
-                              double be, double ga) {
-    (void)gr; (void)xr; (void)wr; (void)o; (void)L; (void)al; (void)be; (void)ga;
+                              double be, double ga, int stream) {
+    (void)gr; (void)xr; (void)wr; (void)o; (void)L; (void)al; (void)be; (void)ga; (void)stream;
     return 0;
 }
 
@@ -898,6 +903,7 @@ static int masked_sums_fast_f64(const double *x, const uint8_t *w8, int64_t N, i
 #define DEFINE_MASKED(T, SUF)                                                                    \
 struct masked_##SUF {                                                                            \
     const T *x, *dy; T *out; const uint8_t *w8; int64_t N, C, L, n0, l0; double m, eps;          \
+    int stream;                                                                                  \
     const T *w, *b; T *mean, *invstd, *var, *dw, *db;                                            \
 };                                                                                               \
                                                                                                  \
@@ -929,8 +935,10 @@ static void masked_fwd_task_##SUF(void *p, int t, int nt) {                     
         const T scale = (T)sc, shift = (T)((a->b ? (double)a->b[c] : 0.0) - mu * sc);            \
         a->mean[c] = (T)mu; a->invstd[c] = (T)is; a->var[c] = (T)v;                              \
         for (int64_t n = 0; n < N; n++)                                                          \
-            affine_row_##SUF(a->x + (n * C + c) * L, a->out + (n * C + c) * L, L, scale, shift, 0); \
+            affine_row_##SUF(a->x + (n * C + c) * L, a->out + (n * C + c) * L, L, scale, shift,      \
+                             a->stream);                                                         \
     }                                                                                            \
+    fence(a->stream);                                                                            \
 }                                                                                                \
                                                                                                  \
 /* Returns the number of valid positions (the statistics' m); 0 leaves everything untouched. */ \
@@ -945,7 +953,7 @@ int64_t bn_masked_fwd_##SUF(const T *x, const uint8_t *mask, T *y, int64_t N, in
     memset(&a, 0, sizeof a);                                                                     \
     a.x = x; a.out = y; a.w8 = mask; a.N = N; a.C = C; a.L = L; a.n0 = first / L;                \
     a.l0 = first % L; a.m = (double)count; a.eps = eps; a.w = w; a.b = b;                        \
-    a.mean = mean; a.invstd = invstd; a.var = var;                                               \
+    a.mean = mean; a.invstd = invstd; a.var = var; a.stream = stream_ok_##SUF(N, C, L);          \
     run_parallel(masked_fwd_task_##SUF, &a, nt);                                                 \
     return count;                                                                                \
 }                                                                                                \
@@ -970,12 +978,13 @@ static void masked_bwd_task_##SUF(void *p, int t, int nt) {                     
             const T *restrict xr = a->x + (n * C + c) * L, *restrict gr = a->dy + (n * C + c) * L; \
             const uint8_t *restrict wr = a->w8 + n * L;                                          \
             T *restrict o = a->out + (n * C + c) * L;                                            \
-            if (masked_dx_fast_##SUF(gr, xr, wr, o, L, al, be, ga)) continue;                    \
+            if (masked_dx_fast_##SUF(gr, xr, wr, o, L, al, be, ga, a->stream)) continue;         \
             _Pragma("omp simd")                                                                  \
             for (int64_t l = 0; l < L; l++)                                                      \
                 o[l] = al * gr[l] + (wr[l] ? be * xr[l] + ga : (T)0);                            \
         }                                                                                        \
     }                                                                                            \
+    fence(a->stream);                                                                            \
 }                                                                                                \
                                                                                                  \
 void bn_masked_bwd_##SUF(const T *dy, const T *x, const uint8_t *mask, T *dx, int64_t N,         \
@@ -985,6 +994,7 @@ void bn_masked_bwd_##SUF(const T *dy, const T *x, const uint8_t *mask, T *dx, in
     memset(&a, 0, sizeof a);                                                                     \
     a.x = x; a.dy = dy; a.out = dx; a.w8 = mask; a.N = N; a.C = C; a.L = L; a.m = (double)count; \
     a.w = w; a.mean = (T *)mean; a.invstd = (T *)invstd; a.dw = dw; a.db = db;                   \
+    a.stream = stream_ok_##SUF(N, C, L);                                                         \
     run_parallel(masked_bwd_task_##SUF, &a, nt);                                                 \
 }
 DEFINE_MASKED(float, f32)
