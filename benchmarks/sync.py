@@ -68,7 +68,7 @@ def worker(rank, world, port, repeats, batch, queue):
             times[k].append((time.perf_counter() - t0) / 5)
     bd.poll_ms = default_poll
     # The floor: one bare all_gather of a (3, 32) float tensor, as each SyncBatchNorm layer
-    # does in its forward (its backward does one all_reduce of the same size).
+    # does in its forward (its backward, on CPU, one all_gather of a (2, 32) tensor).
     t = torch.zeros(3, 32)
     out = [torch.empty_like(t) for _ in range(world)]
     lat = []

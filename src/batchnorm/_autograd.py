@@ -19,7 +19,7 @@ With a mask w (0/1) only valid positions enter mu_B and sigma2_B, and the correc
 carry w_i: dL/dx_i = s * (g_i - w_i (sum_j g_j + xhat_i sum_j g_j xhat_j) / m), the sums
 still running over every position (invalid positions are normalized too, so their
 gradients reach the statistics). With synchronized statistics the two sums are global:
-one all-reduce in the backward.
+one collective in the backward (:func:`batchnorm.distributed.all_sum`).
 
 Tensors are grouped views (G, n, C, *S): G statistics groups (ghost batches; 1 otherwise),
 statistics of shape (G, 1, C, 1, ...).

@@ -337,7 +337,7 @@ def transform(
     ``mean``/``invstd``/``count`` are the batch statistics of ``x`` (computed without
     autograd; the backward accounts for their dependence on ``x``). ``r``/``d`` are Batch
     Renormalization's corrections (constants). ``process_group``, if given, means the
-    statistics are global over the group and the backward all-reduces its two sums.
+    statistics are global over the group and the backward sums its two sums over the group.
     ``work``/``center`` (from :func:`batch_stats_work`): a private buffer x - center that
     the output may overwrite. ``use_kernels=False`` keeps every pass on torch operations.
     """
