@@ -247,3 +247,16 @@ def test_convert_refuses_subclass_that_adds_behaviour():
 def test_convert_refuses_ghost_batches():
     with pytest.raises(ValueError, match="ghost batches.*virtual_batch_size=4"):
         bn.convert_sync_batchnorm(nn.Sequential(bn.BatchNorm2d(4, virtual_batch_size=4)))
+
+
+def test_poll_setting_from_environment(monkeypatch):
+    """$BATCHNORM_SYNC_POLL_MS sets how long CPU collectives are polled; a value that is not
+    a number is a clear error naming the variable."""
+    import batchnorm.distributed as bd
+    monkeypatch.setenv("BATCHNORM_SYNC_POLL_MS", "2.5")
+    assert bd._poll_ms_from_env() == 2.5
+    monkeypatch.setenv("BATCHNORM_SYNC_POLL_MS", "fast")
+    with pytest.raises(ValueError, match="BATCHNORM_SYNC_POLL_MS must be a number of milliseconds.*'fast'"):
+        bd._poll_ms_from_env()
+    monkeypatch.delenv("BATCHNORM_SYNC_POLL_MS")
+    assert bd._poll_ms_from_env() == 20.0
