@@ -1,7 +1,14 @@
 """Training-step time of a small BN conv net with SyncBatchNorm over local BN, both on 2
 gloo processes on this CPU (DDP in both, so only the BN layers differ).
 
-    python benchmarks/sync.py [--quick]
+    python benchmarks/sync.py [--quick] [--no-pin-cores]
+
+By default each rank is bound to its own core before gloo starts its threads, which then
+share that core (os.sched_setaffinity; what CPU cluster launchers do for one rank per
+core). Unbound, the collectives' latency had a longer tail in our measurements (the
+scheduler can wake a rank's gloo thread on the other rank's core, behind that rank's
+computation), and every synchronization point of the step pays it: --no-pin-cores
+measures that case.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ def net(norm):
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
-def worker(rank, world, port, repeats, batch, queue):
+def worker(rank, world, port, repeats, batch, queue, pin=False):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -36,6 +43,9 @@ def worker(rank, world, port, repeats, batch, queue):
     import batchnorm.distributed as bd
 
     torch.set_num_threads(1)
+    if pin:
+        # One core per rank, before gloo starts its threads (they inherit the affinity).
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -118,6 +128,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch", type=int, default=32, help="examples per process")
+    p.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
+                   help="bind each rank (and its gloo threads) to its own core, as CPU cluster launchers do "
+                        "(default; --no-pin-cores leaves placement to the scheduler)")
     args = p.parse_args(argv)
     from _timing import machine
     with socket.socket() as s:
@@ -126,13 +139,14 @@ def main(argv=None):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     repeats = 7 if args.quick else 21
-    procs = [ctx.Process(target=worker, args=(r, 2, port, repeats, args.batch, q)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, 2, port, repeats, args.batch, q, args.pin_cores)) for r in range(2)]
     for pr in procs:
         pr.start()
     res = q.get(timeout=600)
     for pr in procs:
         pr.join()
-    print(f"# benchmarks/sync.py: 2 gloo processes, 1 thread each, {args.batch} examples per process; {machine()}")
+    print(f"# benchmarks/sync.py: 2 gloo processes, 1 thread each, {args.batch} examples per process, "
+          f"{'each bound to its own core' if args.pin_cores else 'not bound to cores'}; {machine()}")
     print("| BN layers | step ms (median) |\n|---|---|")
     print(f"| batchnorm.BatchNorm2d (local) | {res['local'] * 1e3:.2f} |")
     print(f"| batchnorm.SyncBatchNorm | {res['sync'] * 1e3:.2f} |")

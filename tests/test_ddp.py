@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Stated tolerance: with the same global batch, seed and data order, every evaluated test
@@ -37,3 +39,28 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
             for x, y in zip(ra["percentiles"][q], rb["percentiles"][q]):
                 assert abs(x - y) <= PCT_TOL
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoints", "figure1.png", "metrics.json", "report.md"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity call on this OS")
+def test_bind_to_cores_gives_each_local_rank_its_own_share():
+    """Each local rank gets a disjoint share of the allowed cores; with more ranks than
+    cores nothing is bound. Run in child processes: binding is per process."""
+    code = ("import json, os, sys; from bnrepro.runtime import bind_to_cores; "
+            "r, w = int(sys.argv[1]), int(sys.argv[2]); kept = bind_to_cores(r, w); "
+            "print(json.dumps([kept, sorted(os.sched_getaffinity(0))]))")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    allowed = sorted(os.sched_getaffinity(0))
+    world = 2 if len(allowed) >= 2 else 1
+    shares = []
+    for rank in range(world):
+        out = subprocess.run([sys.executable, "-c", code, str(rank), str(world)], capture_output=True, text=True,
+                             timeout=120, check=True, env=env)
+        kept, now = json.loads(out.stdout)
+        assert kept == now and set(now) <= set(allowed) and now
+        shares.append(set(now))
+    if world == 2:
+        assert not shares[0] & shares[1] and len(shares[0]) == len(shares[1]) == len(allowed) // 2
+    out = subprocess.run([sys.executable, "-c", code, "0", str(len(allowed) + 1)], capture_output=True, text=True,
+                         timeout=120, check=True, env=env)
+    kept, now = json.loads(out.stdout)
+    assert kept == now == allowed

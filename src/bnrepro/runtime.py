@@ -177,15 +177,41 @@ def run_tasks(fn, tasks, workers: int, total_steps: int, desc: str, threads: int
 
 # -- data-parallel training under torchrun ---------------------------------------------------
 
+def bind_to_cores(local_rank: int, local_world: int) -> "list[int]":
+    """Give this process (local rank ``local_rank`` of ``local_world`` on this machine) its
+    own share of the cores it may run on; returns the cores kept (all of them when there
+    are fewer cores than ranks, or where the OS offers no affinity call).
+
+    Why: with one rank per core and gloo, an unbound rank's communication threads can be
+    woken on another rank's core, behind its computation, and every synchronization point
+    (two per SyncBatchNorm layer per step) waits longer; benchmarks/sync.py measures it.
+    Call it before the process group starts its threads, which inherit the binding.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return []
+    cores = sorted(os.sched_getaffinity(0))
+    if local_world <= 1 or len(cores) < local_world:
+        return cores
+    share = len(cores) // local_world
+    mine = cores[local_rank * share:(local_rank + 1) * share]
+    os.sched_setaffinity(0, set(mine))
+    return mine
+
+
 def distributed() -> "tuple[int, int]":
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) this initializes the default
-    process group once: gloo on CPU, NCCL when CUDA is available."""
+    process group once: gloo on CPU, NCCL when CUDA is available. On CPU each local rank is
+    first bound to its own share of the cores (:func:`bind_to_cores`;
+    ``BNREPRO_BIND_CORES=0`` leaves placement to the scheduler)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available()
+        if not cuda and os.environ.get("BNREPRO_BIND_CORES", "1") != "0":
+            bind_to_cores(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
