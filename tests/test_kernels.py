@@ -34,6 +34,16 @@ BIG = [("rows", (8, 8, 24, 24), False), ("channels_last", (8, 8, 24, 24), True),
        ("rows, streamed", (8, 64, 64, 64), False), ("channels_last, streamed", (8, 64, 64, 64), True)]
 
 
+def _train_both(a, b, x, g, *args):
+    """One training step of modules ``a`` and ``b`` on copies of ``x`` (extra forward args
+    ``args``), backward with ``g``: (output of a, of b, input gradient of a, of b)."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a(xa, *args), b(xb, *args)
+    ya.backward(g)
+    yb.backward(g)
+    return ya, yb, xa.grad, xb.grad
+
+
 def _make(shape, cl=False, scale=2.0, offset=1.0):
     x = torch.randn(*shape) * scale + offset
     return x.to(memory_format=torch.channels_last) if cl else x
@@ -53,13 +63,10 @@ def test_fused_path_matches_torch(name, shape, cl, momentum):
     for _ in range(3):
         x = _make(shape, cl)
         g = torch.randn(*shape)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ours(xa), ref(xb)
-        ya.backward(g)
-        yb.backward(g)
+        ya, yb, ga, gb = _train_both(ours, ref, x, g)
         torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
         assert ya.is_contiguous(memory_format=torch.channels_last) == cl
-        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
         # Parameter gradients are sums over m values per channel; both sides round them in
         # float32, so the tolerance grows with their size (m = 32768 in the streamed shapes).
         for a, b in ((ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
@@ -215,12 +222,9 @@ def test_fused_variants_match_torch_operation_path(kind, cl):
     for step in range(3):
         x = _make((16, 6, 20, 20), cl, scale=1.0 + step, offset=step)
         g = torch.randn(16, 6, 20, 20)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = fused(xa), ref(xb)
-        ya.backward(g)
-        yb.backward(g)
+        ya, yb, ga, gb = _train_both(fused, ref, x, g)
         torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fused.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(fused.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -242,13 +246,10 @@ def test_fused_masked_matches_torch_operation_path(dtype, shape):
         x = torch.randn(*shape, dtype=dtype) * 3 + 5
         mask = torch.rand(n, length) > 0.4
         g = torch.randn(*shape, dtype=dtype)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = fused(xa, mask), ref(xb, mask)
-        ya.backward(g)
-        yb.backward(g)
+        ya, yb, ga, gb = _train_both(fused, ref, x, g, mask)
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(ya, yb, **tol)
-        torch.testing.assert_close(xa.grad, xb.grad, **tol)
+        torch.testing.assert_close(ga, gb, **tol)
         for a, b in ((fused.weight.grad, ref.weight.grad), (fused.bias.grad, ref.bias.grad)):
             # sums over the batch: the float32 tolerance grows with their size
             scaled = dict(tol, atol=max(tol["atol"], 2e-6 * b.abs().max().item())) if dtype == torch.float32 else tol
@@ -268,12 +269,9 @@ def test_streamed_batch_renorm_matches_torch_operation_path(cl):
             m.running_var.fill_(2.0)
     x = _make((8, 64, 64, 64), cl, scale=2.0, offset=1.0)
     g = torch.randn(8, 64, 64, 64)
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = fused(xa), ref(xb)
-    ya.backward(g)
-    yb.backward(g)
+    ya, yb, ga, gb = _train_both(fused, ref, x, g)
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(fused.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
 
