@@ -43,6 +43,10 @@ def splits_worker(rank, world):
             x, gy = full_batch(sum(sizes), tail, seed=len(tail))
             m = init_params(bn.SyncBatchNorm(C))
             out[(sizes, tail)] = local_step(m, x, gy, sizes, rank)
+        # channels_last input (the fused kernels read it channels-innermost)
+        x, gy = full_batch(sum(sizes), (3, 4), seed=2)
+        x = x.contiguous(memory_format=torch.channels_last)
+        out[(sizes, "channels_last")] = local_step(init_params(bn.SyncBatchNorm(C)), x, gy, sizes, rank)
     return out
 
 
@@ -80,6 +84,9 @@ def test_sync_equals_single_process_on_every_split():
             x, gy = full_batch(sum(sizes), tail, seed=len(tail))
             ref = reference_step(x, gy)
             assert_matches([results[0][(sizes, tail)], results[1][(sizes, tail)]], ref, sizes)
+        x, gy = full_batch(sum(sizes), (3, 4), seed=2)
+        ref = reference_step(x, gy)
+        assert_matches([results[0][(sizes, "channels_last")], results[1][(sizes, "channels_last")]], ref, sizes)
 
 
 def features_worker(rank, world):
@@ -122,6 +129,7 @@ def features_worker(rank, world):
         setattr(dist, k, counting(k))
     try:
         y = m(xl)
+        out["grad_fn"] = type(y.grad_fn).__name__
         fwd = dict(counts)
         y.sum().backward()
         bwd = {k: counts[k] - fwd[k] for k in counts}
@@ -157,6 +165,8 @@ def test_sync_masks_renorm_collectives_and_half():
         assert fwd == {"all_gather": 1, "all_reduce": 0}
         assert bwd == {"all_gather": 1, "all_reduce": 0}
         assert ev == {"all_gather": 0, "all_reduce": 0}
+        # contiguous float32 input takes the fused-kernel path (distributed.FusedSyncBatchNorm)
+        assert r["grad_fn"] == "FusedSyncBatchNormBackward", r["grad_fn"]
         assert r["bf16"][0] == torch.bfloat16
         torch.testing.assert_close(r["bf16"][1], 0.1 * x.to(torch.bfloat16).float().mean(dim=(0, 2)))
 
@@ -190,6 +200,33 @@ def test_world_size_one_and_no_process_group():
     x, gy = full_batch(6, (), seed=0)
     assert_matches(results, reference_step(x, gy), (6,))
     assert_matches([local_step(init_params(bn.SyncBatchNorm(C)), x, gy, (6,), 0)], reference_step(x, gy), (6,))
+
+
+def nonfinite_worker(rank, world):
+    """A NaN on one rank poisons the global statistics on every rank: all of them reject
+    the batch (running statistics untouched) on both the fused and the generic path."""
+    out = {}
+    for name in ("fused", "generic"):
+        m = bn.SyncBatchNorm(C, nonfinite="raise")
+        if name == "generic":
+            m.impl = "paper"
+        x = torch.randn(4, C, 5)
+        if rank == 1:
+            x[2, 1, 3] = float("nan")
+        try:
+            m(x)
+            out[name] = "no error"
+        except bn.NonFiniteBatchError:
+            out[name] = (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.item())
+    return out
+
+
+def test_nan_on_one_rank_is_rejected_on_every_rank():
+    for r in ok(run_ranks(nonfinite_worker, world=2, timeout=60)):
+        for name in ("fused", "generic"):
+            assert r[name] != "no error", name
+            rm, rv, nbt = r[name]
+            assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C)) and nbt == 0, name
 
 
 def mismatch_worker(rank, world):

@@ -128,8 +128,10 @@ class BatchNormTransform(torch.autograd.Function):
             if ctx.process_group is not None:
                 # The statistics were global, so the two sums they feed back must be too.
                 from .distributed import all_sum
-                both = all_sum(torch.cat([sum_dy, sum_dy_xhat], dim=0), ctx.process_group)
-                sum_dy, sum_dy_xhat = both.chunk(2, dim=0)
+                # Wire format (2, C) float64, as distributed.FusedSyncBatchNorm's.
+                both = torch.cat([sum_dy, sum_dy_xhat], dim=0)
+                total = all_sum(both.reshape(2, -1).to(torch.float64), ctx.process_group)
+                sum_dy, sum_dy_xhat = total.to(dt).view_as(both).chunk(2, dim=0)
             k = invstd if r is None else invstd * r                       # ds/dxhat scale
             if weight is not None:
                 k = k * _channel(weight.to(dt), nd)                       # (G, 1, C, 1..)

@@ -62,15 +62,19 @@ def _vec(v: Tensor, like: Tensor) -> Tensor:
     return v.detach().reshape(-1).to(like.dtype).contiguous()
 
 
-def stats(x: Tensor, lay: Layout) -> Tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x``, one read of it."""
+def stats(x: Tensor, lay: Layout, out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x``, one read of it; in ``x``'s dtype, or
+    in float64 written into ``out``'s two rows (each a contiguous (C,) float64 tensor)."""
     lib = _jit.kernels()
     n, c, s, cl = lay
-    out = torch.empty(2, c, dtype=torch.float64)
+    raw = out is not None
+    if not raw:
+        out = torch.empty(2, c, dtype=torch.float64)
     if getattr(lib, f"bn_stats_{_suffix(x)}")(x.data_ptr(), n, c, s, cl, out[0].data_ptr(), out[1].data_ptr(),
                                                _threads(lay)):
         raise MemoryError("batchnorm: out of memory in the statistics kernel")
-    out = out.to(x.dtype)
+    if not raw:
+        out = out.to(x.dtype)
     return out[0], out[1]
 
 
@@ -83,8 +87,9 @@ def affine(x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, out: Tensor) ->
                                              _threads(lay))
 
 
-def sums(dy: Tensor, x: Tensor, lay: Layout, mean: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per channel: sum dy and sum dy * (x - mean), one read of each."""
+def sums(dy: Tensor, x: Tensor, lay: Layout, mean: Tensor, raw: bool = False) -> Tuple[Tensor, Tensor]:
+    """Per channel: sum dy and sum dy * (x - mean), one read of each; in ``x``'s dtype, or
+    with ``raw`` as the two rows of one (2, C) float64 tensor."""
     lib = _jit.kernels()
     n, c, s, cl = lay
     mu = _vec(mean, x)
@@ -92,7 +97,8 @@ def sums(dy: Tensor, x: Tensor, lay: Layout, mean: Tensor) -> Tuple[Tensor, Tens
     if getattr(lib, f"bn_sums_{_suffix(x)}")(dy.data_ptr(), x.data_ptr(), n, c, s, cl, mu.data_ptr(),
                                               out[0].data_ptr(), out[1].data_ptr(), _threads(lay)):
         raise MemoryError("batchnorm: out of memory in the gradient-sums kernel")
-    out = out.to(x.dtype)
+    if not raw:
+        out = out.to(x.dtype)
     return out[0], out[1]
 
 

@@ -222,6 +222,11 @@ class _BatchNormBase(nn.Module):
             lay = kernel_layout(xv)
             if lay is not None:
                 return self._forward_grouped_fused(input, xv, lay, groups, update)
+        if (group is not None and mask is None and groups == 1 and self.impl != "paper" and not self._is_renorm()
+                and self._stat_sink is None):
+            lay = F.fast_layout(input)
+            if lay is not None:
+                return self._forward_sync_fused(input, lay, group, update)
         if (mask is not None and groups == 1 and group is None and self.impl != "paper" and not self._is_renorm()
                 and input.is_contiguous() and kernel_layout(input.unsqueeze(0)) is not None):
             return self._forward_masked_fused(input, mask, update)
@@ -313,6 +318,25 @@ class _BatchNormBase(nn.Module):
             elif not updated:
                 F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, st[0],
                                        st[2] * (count / (count - 1)), self.momentum, self.nonfinite, self._name)
+        return out
+
+    def _forward_sync_fused(self, input: Tensor, lay, group, update: bool) -> Tensor:
+        """Synchronized plain BN on the fused CPU kernels (the same mathematics and wire
+        format as the rest of :meth:`_forward_paper`, far fewer small operations)."""
+        from .distributed import FusedSyncBatchNorm, check_channels
+        check_channels(self, group, self.num_features, self._name, input.device)
+        result = []
+        out = FusedSyncBatchNorm.apply(input, self.weight, self.bias, lay, self.eps, group, self._name, result)
+        mean, invstd, var, count = result
+        if update:
+            factor = self.momentum if self.momentum is not None else 1.0 / (float(self.num_batches_tracked) + 1.0)
+            code, updated = _fused.check_update(mean, invstd, count, self.eps, self.running_mean, self.running_var,
+                                                factor, self.num_batches_tracked, check_offset=False)
+            if code == 1:
+                F._report_nonfinite(self.nonfinite, self._name)
+            elif not updated:
+                F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mean,
+                                       var * (count / (count - 1)), self.momentum, self.nonfinite, self._name)
         return out
 
     def _after_update(self) -> None:
