@@ -57,6 +57,68 @@ def test_fold_conv_net(conv_bias, norm):
     assert not folded.training
 
 
+def test_fold_keeps_the_model_class_code_and_names():
+    model = trained(ConvNet(), (8, 3, 6, 6))
+    folded = bn.fold(model)
+    assert type(folded) is ConvNet  # the user's class and forward, not a GraphModule
+    assert isinstance(folded.b1, bn.FoldedAway) and isinstance(folded.b2, bn.FoldedAway)
+    assert isinstance(folded.b3, bn.ChannelAffine)
+    expected = {k for k in model.state_dict() if not k.startswith(("b1.", "b2.", "b3."))}
+    expected |= {"c1.bias", "c2.bias", "b3.scale", "b3.shift"}
+    assert set(folded.state_dict()) == expected
+
+
+class Unit(nn.Sequential):
+    """conv -> BN -> ReLU as an nn.Sequential subclass (as bnrepro's ConvUnit)."""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), bn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = Unit(3, 4)
+        self.b = nn.Sequential(Unit(3, 4), Unit(4, 4))
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], dim=1)
+
+
+def test_fold_drops_bn_from_sequentials_keeping_the_other_keys():
+    model = trained(Branches(), (8, 3, 5, 5))
+    folded = bn.fold(model)
+    x = torch.randn(3, 3, 5, 5)
+    assert type(folded) is Branches and rel_err(folded(x), model(x)) < 1e-5
+    assert [type(m).__name__ for m in folded.a] == ["Conv2d", "ReLU"]
+    assert list(folded.b[1]._modules) == ["0", "2"]  # the ReLU keeps its name
+    assert not any(bn.population.is_batchnorm(m) or isinstance(m, bn.FoldedAway) for m in folded.modules())
+    bn_names = {name + "." for name, m in model.named_modules() if bn.population.is_batchnorm(m)}
+    assert bn_names == {"a.1.", "b.0.1.", "b.1.1."}
+    kept = {k for k in model.state_dict() if not k.startswith(tuple(bn_names))}
+    assert set(folded.state_dict()) == kept | {"a.0.bias", "b.0.0.bias", "b.1.0.bias"}
+
+
+class ByPosition(nn.Module):
+    """A forward that indexes its Sequential by position: dropping an entry would shift it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), bn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+    def forward(self, x):
+        return self.seq[3](self.seq[2](self.seq[1](self.seq[0](x))))
+
+
+def test_fold_falls_back_to_the_graph_when_the_copy_would_compute_something_else():
+    model = trained(ByPosition(), (8, 3, 5, 5))
+    folded = bn.fold(model)
+    x = torch.randn(3, 3, 5, 5)
+    assert isinstance(folded, torch.fx.GraphModule)
+    assert rel_err(folded(x), model(x)) < 1e-5
+    assert not any(bn.population.is_batchnorm(m) for m in folded.modules())
+
+
 def test_fold_mlp_sequential():
     model = trained(nn.Sequential(nn.Linear(6, 5), bn.BatchNorm1d(5), nn.Sigmoid(), nn.Linear(5, 4, bias=False),
                                   nn.BatchNorm1d(4), nn.Sigmoid(), nn.Linear(4, 2)), (16, 6))

@@ -7,7 +7,7 @@ on CPU, Batch Renormalization, ghost batches and masked statistics.
 
 from . import functional, monitor
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
-from .fold import ChannelAffine, FoldWarning, fold, freeze, unfreeze
+from .fold import ChannelAffine, FoldedAway, FoldWarning, fold, freeze, unfreeze
 from .functional import NonFiniteBatchError, NonFiniteBatchWarning
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .population import population_statistics
@@ -34,6 +34,7 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "ChannelAffine",
+    "FoldedAway",
     "FoldWarning",
     "NonFiniteBatchError",
     "NonFiniteBatchWarning",

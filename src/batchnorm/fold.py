@@ -14,7 +14,7 @@ from .functional import affine_coefficients
 from .modules import _BatchNormBase
 from .population import is_batchnorm
 
-__all__ = ["fold", "freeze", "unfreeze", "ChannelAffine", "FoldWarning", "fold_into"]
+__all__ = ["fold", "freeze", "unfreeze", "ChannelAffine", "FoldedAway", "FoldWarning", "fold_into"]
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -79,13 +79,26 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class FoldedAway(nn.Identity):
+    """Where a BN was, after :func:`fold` merged it into the layer before it: passes its
+    input through (the module tree and its forward code stay as they were)."""
+
+    def extra_repr(self) -> str:
+        return "folded into the preceding layer"
+
+
 def fold(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every BN folded away (Algorithm 2, step 11).
 
     A BN directly after a Linear or Conv1d/2d/3d whose output feeds nothing else is folded
     into that layer's weight and bias; every other BN becomes its fixed per-channel affine
-    map (:class:`ChannelAffine`). The graph is found with torch.fx; if the model cannot be
-    traced, only BNs following such a layer inside an nn.Sequential are folded and a
+    map (:class:`ChannelAffine`). The graph is found with torch.fx. The copy keeps the
+    model's own classes, forward code and parameter names: a folded BN inside an
+    nn.Sequential is dropped from it (the other entries keep their names), elsewhere it
+    becomes a :class:`FoldedAway` pass-through. If the copy, traced again, does not compute
+    exactly the folded graph (e.g. a forward that indexes a Sequential by position), the
+    folded torch.fx GraphModule is returned instead. If the model cannot be traced, only
+    BNs following such a layer inside an nn.Sequential are folded (left as FoldedAway) and a
     :class:`FoldWarning` names those left as affine maps. BNs without running statistics
     (track_running_stats=False) are left as they are, with a warning. ``model`` is untouched.
     """
@@ -96,7 +109,48 @@ def fold(model: nn.Module) -> nn.Module:
         gm = _trace(model_copy)
     except Exception as exc:  # tracing fails on data-dependent control flow, among others
         return _fold_sequential(model_copy, reason=f"{type(exc).__name__}: {exc}")
-    return _fold_graph(gm)
+    # The GraphModule shares its leaf modules with model_copy: folding a layer's weights in
+    # the graph folds them in the copy too.
+    gm, folded, affine = _fold_graph(gm)
+    for name in folded:
+        _drop(model_copy, name)
+    for name, mod in affine.items():
+        _set_submodule(model_copy, name, mod)
+    try:
+        same = _signature(_trace(model_copy)) == _signature(gm)
+    except Exception:
+        same = False
+    return model_copy.eval() if same else gm
+
+
+def _drop(root: nn.Module, name: str) -> None:
+    """Remove the folded BN ``name``: out of its nn.Sequential, else a FoldedAway."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+        del parent._modules[child]  # iteration skips it; the other entries keep their keys
+    else:
+        setattr(parent, child, FoldedAway())
+
+
+def _signature(gm) -> list:
+    """A traced graph as comparable data: per node its op, target and arguments (earlier
+    nodes by position), with FoldedAway pass-throughs removed."""
+    import torch.fx as fx
+
+    modules = dict(gm.named_modules())
+    position: Dict = {}
+    through: Dict = {}
+    sig: list = []
+    ref = lambda a: fx.node.map_arg(a, lambda n: ("node", position[through.get(n, n)]))
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), FoldedAway):
+            arg = node.args[0]
+            through[node] = through.get(arg, arg)
+            continue
+        position[node] = len(sig)
+        sig.append((node.op, node.target, ref(node.args), ref(node.kwargs)))
+    return sig
 
 
 def _trace(model: nn.Module):
@@ -119,12 +173,16 @@ def _skip_untracked(name: str, bn: nn.Module) -> bool:
     return False
 
 
-def _fold_graph(gm) -> nn.Module:
+def _fold_graph(gm):
+    """Fold in the traced graph; returns the GraphModule, the names of the BNs folded away
+    and the affine maps that replace the others (by name)."""
     modules = dict(gm.named_modules())
     calls: Dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    folded: List[str] = []
+    affine: Dict[str, ChannelAffine] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not is_batchnorm(modules[node.target]):
             continue
@@ -146,12 +204,14 @@ def _fold_graph(gm) -> nn.Module:
             node.replace_all_uses_with(prev)
             gm.graph.erase_node(node)
             _set_submodule(gm, node.target, nn.Identity())
-        else:
-            _set_submodule(gm, node.target, _affine_of(bn))
+            folded.append(node.target)
+        elif node.target not in affine:
+            affine[node.target] = _affine_of(bn)
+            _set_submodule(gm, node.target, affine[node.target])
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    return gm.eval()
+    return gm.eval(), folded, affine
 
 
 def _fold_sequential(model: nn.Module, reason: str) -> nn.Module:
@@ -165,7 +225,7 @@ def _fold_sequential(model: nn.Module, reason: str) -> nn.Module:
             if (isinstance(layer, _FOLDABLE) and is_batchnorm(bn) and bn.running_mean is not None
                     and layer.weight.size(0) == bn.running_mean.numel()):
                 fold_into(layer, bn)
-                parent._modules[b] = nn.Identity()
+                parent._modules[b] = FoldedAway()
                 folded.add(id(bn))
     left: List[str] = []
     for name, m in list(model.named_modules()):
