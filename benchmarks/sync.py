@@ -91,7 +91,20 @@ def worker(rank, world, port, repeats, batch, queue, pin=False):
         res = {k: statistics.median(v) for k, v in times.items()}
         res["collective"] = statistics.median(lat)
         queue.put(res)
+    dist.barrier()
     dist.destroy_process_group()
+    _exit_quietly(queue)
+
+
+def _exit_quietly(queue) -> None:
+    """End a spawned rank without the interpreter's teardown: there, torch's gloo and store
+    threads sometimes abort the process ("terminate called without an active exception",
+    seen on this machine after the results were delivered). Flush the queue first."""
+    queue.close()
+    queue.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def one_rank(port, repeats, batch, queue):
@@ -122,6 +135,7 @@ def one_rank(port, repeats, batch, queue):
             times[k].append((time.perf_counter() - t0) / 5)
     queue.put({k: statistics.median(v) for k, v in times.items()})
     dist.destroy_process_group()
+    _exit_quietly(queue)
 
 
 def main(argv=None):
