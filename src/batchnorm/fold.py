@@ -94,8 +94,10 @@ def fold(model: nn.Module) -> nn.Module:
     into that layer's weight and bias; every other BN becomes its fixed per-channel affine
     map (:class:`ChannelAffine`). The graph is found with torch.fx. The copy keeps the
     model's own classes, forward code and parameter names: a folded BN inside an
-    nn.Sequential is dropped from it (the other entries keep their names), elsewhere it
-    becomes a :class:`FoldedAway` pass-through. If the copy, traced again, does not compute
+    nn.Sequential is dropped from it (the other entries keep their names, so state dicts
+    line up, but positions after it shift by one: ``seq[2]`` of the original is ``seq[1]``
+    of the copy; ``get_submodule("seq.2")`` still finds it), elsewhere it becomes a
+    :class:`FoldedAway` pass-through. If the copy, traced again, does not compute
     exactly the folded graph (e.g. a forward that indexes a Sequential by position), the
     folded torch.fx GraphModule is returned instead. If the model cannot be traced, only
     BNs following such a layer inside an nn.Sequential are folded (left as FoldedAway) and a
