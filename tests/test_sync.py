@@ -47,6 +47,9 @@ def splits_worker(rank, world):
         x, gy = full_batch(sum(sizes), (3, 4), seed=2)
         x = x.contiguous(memory_format=torch.channels_last)
         out[(sizes, "channels_last")] = local_step(init_params(bn.SyncBatchNorm(C)), x, gy, sizes, rank)
+        x, gy = full_batch(sum(sizes), (5,), seed=1)
+        out[(sizes, "float64")] = local_step(init_params(bn.SyncBatchNorm(C).double()), x.double(), gy.double(),
+                                             sizes, rank)
     return out
 
 
@@ -87,6 +90,9 @@ def test_sync_equals_single_process_on_every_split():
         x, gy = full_batch(sum(sizes), (3, 4), seed=2)
         ref = reference_step(x, gy)
         assert_matches([results[0][(sizes, "channels_last")], results[1][(sizes, "channels_last")]], ref, sizes)
+        x, gy = full_batch(sum(sizes), (5,), seed=1)
+        ref = reference_step(x.double(), gy.double(), module=init_params(bn.BatchNorm1d(C).double()))
+        assert_matches([results[0][(sizes, "float64")], results[1][(sizes, "float64")]], ref, sizes)
 
 
 def features_worker(rank, world):
