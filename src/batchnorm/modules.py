@@ -310,14 +310,7 @@ class _BatchNormBase(nn.Module):
             with torch.no_grad():
                 self._stat_sink.append((st[0].view(1, -1).clone(), (st[2] * (count / (count - 1))).view(1, -1)))
         elif update:
-            factor = self.momentum if self.momentum is not None else 1.0 / (float(self.num_batches_tracked) + 1.0)
-            code, updated = _fused.check_update(st[0], st[1], count, self.eps, self.running_mean, self.running_var,
-                                                factor, self.num_batches_tracked, check_offset=False)
-            if code == 1:
-                F._report_nonfinite(self.nonfinite, self._name)
-            elif not updated:
-                F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, st[0],
-                                       st[2] * (count / (count - 1)), self.momentum, self.nonfinite, self._name)
+            self._update_from_kernel(st[0], st[1], st[2], count)
         return out
 
     def _forward_sync_fused(self, input: Tensor, lay, group, update: bool) -> Tensor:
@@ -329,15 +322,21 @@ class _BatchNormBase(nn.Module):
         out = FusedSyncBatchNorm.apply(input, self.weight, self.bias, lay, self.eps, group, self._name, result)
         mean, invstd, var, count = result
         if update:
-            factor = self.momentum if self.momentum is not None else 1.0 / (float(self.num_batches_tracked) + 1.0)
-            code, updated = _fused.check_update(mean, invstd, count, self.eps, self.running_mean, self.running_var,
-                                                factor, self.num_batches_tracked, check_offset=False)
-            if code == 1:
-                F._report_nonfinite(self.nonfinite, self._name)
-            elif not updated:
-                F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mean,
-                                       var * (count / (count - 1)), self.momentum, self.nonfinite, self._name)
+            self._update_from_kernel(mean, invstd, var, count)
         return out
+
+    def _update_from_kernel(self, mean: Tensor, invstd: Tensor, var: Tensor, count: int) -> None:
+        """Fold statistics from the fused kernels (``count`` values per channel) into the
+        running buffers: in one C call where the buffers allow, else in torch operations;
+        a non-finite batch updates nothing and is reported."""
+        factor = self.momentum if self.momentum is not None else 1.0 / (float(self.num_batches_tracked) + 1.0)
+        code, updated = _fused.check_update(mean, invstd, count, self.eps, self.running_mean, self.running_var,
+                                            factor, self.num_batches_tracked, check_offset=False)
+        if code == 1:
+            F._report_nonfinite(self.nonfinite, self._name)
+        elif not updated:
+            F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mean,
+                                   var * (count / (count - 1)), self.momentum, self.nonfinite, self._name)
 
     def _after_update(self) -> None:
         """Called after an accepted running-statistics update (Batch Renorm counts steps)."""
