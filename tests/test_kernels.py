@@ -26,10 +26,12 @@ def _need_kernels():
 # kernel plus our check). (name, shape, channels_last)
 BIG = [("rows", (8, 8, 24, 24), False), ("channels_last", (8, 8, 24, 24), True), ("matrix", (4096, 16), False),
        ("rows 3d", (64, 8, 100), False),
-       # channels-innermost widths: over 64 (statistics in 64-channel register blocks, gradient
-       # sums streamed), 64 + 16, and not a multiple of 16 (the portable loop)
+       # channels-innermost widths: whole rows in registers (C=16, 64, 80), plus one vector
+       # through scratch (C=256); over 256 (statistics in 64-channel register blocks, gradient
+       # sums streamed), 512 + 16; not a multiple of 16 (the portable loop)
        ("channels_last C=256", (4, 256, 6, 6), True), ("matrix C=256", (512, 256), False),
        ("channels_last C=80", (8, 80, 8, 8), True), ("channels_last C=72", (8, 72, 8, 8), True),
+       ("channels_last C=528", (2, 528, 6, 6), True), ("matrix C=512", (80, 512), False),
        # 8 MiB and more: outputs written with non-temporal stores
        ("rows, streamed", (8, 64, 64, 64), False), ("channels_last, streamed", (8, 64, 64, 64), True)]
 
@@ -97,8 +99,10 @@ def test_fused_function_gradcheck(shape, cl):
 
 
 @pytest.mark.parametrize("shape,cl", [((64, 3, 16, 16), False), ((64, 3, 16, 16), True), ((20000, 3), False),
-                                      ((16, 3, 8, 8), True), ((2000, 3), False)],
-                         ids=["rows", "channels_last", "matrix", "small channels_last", "small matrix"])
+                                      ((16, 3, 8, 8), True), ((2000, 3), False), ((64, 256, 3, 3), True),
+                                      ((300, 512), False), ((1000, 128), False)],
+                         ids=["rows", "channels_last", "matrix", "small channels_last", "small matrix",
+                              "channels_last C=256", "matrix C=512", "matrix C=128"])
 @pytest.mark.usefixtures("kernel_mode")
 def test_large_mean_is_stable_in_every_layout(shape, cl):
     # torch's own kernel sums channels_last and (N, C) inputs naively in float32; mean 1e4

@@ -739,23 +739,92 @@ int bn_update_running_##SUF(const T *mean, const T *invstd, int64_t C, int64_t m
 DEFINE_UPDATE(float, f32, 5.9604644775390625e-08)
 DEFINE_UPDATE(double, f64, 1.1102230246251565e-16)
 
-/* Channels-innermost float sums, two ways (measured on C = 64 and 256, channels_last):
- * - statistics (dy == NULL), and gradient sums for C <= 64: the block accumulators live in
- *   registers, 64 channels (four AVX-512 vectors) at a time, then 16 at a time, over blocks
- *   of rows that stay in L1/L2 while each column chunk re-reads them. For C = 256 the
- *   whole forward kernel took 0.61 (data in cache) to 0.86 (caches flushed) of its time
- *   with the streaming way below.
- * - gradient sums for C > 64: each row streamed once, accumulators in an L1 scratch
- *   (2 C floats). With two tensors to read, the blocked way's strided first touch of cold
- *   rows cost more than it saved: the whole backward kernel took 1.09 times as long with
- *   it (caches flushed).
+/* Channels-innermost float sums on AVX-512, row by row: each call covers W vectors (16 W
+ * channels) of every row in [lo, hi), with the row's accumulators in registers (the first 15
+ * vectors' two sums fill 30 of the 32 registers; a 16th vector's go through an L1 scratch),
+ * so that a row of up to 256 channels is read front to back in one go and the memory sees
+ * one sequential stream per tensor. Used for C <= 256; float lanes over at most BLOCK rows,
+ * then double totals, as everywhere. */
+#if defined(__AVX512F__)
+#define DEFINE_ROWS(W)                                                                           \
+static void cl_rows##W(const float *x, const float *dy, int64_t ld, int64_t lo, int64_t hi,      \
+                       const float *k, double *s1, double *s2) {                                 \
+    enum { NR = W < 15 ? W : 15 };                                                               \
+    float t1[16 * W], t2[16 * W];                                                                \
+    for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {                                                \
+        const int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;                                    \
+        __m512 a[NR], b[NR];                                                                     \
+        for (int v = 0; v < NR; v++) { a[v] = _mm512_setzero_ps(); b[v] = a[v]; }                \
+        for (int l = 16 * NR; l < 16 * W; l++) { t1[l] = 0; t2[l] = 0; }                         \
+        for (int64_t r = r0; r < r1; r++) {                                                      \
+            const float *xr = x + r * ld;                                                        \
+            if (dy) {                                                                            \
+                const float *g = dy + r * ld;                                                    \
+                for (int v = 0; v < NR; v++) {                                                   \
+                    const __m512 gv = _mm512_loadu_ps(g + 16 * v);                               \
+                    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + 16 * v), _mm512_loadu_ps(k + 16 * v)); \
+                    a[v] = _mm512_add_ps(a[v], gv);                                              \
+                    b[v] = _mm512_fmadd_ps(d, gv, b[v]);                                         \
+                }                                                                                \
+                for (int v = NR; v < W; v++) {                                                   \
+                    const __m512 gv = _mm512_loadu_ps(g + 16 * v);                               \
+                    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + 16 * v), _mm512_loadu_ps(k + 16 * v)); \
+                    _mm512_storeu_ps(t1 + 16 * v, _mm512_add_ps(_mm512_loadu_ps(t1 + 16 * v), gv)); \
+                    _mm512_storeu_ps(t2 + 16 * v, _mm512_fmadd_ps(d, gv, _mm512_loadu_ps(t2 + 16 * v))); \
+                }                                                                                \
+            } else {                                                                             \
+                for (int v = 0; v < NR; v++) {                                                   \
+                    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + 16 * v), _mm512_loadu_ps(k + 16 * v)); \
+                    a[v] = _mm512_add_ps(a[v], d);                                               \
+                    b[v] = _mm512_fmadd_ps(d, d, b[v]);                                          \
+                }                                                                                \
+                for (int v = NR; v < W; v++) {                                                   \
+                    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + 16 * v), _mm512_loadu_ps(k + 16 * v)); \
+                    _mm512_storeu_ps(t1 + 16 * v, _mm512_add_ps(_mm512_loadu_ps(t1 + 16 * v), d)); \
+                    _mm512_storeu_ps(t2 + 16 * v, _mm512_fmadd_ps(d, d, _mm512_loadu_ps(t2 + 16 * v))); \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int v = 0; v < NR; v++) { _mm512_storeu_ps(t1 + 16 * v, a[v]); _mm512_storeu_ps(t2 + 16 * v, b[v]); } \
+        for (int l = 0; l < 16 * W; l++) { s1[l] += t1[l]; s2[l] += t2[l]; }                    \
+    }                                                                                            \
+}
+DEFINE_ROWS(1) DEFINE_ROWS(2) DEFINE_ROWS(3) DEFINE_ROWS(4) DEFINE_ROWS(5) DEFINE_ROWS(6) DEFINE_ROWS(7)
+DEFINE_ROWS(8) DEFINE_ROWS(9) DEFINE_ROWS(10) DEFINE_ROWS(11) DEFINE_ROWS(12) DEFINE_ROWS(13)
+DEFINE_ROWS(14) DEFINE_ROWS(15) DEFINE_ROWS(16)
+typedef void (*rows_fn)(const float *, const float *, int64_t, int64_t, int64_t, const float *, double *,
+                        double *);
+static const rows_fn cl_rows[17] = {NULL, cl_rows1, cl_rows2, cl_rows3, cl_rows4, cl_rows5, cl_rows6,
+                                    cl_rows7, cl_rows8, cl_rows9, cl_rows10, cl_rows11, cl_rows12, cl_rows13,
+                                    cl_rows14, cl_rows15, cl_rows16};
+#endif
+
+/* Channels-innermost float sums (AVX-512), three ways, chosen by width (measured with
+ * alternating builds in one process, channels_last float32, mostly 25.7 MB tensors):
+ * - C <= 256: whole rows, cl_rows above. Against the two ways below it took, at C = 16, 32, 96,
+ *   128, 160 and 256, 0.27 to 0.60 of the time of the statistics pass, 0.64 to 0.84 of the
+ *   forward kernel's and 0.64 to 0.93 of the backward kernel's; the same at C = 64, which
+ *   the blocked way below already read whole rows for. Those ways read a row of more than
+ *   64 channels in strided pieces (or stream it through scratch accumulators), which the
+ *   hardware prefetchers follow poorly.
+ * - C > 256, statistics (dy == NULL): accumulators in registers, 64 channels (four vectors)
+ *   at a time, then 16 at a time, over blocks of rows that stay in L1/L2 while each column
+ *   chunk re-reads them. Whole rows cut into 256-channel chunks were 1.1 to 1.7 times
+ *   slower at C = 512 and 1024.
+ * - C > 256, gradient sums: each row streamed once, accumulators in an L1 scratch (2 C
+ *   floats); the chunked ways were slower with two tensors to read (1.2 to 1.6 times at
+ *   C = 512 and 1024).
  * Needs C % 16 == 0; returns 0 (not handled) otherwise. */
 static int cl_sums_fast_f32(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,
                             double *s1, double *s2, float *scratch) {
 #if defined(__AVX512F__)
     if (C % 16) return 0;
     for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
-    if (C > 64 && dy) {
+    if (C <= 256) {
+        cl_rows[C / 16](x, dy, C, lo, hi, k, s1, s2);
+        return 1;
+    }
+    if (dy) {
         float *a1 = scratch, *a2 = scratch + C;
         for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {
             const int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;
@@ -773,6 +842,7 @@ static int cl_sums_fast_f32(const float *x, const float *dy, int64_t C, int64_t 
         }
         return 1;
     }
+    /* Statistics for C > 256: column chunks over blocks of rows. */
     float t1[64], t2[64];
     /* Rows per block: the block is re-read once per 64-channel chunk, so keep it near L1's
      * size (8192 floats = 32 KiB), between 16 and BLOCK rows. */
@@ -785,29 +855,15 @@ static int cl_sums_fast_f32(const float *x, const float *dy, int64_t C, int64_t 
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             const __m512 k0 = _mm512_loadu_ps(k + c0), k1 = _mm512_loadu_ps(k + c0 + 16),
                          k2 = _mm512_loadu_ps(k + c0 + 32), k3 = _mm512_loadu_ps(k + c0 + 48);
-            if (dy) {
-                for (int64_t r = r0; r < r1; r++) {
-                    const float *xr = x + r * C + c0, *g = dy + r * C + c0;
-                    __m512 g0 = _mm512_loadu_ps(g), g1 = _mm512_loadu_ps(g + 16), g2 = _mm512_loadu_ps(g + 32),
-                           g3 = _mm512_loadu_ps(g + 48);
-                    a0 = _mm512_add_ps(a0, g0); a1 = _mm512_add_ps(a1, g1);
-                    a2 = _mm512_add_ps(a2, g2); a3 = _mm512_add_ps(a3, g3);
-                    b0 = _mm512_fmadd_ps(g0, _mm512_sub_ps(_mm512_loadu_ps(xr), k0), b0);
-                    b1 = _mm512_fmadd_ps(g1, _mm512_sub_ps(_mm512_loadu_ps(xr + 16), k1), b1);
-                    b2 = _mm512_fmadd_ps(g2, _mm512_sub_ps(_mm512_loadu_ps(xr + 32), k2), b2);
-                    b3 = _mm512_fmadd_ps(g3, _mm512_sub_ps(_mm512_loadu_ps(xr + 48), k3), b3);
-                }
-            } else {
-                for (int64_t r = r0; r < r1; r++) {
-                    const float *xr = x + r * C + c0;
-                    __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(xr), k0), d1 = _mm512_sub_ps(_mm512_loadu_ps(xr + 16), k1),
-                           d2 = _mm512_sub_ps(_mm512_loadu_ps(xr + 32), k2),
-                           d3 = _mm512_sub_ps(_mm512_loadu_ps(xr + 48), k3);
-                    a0 = _mm512_add_ps(a0, d0); a1 = _mm512_add_ps(a1, d1);
-                    a2 = _mm512_add_ps(a2, d2); a3 = _mm512_add_ps(a3, d3);
-                    b0 = _mm512_fmadd_ps(d0, d0, b0); b1 = _mm512_fmadd_ps(d1, d1, b1);
-                    b2 = _mm512_fmadd_ps(d2, d2, b2); b3 = _mm512_fmadd_ps(d3, d3, b3);
-                }
+            for (int64_t r = r0; r < r1; r++) {
+                const float *xr = x + r * C + c0;
+                __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(xr), k0), d1 = _mm512_sub_ps(_mm512_loadu_ps(xr + 16), k1),
+                       d2 = _mm512_sub_ps(_mm512_loadu_ps(xr + 32), k2),
+                       d3 = _mm512_sub_ps(_mm512_loadu_ps(xr + 48), k3);
+                a0 = _mm512_add_ps(a0, d0); a1 = _mm512_add_ps(a1, d1);
+                a2 = _mm512_add_ps(a2, d2); a3 = _mm512_add_ps(a3, d3);
+                b0 = _mm512_fmadd_ps(d0, d0, b0); b1 = _mm512_fmadd_ps(d1, d1, b1);
+                b2 = _mm512_fmadd_ps(d2, d2, b2); b3 = _mm512_fmadd_ps(d3, d3, b3);
             }
             _mm512_storeu_ps(t1, a0); _mm512_storeu_ps(t1 + 16, a1); _mm512_storeu_ps(t1 + 32, a2);
             _mm512_storeu_ps(t1 + 48, a3);
@@ -820,14 +876,8 @@ static int cl_sums_fast_f32(const float *x, const float *dy, int64_t C, int64_t 
             const __m512 kv = _mm512_loadu_ps(k + c0);
             for (int64_t r = r0; r < r1; r++) {
                 const __m512 xv = _mm512_sub_ps(_mm512_loadu_ps(x + r * C + c0), kv);
-                if (dy) {
-                    const __m512 g = _mm512_loadu_ps(dy + r * C + c0);
-                    a = _mm512_add_ps(a, g);
-                    b = _mm512_fmadd_ps(g, xv, b);
-                } else {
-                    a = _mm512_add_ps(a, xv);
-                    b = _mm512_fmadd_ps(xv, xv, b);
-                }
+                a = _mm512_add_ps(a, xv);
+                b = _mm512_fmadd_ps(xv, xv, b);
             }
             _mm512_storeu_ps(t1, a);
             _mm512_storeu_ps(t2, b);
