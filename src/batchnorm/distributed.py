@@ -27,10 +27,11 @@ __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_stats", "gather_stat
 #: core, before it falls back to a blocking wait. Default from $BATCHNORM_SYNC_POLL_MS, else 20;
 #: 0 always blocks. Why: a blocking wait puts the thread to sleep until gloo's worker thread
 #: wakes it. On this project's 2-core machine, with one busy process per core, a step of
-#: benchmarks/sync.py's net (6 waits) took 1.30 to 1.47 times local BN's with blocking waits
-#: and 1.21 to 1.38 with polled ones in the same runs (records/benchmarks/sync.md,
-#: sync-repeat.md, sync-unpinned.md). Polling without yielding was slower than blocking in
-#: an experiment: gloo's own threads need the core.
+#: benchmarks/sync.py's net (6 waits) took 1.19 to 1.41 times local BN's with blocking waits
+#: and 1.21 to 1.34 with polled ones in the same runs, polled faster in 8 of 9 runs
+#: (records/benchmarks/sync.md, sync-repeat.md, sync-runs.md, sync-unpinned.md). Polling
+#: without yielding was slower than blocking in an experiment: gloo's own threads need the
+#: core.
 def _poll_ms_from_env() -> float:
     raw = os.environ.get("BATCHNORM_SYNC_POLL_MS", "20")
     try:
