@@ -14,8 +14,8 @@ static void range(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
     *hi = t == nt - 1 ? n : q * (t + 1);
 }
 
-/* read x: returns a sum so that the loads are not optimized away */
-double pass_read1(const float *x, int64_t n, int nt) {
+/* read x (and dy): returns a sum so that the loads are not optimized away */
+double pass_read(const float *x, const float *dy, int64_t n, int nt) {
     double total = 0.0;
 #pragma omp parallel for num_threads(nt) reduction(+ : total) schedule(static, 1)
     for (int t = 0; t < nt; t++) {
@@ -23,28 +23,15 @@ double pass_read1(const float *x, int64_t n, int nt) {
         range(n, t, nt, &lo, &hi);
         float acc[16] = {0};
         int64_t i = lo;
-        for (; i + 16 <= hi; i += 16)
+        if (dy)
+            for (; i + 16 <= hi; i += 16)
 #pragma omp simd
-            for (int l = 0; l < 16; l++) acc[l] += x[i + l];
-        for (; i < hi; i++) acc[0] += x[i];
-        for (int l = 0; l < 16; l++) total += acc[l];
-    }
-    return total;
-}
-
-/* read x and dy */
-double pass_read2(const float *x, const float *dy, int64_t n, int nt) {
-    double total = 0.0;
-#pragma omp parallel for num_threads(nt) reduction(+ : total) schedule(static, 1)
-    for (int t = 0; t < nt; t++) {
-        int64_t lo, hi;
-        range(n, t, nt, &lo, &hi);
-        float acc[16] = {0};
-        int64_t i = lo;
-        for (; i + 16 <= hi; i += 16)
+                for (int l = 0; l < 16; l++) acc[l] += x[i + l] * dy[i + l];
+        else
+            for (; i + 16 <= hi; i += 16)
 #pragma omp simd
-            for (int l = 0; l < 16; l++) acc[l] += x[i + l] * dy[i + l];
-        for (; i < hi; i++) acc[0] += x[i] * dy[i];
+                for (int l = 0; l < 16; l++) acc[l] += x[i + l];
+        for (; i < hi; i++) acc[0] += dy ? x[i] * dy[i] : x[i];
         for (int l = 0; l < 16; l++) total += acc[l];
     }
     return total;
