@@ -41,7 +41,11 @@ def build(directory: str) -> ctypes.CDLL:
         raise SystemExit("floor.py needs a C compiler ($CC, cc, gcc or clang)")
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_passes.c")
     so = os.path.join(directory, "passes.so")
-    subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", src, "-o", so], check=True)
+    proc = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", src, "-o", so],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"floor.py: {cc} could not build _passes.c (it needs OpenMP, -fopenmp):\n"
+                         f"{proc.stderr.strip()[-2000:]}")
     lib = ctypes.CDLL(so)
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.pass_read.argtypes = [p, p, i64, i]
