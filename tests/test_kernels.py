@@ -140,6 +140,28 @@ def test_nonfinite_batch_is_rejected(shape):
         m(x)
 
 
+@pytest.mark.parametrize("c", list(range(16, 257, 16)) + [8, 24, 272, 528])
+def test_channels_innermost_sums_every_width(c):
+    # Each width up to 256 has its own whole-row kernel (and the table picks it by C / 16);
+    # 272 and 528 take the wide paths, 8 and 24 the portable loop. Statistics and gradient
+    # sums against float64, over more than one BLOCK of rows and enough elements that the
+    # rows are split between threads (_fused._PARALLEL_MIN).
+    _need_kernels()
+    rows = 600 + _fused._PARALLEL_MIN // c
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(rows, c, generator=g) * 2 + 5
+    dy = torch.randn(rows, c, generator=g)
+    lay = _fused.layout(x)
+    assert lay == (rows, c, 1, 1)
+    mean, var = _fused.stats(x, lay)
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), x64.var(0, unbiased=False), rtol=1e-5, atol=1e-6)
+    sdy, sdyx = _fused.sums(dy, x, lay, mean)
+    torch.testing.assert_close(sdy.double(), dy.double().sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sdyx.double(), (dy.double() * (x64 - mean.double())).sum(0), rtol=1e-5, atol=1e-4)
+
+
 def test_thread_counts_agree():
     _need_kernels()
     x = torch.randn(16, 8, 32, 32) * 3 + 2
