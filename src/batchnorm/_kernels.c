@@ -233,6 +233,11 @@ static inline void affine_vec_f32(const float *restrict x, float *restrict o, in
         for (; i + 16 <= n; i += 16)
             _mm512_stream_ps(o + i, _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(a + i),
                                                     _mm512_loadu_ps(b + i)));
+#elif defined(__AVX__)
+    if (stream && !((uintptr_t)o & 31))
+        for (; i + 8 <= n; i += 8)
+            _mm256_stream_ps(o + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(a + i)),
+                                                  _mm256_loadu_ps(b + i)));
 #else
     (void)stream;
 #endif
@@ -250,6 +255,13 @@ static inline void dx_vec_f32(const float *restrict dy, const float *restrict x,
             _mm512_stream_ps(o + i, _mm512_fmadd_ps(_mm512_loadu_ps(dy + i), _mm512_loadu_ps(al + i),
                                                     _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(be + i),
                                                                     _mm512_loadu_ps(ga + i))));
+#elif defined(__AVX__)
+    if (stream && !((uintptr_t)o & 31))
+        for (; i + 8 <= n; i += 8)
+            _mm256_stream_ps(o + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(dy + i), _mm256_loadu_ps(al + i)),
+                                                  _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i),
+                                                                              _mm256_loadu_ps(be + i)),
+                                                                _mm256_loadu_ps(ga + i))));
 #else
     (void)stream;
 #endif
@@ -690,10 +702,81 @@ static void row_sums_avx512(const float *x, const float *dy, const uint8_t *w8, 
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* row_sums_avx512's way in AVX2: two pairs of accumulators, the row's tail through a masked
+ * load (zero outside the row, d masked to zero too). */
+static void row_sums_avx2(const float *x, const float *dy, int64_t N, int64_t C, int64_t S, int64_t c, float k,
+                          double *s1, double *s2) {
+    __m256 a1 = _mm256_setzero_ps(), a2 = a1, b1 = a1, b2 = a1;
+    const __m256 vk = _mm256_set1_ps(k);
+    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(S % 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const int64_t body = S - S % 8;
+    double t1 = 0.0, t2 = 0.0;
+    float h1[8], h2[8];
+    int64_t since = 0;
+    for (int64_t n = 0; n < N; n++) {
+        const float *xr = x + (n * C + c) * S;
+        const float *gr = dy ? dy + (n * C + c) * S : NULL;
+        int64_t s = 0;
+        if (gr) {
+            for (; s + 16 <= body; s += 16) {
+                const __m256 g0 = _mm256_loadu_ps(gr + s), g1 = _mm256_loadu_ps(gr + s + 8);
+                a1 = _mm256_add_ps(a1, g0);
+                b1 = _mm256_add_ps(b1, g1);
+                a2 = _mm256_fmadd_ps(g0, _mm256_sub_ps(_mm256_loadu_ps(xr + s), vk), a2);
+                b2 = _mm256_fmadd_ps(g1, _mm256_sub_ps(_mm256_loadu_ps(xr + s + 8), vk), b2);
+            }
+            for (; s < body; s += 8) {
+                const __m256 g0 = _mm256_loadu_ps(gr + s);
+                a1 = _mm256_add_ps(a1, g0);
+                a2 = _mm256_fmadd_ps(g0, _mm256_sub_ps(_mm256_loadu_ps(xr + s), vk), a2);
+            }
+            if (S % 8) {
+                const __m256 g0 = _mm256_maskload_ps(gr + s, tail);  /* zero outside the row */
+                b1 = _mm256_add_ps(b1, g0);
+                b2 = _mm256_fmadd_ps(g0, _mm256_sub_ps(_mm256_maskload_ps(xr + s, tail), vk), b2);
+            }
+        } else {
+            for (; s + 16 <= body; s += 16) {
+                const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(xr + s), vk);
+                const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(xr + s + 8), vk);
+                a1 = _mm256_add_ps(a1, d0);
+                b1 = _mm256_add_ps(b1, d1);
+                a2 = _mm256_fmadd_ps(d0, d0, a2);
+                b2 = _mm256_fmadd_ps(d1, d1, b2);
+            }
+            for (; s < body; s += 8) {
+                const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(xr + s), vk);
+                a1 = _mm256_add_ps(a1, d0);
+                a2 = _mm256_fmadd_ps(d0, d0, a2);
+            }
+            if (S % 8) {
+                const __m256 d0 = _mm256_and_ps(_mm256_sub_ps(_mm256_maskload_ps(xr + s, tail), vk),
+                                                _mm256_castsi256_ps(tail));
+                b1 = _mm256_add_ps(b1, d0);
+                b2 = _mm256_fmadd_ps(d0, d0, b2);
+            }
+        }
+        since += S / 8 + 1;
+        if (since >= FLUSH || n == N - 1) {
+            _mm256_storeu_ps(h1, _mm256_add_ps(a1, b1));
+            _mm256_storeu_ps(h2, _mm256_add_ps(a2, b2));
+            for (int l = 0; l < 8; l++) { t1 += h1[l]; t2 += h2[l]; }
+            a1 = a2 = b1 = b2 = _mm256_setzero_ps();
+            since = 0;
+        }
+    }
+    *s1 = t1;
+    *s2 = t2;
+}
+#endif
+
 static void channel_sums_f32(const float *x, const float *dy, int64_t N, int64_t C, int64_t S, int64_t c,
                              float k, double *s1, double *s2) {
 #if defined(__AVX512F__)
     row_sums_avx512(x, dy, NULL, N, C, S, c, k, s1, s2);
+#elif defined(__AVX2__) && defined(__FMA__)
+    row_sums_avx2(x, dy, N, C, S, c, k, s1, s2);
 #else
     channel_sums_generic_f32(x, dy, N, C, S, c, k, s1, s2);
 #endif
@@ -799,6 +882,62 @@ static const rows_fn cl_rows[17] = {NULL, cl_rows1, cl_rows2, cl_rows3, cl_rows4
                                     cl_rows14, cl_rows15, cl_rows16};
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* AVX2 builds (16 vector registers: too few for a row's accumulators), C <= 64:
+ * accumulators in an L1 scratch (2 C floats), updated once per group of four consecutive
+ * rows, whose sums are formed in registers first. Four adjacent rows of at most 64 channels
+ * are one contiguous stretch of at most 1 KiB, so each tensor is still read front to back.
+ * Wider rows (where the group's four rows are four streams) and C % 8 != 0 return 0: the
+ * portable loop. */
+#define ROWS4(E)                                                                                 \
+    (_mm256_add_ps(_mm256_add_ps(E(0), E(1)), _mm256_add_ps(E(2), E(3))))
+static int cl_sums_avx2_f32(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,
+                            double *s1, double *s2, float *scratch) {
+    if (C % 8 || C > 64) return 0;
+    float *a1 = scratch, *a2 = scratch + C;
+    for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
+    for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {
+        const int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;
+        memset(scratch, 0, (size_t)(2 * C) * sizeof(float));
+        int64_t r = r0;
+        for (; r + 4 <= r1; r += 4) {
+            const float *xr = x + r * C, *g = dy ? dy + r * C : NULL;
+            for (int64_t c = 0; c < C; c += 8) {
+                const __m256 kv = _mm256_loadu_ps(k + c);
+#define D(i) _mm256_sub_ps(_mm256_loadu_ps(xr + (i) * C + c), kv)
+#define G(i) _mm256_loadu_ps(g + (i) * C + c)
+                __m256 u, q;
+                if (g) {
+                    u = ROWS4(G);
+                    q = _mm256_fmadd_ps(G(0), D(0), _mm256_mul_ps(G(1), D(1)));
+                    q = _mm256_fmadd_ps(G(2), D(2), _mm256_fmadd_ps(G(3), D(3), q));
+                } else {
+                    const __m256 d0 = D(0), d1 = D(1), d2 = D(2), d3 = D(3);
+                    u = _mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3));
+                    q = _mm256_fmadd_ps(d0, d0, _mm256_mul_ps(d1, d1));
+                    q = _mm256_fmadd_ps(d2, d2, _mm256_fmadd_ps(d3, d3, q));
+                }
+#undef D
+#undef G
+                _mm256_storeu_ps(a1 + c, _mm256_add_ps(_mm256_loadu_ps(a1 + c), u));
+                _mm256_storeu_ps(a2 + c, _mm256_add_ps(_mm256_loadu_ps(a2 + c), q));
+            }
+        }
+        for (; r < r1; r++) {
+            const float *xr = x + r * C, *g = dy ? dy + r * C : NULL;
+            for (int64_t c = 0; c < C; c++) {
+                const float d = xr[c] - k[c];
+                a1[c] += g ? g[c] : d;
+                a2[c] += g ? g[c] * d : d * d;
+            }
+        }
+        for (int64_t c = 0; c < C; c++) { s1[c] += a1[c]; s2[c] += a2[c]; }
+    }
+    return 1;
+}
+#undef ROWS4
+#endif
+
 /* Channels-innermost float sums (AVX-512), three ways, chosen by width (measured with
  * alternating builds in one process, channels_last float32, mostly 25.7 MB tensors):
  * - C <= 256: whole rows, cl_rows above. Against the two ways below it took, at C = 16, 32, 96,
@@ -885,6 +1024,8 @@ static int cl_sums_fast_f32(const float *x, const float *dy, int64_t C, int64_t 
         }
     }
     return 1;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return cl_sums_avx2_f32(x, dy, C, lo, hi, k, s1, s2, scratch);
 #else
     (void)x; (void)dy; (void)C; (void)lo; (void)hi; (void)k; (void)s1; (void)s2; (void)scratch;
     return 0;
