@@ -35,8 +35,13 @@ def compare(fns: Sequence[Callable[[], object]], min_time: float = 2e-3, repeats
 
 
 def machine() -> str:
+    """The CPU, torch's version and threads, the instruction set torch's CPU kernels
+    dispatch to (``ATEN_CPU_CAPABILITY`` can lower it) and the -march our kernels are built
+    for (``BATCHNORM_MARCH``, default native)."""
+    import os
     from bnrepro.runtime import cpu_name
-    return f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, torch kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}, ours -march={os.environ.get('BATCHNORM_MARCH', 'native')}")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

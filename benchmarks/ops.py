@@ -30,6 +30,12 @@ kernels. ``--system-malloc`` keeps the default allocator.
 
 Summary lines: the issue's targets are stated over float32 contiguous and channels_last
 train forward+backward rows (median ratio, max ratio) and eval rows (max ratio).
+
+An AVX2-only machine (no AVX-512), emulated on this one: both sides limited to AVX2,
+
+    ATEN_CPU_CAPABILITY=avx2 BATCHNORM_MARCH=x86-64-v3 python benchmarks/ops.py
+
+(the header line says which instruction sets were in use).
 """
 
 from __future__ import annotations
