@@ -332,7 +332,7 @@ torch.manual_seed(0)
 worst = 0.0
 for shape, cl in [((8, 64, 20, 20), False), ((8, 64, 20, 20), True), ((4096, 16), False), ((64, 8, 100), False),
                   ((16, 256, 10, 10), True), ((300, 13), False), ((32, 24, 7, 7), False), ((41, 40, 6, 6), True),
-                  ((8, 64, 64, 64), True)]:
+                  ((16, 96, 6, 6), True), ((8, 64, 64, 64), True)]:
     ours = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(shape[1])
     ref = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1])
     x = torch.randn(*shape) * 2 + 1
@@ -371,8 +371,9 @@ def test_portable_builds_are_correct(arch, tmp_path):
     # plain-SSE2 code paths and the pthread pool of _kernels.c are built and checked too,
     # against torch.nn and impl="paper". Shapes for the AVX2 paths: rows with a tail
     # (S = 100, 49), channels-innermost groups of four rows with leftover rows (C = 40,
-    # 1476 rows), C = 16 and 64, wider (256) and odd (13) widths on the portable loop, and
-    # an 8 MB channels_last output (non-temporal stores).
+    # 1476 rows) and C = 16, statistics in groups but gradient sums on the portable loop
+    # (C = 64, 96), wider (256) and odd (13) widths on the portable loop, and an 8 MB
+    # channels_last output (non-temporal stores).
     import platform
     _need_kernels()
     if platform.machine() != "x86_64":
