@@ -901,8 +901,8 @@ static int cl_sums_avx2_f32(const float *x, const float *dy, int64_t C, int64_t 
     /* Groups of four rows help up to 48 channels with dy, 128 without. Alternating builds
      * against the portable loop: the statistics pass took 0.33 to 0.66 of its time at C = 16
      * to 64, 0.3 to 0.4 at 96, 0.7 to 1.0 at 128 and 1.3 at 256; the gradient sums 0.44 to
-     * 0.71 at C = 16, 32 and 48, but 1.08 to 1.30 times as long at 64, 1.2 to 1.4 at 128 and
-     * 1.6 at 256. */
+     * 0.71 at C = 16, 32 and 48, 0.90 to 1.30 at 64 over five runs (no consistent gain),
+     * 1.2 to 1.4 at 128 and 1.6 at 256. */
     if (C > (dy ? 48 : 128)) return 0;
     float *a1 = scratch, *a2 = scratch + C;
     for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
