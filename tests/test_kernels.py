@@ -26,12 +26,16 @@ def _need_kernels():
 # kernel plus our check). (name, shape, channels_last)
 BIG = [("rows", (8, 8, 24, 24), False), ("channels_last", (8, 8, 24, 24), True), ("matrix", (4096, 16), False),
        ("rows 3d", (64, 8, 100), False),
-       # channels-innermost widths: whole rows in registers (C=16, 64, 80), plus one vector
-       # through scratch (C=256); over 256 (statistics in 64-channel register blocks, gradient
-       # sums streamed), 512 + 16; not a multiple of 16 (the portable loop)
+       # channels-innermost widths: whole rows in registers (C=16, 64, 80; 72 with its last
+       # vector masked), plus one vector through scratch (C=256); over 256 (statistics in
+       # 64-channel register blocks, gradient sums streamed), 512 + 16; over 256 and not a
+       # multiple of 16 (the portable loop)
        ("channels_last C=256", (4, 256, 6, 6), True), ("matrix C=256", (512, 256), False),
        ("channels_last C=80", (8, 80, 8, 8), True), ("channels_last C=72", (8, 72, 8, 8), True),
        ("channels_last C=528", (2, 528, 6, 6), True), ("matrix C=512", (80, 512), False),
+       ("channels_last C=300", (2, 300, 8, 8), True),
+       # rows of 72 channels are not whole vectors: outputs streamed through coefficient tapes
+       ("channels_last C=72, streamed", (8, 72, 64, 64), True),
        # 8 MiB and more: outputs written with non-temporal stores
        ("rows, streamed", (8, 64, 64, 64), False), ("channels_last, streamed", (8, 64, 64, 64), True)]
 
@@ -140,12 +144,14 @@ def test_nonfinite_batch_is_rejected(shape):
         m(x)
 
 
-@pytest.mark.parametrize("c", list(range(16, 257, 16)) + [8, 24, 272, 528])
+@pytest.mark.parametrize("c", list(range(16, 257, 16)) + [1, 8, 24, 72, 250, 255, 272, 300, 528])
 def test_channels_innermost_sums_every_width(c):
-    # Each width up to 256 has its own whole-row kernel (and the table picks it by C / 16);
-    # 272 and 528 take the wide paths, 8 and 24 the portable loop. Statistics and gradient
-    # sums against float64, over more than one BLOCK of rows and enough elements that the
-    # rows are split between threads (_fused._PARALLEL_MIN).
+    # Each width up to 256 has its own whole-row kernel, the table picking it by C / 16
+    # rounded up, the last vector masked when C % 16 != 0 (1 to 255; 250 and 255 put a
+    # partial vector through the scratch accumulators); 272 and 528 take the wide paths, 300
+    # the portable loop. Statistics and gradient sums against float64, over more than one
+    # BLOCK of rows and enough elements that the rows are split between threads
+    # (_fused._PARALLEL_MIN).
     _need_kernels()
     rows = 600 + _fused._PARALLEL_MIN // c
     g = torch.Generator().manual_seed(c)
@@ -332,7 +338,7 @@ torch.manual_seed(0)
 worst = 0.0
 for shape, cl in [((8, 64, 20, 20), False), ((8, 64, 20, 20), True), ((4096, 16), False), ((64, 8, 100), False),
                   ((16, 256, 10, 10), True), ((300, 13), False), ((32, 24, 7, 7), False), ((41, 40, 6, 6), True),
-                  ((16, 96, 6, 6), True), ((8, 64, 64, 64), True)]:
+                  ((16, 96, 6, 6), True), ((8, 64, 64, 64), True), ((8, 72, 64, 64), True)]:
     ours = (bn.BatchNorm2d if len(shape) == 4 else bn.BatchNorm1d)(shape[1])
     ref = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1])
     x = torch.randn(*shape) * 2 + 1
@@ -372,8 +378,8 @@ def test_portable_builds_are_correct(arch, tmp_path):
     # against torch.nn and impl="paper". Shapes for the AVX2 paths: rows with a tail
     # (S = 100, 49), channels-innermost groups of four rows with leftover rows (C = 40,
     # 1476 rows) and C = 16, statistics in groups but gradient sums on the portable loop
-    # (C = 64, 96), wider (256) and odd (13) widths on the portable loop, and an 8 MB
-    # channels_last output (non-temporal stores).
+    # (C = 64, 96), wider (256) and odd (13) widths on the portable loop, and 8 MB
+    # channels_last outputs (non-temporal stores; C = 72 through coefficient tapes).
     import platform
     _need_kernels()
     if platform.machine() != "x86_64":
