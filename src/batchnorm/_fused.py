@@ -199,15 +199,20 @@ def check_update(mean: Tensor, invstd: Tensor, m: int, eps: float, running_mean:
     :func:`train_forward`; only tested with ``check_offset``, for torch's statistics);
     ``updated`` whether the buffers and ``nbt`` were updated here (only with code 0 and
     :func:`_direct` buffers)."""
+    # Called once per small training step (torch's kernel did the arithmetic): kept lean,
+    # since its Python cost shows in whole steps of small networks (benchmarks/e2e.py).
     lib = _jit.kernels()
-    if lib is None:
+    if lib is None or mean.dtype not in _DTYPES:
         return _check_update_torch(mean, invstd, m, eps, running_mean, running_var, momentum, nbt, check_offset)
-    direct = _direct(running_mean, running_var, mean)
-    code = getattr(lib, _NAMES["upd", mean.dtype])(mean.data_ptr(), invstd.data_ptr(), mean.numel(), m, eps,
-                                                   running_mean.data_ptr() if direct else None,
-                                                   running_var.data_ptr() if direct else None, momentum,
-                                                   _counter(nbt) if direct else None, int(check_offset))
-    return code, direct and code == 0
+    fn = _UPDATE.get((lib, mean.dtype))
+    if fn is None:
+        fn = _UPDATE[lib, mean.dtype] = getattr(lib, _NAMES["upd", mean.dtype])
+    if _direct(running_mean, running_var, mean):
+        code = fn(mean.data_ptr(), invstd.data_ptr(), mean.numel(), m, eps, running_mean.data_ptr(),
+                  running_var.data_ptr(), momentum, _counter(nbt), int(check_offset))
+        return code, code == 0
+    code = fn(mean.data_ptr(), invstd.data_ptr(), mean.numel(), m, eps, None, None, momentum, None, int(check_offset))
+    return code, False
 
 
 def _check_update_torch(mean, invstd, m, eps, running_mean, running_var, momentum, nbt, check_offset):
@@ -265,6 +270,8 @@ def masked_backward(dy: Tensor, x: Tensor, mask: Tensor, weight: Optional[Tensor
                                           _ptr(db), _threads((n, c, length, 0)))
     return dx, dw, db
 
+
+_UPDATE = {}  # (library, dtype) -> its bn_update_running_* function
 
 _NAMES = {(k, dt): f"bn_{name}_{'f32' if dt == torch.float32 else 'f64'}"
           for k, name in (("fwd", "train_fwd"), ("bwd", "train_bwd"), ("upd", "update_running"),
