@@ -919,11 +919,13 @@ DEFINE_UPDATE(double, f64, 1.1102230246251565e-16)
 static inline __m512 ld_row(const float *p, int last, __mmask16 tail) {
     return last ? _mm512_maskz_loadu_ps(tail, p) : _mm512_loadu_ps(p);
 }
+/* the v-th vector of a row, inside DEFINE_ROWS (its loops over v, its WV = W) */
+#define LDV(p) ld_row((p) + 16 * v, masked && v == WV - 1, tail)
 #define DEFINE_ROWS(W)                                                                           \
 static inline __attribute__((always_inline)) void cl_rows_body##W(                               \
         const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,     \
         double *s1, double *s2, const int masked, __mmask16 tail) {                              \
-    enum { NR = W < 15 ? W : 15 };                                                               \
+    enum { NR = W < 15 ? W : 15, WV = W };                                                       \
     float t1[16 * W], t2[16 * W];                                                                \
     for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {                                                \
         const int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;                                    \
@@ -935,29 +937,25 @@ static inline __attribute__((always_inline)) void cl_rows_body##W(              
             if (dy) {                                                                            \
                 const float *g = dy + r * C;                                                     \
                 for (int v = 0; v < NR; v++) {                                                   \
-                    const __m512 gv = ld_row(g + 16 * v, masked && v == W - 1, tail);                      \
-                    const __m512 d = _mm512_sub_ps(ld_row(xr + 16 * v, masked && v == W - 1, tail),        \
-                                                   ld_row(k + 16 * v, masked && v == W - 1, tail));        \
+                    const __m512 gv = LDV(g);                                                    \
+                    const __m512 d = _mm512_sub_ps(LDV(xr), LDV(k));                             \
                     a[v] = _mm512_add_ps(a[v], gv);                                              \
                     b[v] = _mm512_fmadd_ps(d, gv, b[v]);                                         \
                 }                                                                                \
                 for (int v = NR; v < W; v++) {                                                   \
-                    const __m512 gv = ld_row(g + 16 * v, masked && v == W - 1, tail);                      \
-                    const __m512 d = _mm512_sub_ps(ld_row(xr + 16 * v, masked && v == W - 1, tail),        \
-                                                   ld_row(k + 16 * v, masked && v == W - 1, tail));        \
+                    const __m512 gv = LDV(g);                                                    \
+                    const __m512 d = _mm512_sub_ps(LDV(xr), LDV(k));                             \
                     _mm512_storeu_ps(t1 + 16 * v, _mm512_add_ps(_mm512_loadu_ps(t1 + 16 * v), gv)); \
                     _mm512_storeu_ps(t2 + 16 * v, _mm512_fmadd_ps(d, gv, _mm512_loadu_ps(t2 + 16 * v))); \
                 }                                                                                \
             } else {                                                                             \
                 for (int v = 0; v < NR; v++) {                                                   \
-                    const __m512 d = _mm512_sub_ps(ld_row(xr + 16 * v, masked && v == W - 1, tail),        \
-                                                   ld_row(k + 16 * v, masked && v == W - 1, tail));        \
+                    const __m512 d = _mm512_sub_ps(LDV(xr), LDV(k));                             \
                     a[v] = _mm512_add_ps(a[v], d);                                               \
                     b[v] = _mm512_fmadd_ps(d, d, b[v]);                                          \
                 }                                                                                \
                 for (int v = NR; v < W; v++) {                                                   \
-                    const __m512 d = _mm512_sub_ps(ld_row(xr + 16 * v, masked && v == W - 1, tail),        \
-                                                   ld_row(k + 16 * v, masked && v == W - 1, tail));        \
+                    const __m512 d = _mm512_sub_ps(LDV(xr), LDV(k));                             \
                     _mm512_storeu_ps(t1 + 16 * v, _mm512_add_ps(_mm512_loadu_ps(t1 + 16 * v), d)); \
                     _mm512_storeu_ps(t2 + 16 * v, _mm512_fmadd_ps(d, d, _mm512_loadu_ps(t2 + 16 * v))); \
                 }                                                                                \
