@@ -199,14 +199,10 @@ def check_update(mean: Tensor, invstd: Tensor, m: int, eps: float, running_mean:
     :func:`train_forward`; only tested with ``check_offset``, for torch's statistics);
     ``updated`` whether the buffers and ``nbt`` were updated here (only with code 0 and
     :func:`_direct` buffers)."""
-    # Called once per small training step (torch's kernel did the arithmetic): kept lean,
-    # since its Python cost shows in whole steps of small networks (benchmarks/e2e.py).
     lib = _jit.kernels()
     if lib is None or mean.dtype not in _DTYPES:
         return _check_update_torch(mean, invstd, m, eps, running_mean, running_var, momentum, nbt, check_offset)
-    fn = _UPDATE.get((lib, mean.dtype))
-    if fn is None:
-        fn = _UPDATE[lib, mean.dtype] = getattr(lib, _NAMES["upd", mean.dtype])
+    fn = getattr(lib, _NAMES["upd", mean.dtype])
     if _direct(running_mean, running_var, mean):
         code = fn(mean.data_ptr(), invstd.data_ptr(), mean.numel(), m, eps, running_mean.data_ptr(),
                   running_var.data_ptr(), momentum, _counter(nbt), int(check_offset))
@@ -270,8 +266,6 @@ def masked_backward(dy: Tensor, x: Tensor, mask: Tensor, weight: Optional[Tensor
                                           _ptr(db), _threads((n, c, length, 0)))
     return dx, dw, db
 
-
-_UPDATE = {}  # (library, dtype) -> its bn_update_running_* function
 
 _NAMES = {(k, dt): f"bn_{name}_{'f32' if dt == torch.float32 else 'f64'}"
           for k, name in (("fwd", "train_fwd"), ("bwd", "train_bwd"), ("upd", "update_running"),

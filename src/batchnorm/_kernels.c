@@ -995,8 +995,6 @@ static const rows_fn cl_rows_m[17] = {NULL, cl_rows_m1, cl_rows_m2, cl_rows_m3, 
  * formed in registers first. Four adjacent narrow rows are one short contiguous stretch, so
  * each tensor is still read front to back. Wider rows (where the group's four rows become
  * four streams; limits below) and C % 8 != 0 return 0: the portable loop. */
-#define ROWS4(E)                                                                                 \
-    (_mm256_add_ps(_mm256_add_ps(E(0), E(1)), _mm256_add_ps(E(2), E(3))))
 static int cl_sums_avx2_f32(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,
                             double *s1, double *s2, float *scratch) {
     if (C % 8) return 0;
@@ -1020,9 +1018,10 @@ static int cl_sums_avx2_f32(const float *x, const float *dy, int64_t C, int64_t 
 #define G(i) _mm256_loadu_ps(g + (i) * C + c)
                 __m256 u, q;
                 if (g) {
-                    u = ROWS4(G);
-                    q = _mm256_fmadd_ps(G(0), D(0), _mm256_mul_ps(G(1), D(1)));
-                    q = _mm256_fmadd_ps(G(2), D(2), _mm256_fmadd_ps(G(3), D(3), q));
+                    const __m256 g0 = G(0), g1 = G(1), g2 = G(2), g3 = G(3);
+                    u = _mm256_add_ps(_mm256_add_ps(g0, g1), _mm256_add_ps(g2, g3));
+                    q = _mm256_fmadd_ps(g0, D(0), _mm256_mul_ps(g1, D(1)));
+                    q = _mm256_fmadd_ps(g2, D(2), _mm256_fmadd_ps(g3, D(3), q));
                 } else {
                     const __m256 d0 = D(0), d1 = D(1), d2 = D(2), d3 = D(3);
                     u = _mm256_add_ps(_mm256_add_ps(d0, d1), _mm256_add_ps(d2, d3));
@@ -1047,7 +1046,6 @@ static int cl_sums_avx2_f32(const float *x, const float *dy, int64_t C, int64_t 
     }
     return 1;
 }
-#undef ROWS4
 #endif
 
 /* Channels-innermost float sums (AVX-512), three ways, chosen by width (measured with
