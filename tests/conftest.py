@@ -20,3 +20,11 @@ def kernel_mode(request, monkeypatch):
         monkeypatch.setattr(_jit, "_lib", None)
         monkeypatch.setattr(_jit, "_status", "disabled for this test")
     return request.param
+
+
+@pytest.fixture
+def fashion_dir(tmp_path, monkeypatch):
+    """A small Fashion-MNIST stand-in in IDX files this test wrote, with the dataset's spec
+    expecting exactly it: the experiments' smoke tests need no installed dataset."""
+    from idx_util import install_fake
+    return install_fake(monkeypatch, "fashion-mnist", tmp_path / "fashion-idx")

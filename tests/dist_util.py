@@ -54,5 +54,5 @@ def run_ranks(fn, world: int = 2, args=(), timeout: float = 60.0):
             path = os.path.join(outdir, f"{r}.pt")
             if not os.path.exists(path):
                 raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
-            results.append(torch.load(path, weights_only=False))
+            results.append(torch.load(path, weights_only=True))
         return results

@@ -4,7 +4,6 @@ import gzip
 import http.server
 import os
 import pickle
-import struct
 import threading
 from pathlib import Path
 
@@ -12,11 +11,7 @@ import numpy as np
 import pytest
 
 from bnrepro import data
-
-
-def idx_bytes(arr: np.ndarray) -> bytes:
-    code = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}[arr.dtype]
-    return bytes([0, 0, code, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes()
+from idx_util import idx_bytes, write_dir
 
 
 def tiny_arrays(seed=0):
@@ -36,16 +31,6 @@ def tiny_spec(monkeypatch):
     spec = data.Spec("tiny", ("http://127.0.0.1:1/",), sha, None, n_train=20, n_test=10)
     monkeypatch.setitem(data.SPECS, "tiny", spec)
     return arrays
-
-
-def write_dir(directory: Path, arrays, gz=True):
-    directory.mkdir(parents=True, exist_ok=True)
-    for part, stem in data.FILES.items():
-        raw = idx_bytes(arrays[part])
-        if gz:
-            (directory / (stem + ".gz")).write_bytes(gzip.compress(raw))
-        else:
-            (directory / stem).write_bytes(raw)
 
 
 def test_parse_idx_roundtrip_and_errors():
@@ -97,7 +82,7 @@ def test_mislabelled_and_corrupt_directory_files(tmp_path, tiny_spec):
     labels = dict(tiny_spec)
     labels["test_labels"] = np.full(10, 11, dtype=np.uint8)
     write_dir(tmp_path / "l", labels)
-    with pytest.raises(data.DataError, match="labels outside 0..9"):
+    with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte.gz: tiny test_labels has labels from 11 to 11, expected 0..9"):
         data.load("tiny", data_dir=str(tmp_path / "l"), allow_download=False)
 
 

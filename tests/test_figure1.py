@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bnrepro import runtime
 from bnrepro.__main__ import main
 from bnrepro.config import Figure1Config
 from bnrepro.experiments import figure1
@@ -50,7 +51,7 @@ def test_resume_after_stop_equals_uninterrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         figure1.train_run(0, {**base, "checkpoint": str(ck), "stop_after": 150})
     import torch
-    assert torch.load(ck, weights_only=False)["step"] == 100  # steps 101-150 are lost, as in a crash
+    assert runtime.load_checkpoint(ck)["step"] == 100  # steps 101-150 are lost, as in a crash
     resumed = figure1.train_run(0, {**base, "checkpoint": str(ck), "resume": True})
     assert strip([resumed]) == strip([whole])
 
@@ -60,7 +61,7 @@ def test_resume_refuses_other_config(tmp_path):
     task = {"config": cfg.__dict__.copy(), "model": "baseline", "seed": 0, "checkpoint": str(tmp_path / "c.pt")}
     figure1.train_run(0, task)
     other = dict(task, config={**task["config"], "lr": 0.1}, resume=True)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(runtime.CheckpointError, match="different configuration"):
         figure1.train_run(0, other)
 
 

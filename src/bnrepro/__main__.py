@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import time
 import typing
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import config as configs
+from .data import DataError
+from .runtime import UsageError, check_output_dir, distributed
 
 EXPERIMENTS = {
     "figure1": ("Figure 1: MNIST MLP with and without BN (Section 4.1)", "Figure1Config", "figure1"),
@@ -28,14 +31,11 @@ EXPERIMENTS = {
 class _Parser(argparse.ArgumentParser):
     """Errors on one line: what was wrong, and what is accepted."""
 
+    accepted = ""  # set by build_parser: the commands or options this parser takes
+
     def error(self, message: str) -> None:  # noqa: D401
-        accepted = ", ".join(
-            a.option_strings[-1] + (f" {a.metavar}" if a.metavar else "")
-            for a in self._actions if a.option_strings and a.dest != "help")
-        subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
-        if subs:
-            accepted = "commands: " + ", ".join(subs[0].choices) + ("; options: " + accepted if accepted else "")
-        self.exit(2, f"{self.prog}: error: {message} (accepted: {accepted})\n")
+        self.exit(2, f"{self.prog}: error: {message}" + (f" (accepted: {self.accepted})" if self.accepted else "")
+                  + "\n")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -65,10 +65,13 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> "tuple[argparse.ArgumentParser, dict]":
+    """The CLI's parser and its sub-parsers by command name."""
     parser = _Parser(prog="bnrepro", description="Reproduce the experiments of Ioffe & Szegedy (2015), "
                      "'Batch Normalization'. Every command writes metrics.json, figures and report.md.")
+    parser.accepted = "commands: " + ", ".join(EXPERIMENTS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subs = {}
     for name, (help_text, cls_name, _) in EXPERIMENTS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--out", metavar="DIR", default=None,
@@ -76,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quick", action="store_true", help="a short run (the smoke test)")
         p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--debug", action="store_true", help="show a traceback for errors, not one line")
         _add_config_flags(p, getattr(configs, cls_name))
-    return parser
+        p.accepted = "--out DIR, --quick, --resume, --quiet, --debug, " + ", ".join(
+            f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(getattr(configs, cls_name)))
+        subs[name] = p
+    return parser, subs
 
 
 def make_config(args: argparse.Namespace, cls):
@@ -92,32 +99,41 @@ def make_config(args: argparse.Namespace, cls):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    parser, subs = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        target = parser._subparsers._group_actions[0].choices[args.command] if args.command else parser
-        target.error(f"unrecognized arguments: {' '.join(extra)}")
+        (subs[args.command] if args.command else parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
+    sub = subs[args.command]
     _, cls_name, module_name = EXPERIMENTS[args.command]
-    cls = getattr(configs, cls_name)
     try:
-        cfg = make_config(args, cls)
+        cfg = make_config(args, getattr(configs, cls_name))
     except ValueError as exc:
-        sub = parser._subparsers._group_actions[0].choices[args.command]
         sub.error(str(exc))
     if args.resume and not args.out:
-        sub = parser._subparsers._group_actions[0].choices[args.command]
         sub.error("--resume needs the --out directory of the run to continue")
+    try:
+        return _run(args, cfg, module_name)
+    except (UsageError, DataError) as exc:
+        if args.debug:
+            raise
+        # One line, what was wrong and what was expected; --debug shows the traceback.
+        print(f"bnrepro {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, cfg, module_name: str) -> int:
     out = Path(args.out) if args.out else Path("runs") / args.command / time.strftime("%Y%m%d-%H%M%S")
-    from .runtime import distributed
+    if args.resume and not out.is_dir():
+        raise UsageError(f"--out {out}: no such directory to resume from (--resume continues an earlier run)")
     rank, world = distributed()  # under torchrun: rank 0 alone prints and writes
     if rank == 0:
+        check_output_dir(out)  # before any training: a run must not fail at its last step
         print(f"bnrepro {args.command}: writing to {out}" + (f" ({world} processes)" if world > 1 else ""))
         for f in dataclasses.fields(cfg):
             print(f"  {f.name} = {getattr(cfg, f.name)}")
-    import importlib
     module = importlib.import_module(f"bnrepro.experiments.{module_name}")
     metrics = module.run(cfg, out, resume=args.resume, quiet=args.quiet)
     if metrics is not None:

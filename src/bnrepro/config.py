@@ -7,6 +7,7 @@ the config at the start of a run and saves it beside the results.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -37,6 +38,8 @@ def validate(config) -> None:
     """Raise ValueError naming the first field whose value is out of range."""
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
         if f.name in ("lr", "init_std", "epochs") and not v > 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
         if f.name == "momentum" and not 0 <= v < 1:

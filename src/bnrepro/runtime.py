@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import platform
@@ -14,14 +16,39 @@ from typing import Any, Dict
 import torch
 
 
+class UsageError(Exception):
+    """A problem the user can fix (a flag, a file, a directory): the CLI prints its message
+    on one line and exits with status 2, without a traceback."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file is missing, damaged, foreign or from another configuration."""
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc tells, else set and reset)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``:
-    a crash leaves either the old file or the new one, never half of one."""
+    a crash leaves either the old file or the new one, never half of one. The file gets
+    the mode any file the user creates gets (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -36,16 +63,65 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def check_output_dir(out: Path, flag: str = "--out") -> Path:
+    """Create ``out`` if needed and prove it writable, before any training starts; raise
+    UsageError naming the flag, the path and the reason otherwise."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out}: exists and is not a directory (expected a directory to write results to)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".bnrepro-write-test-")
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: not a writable directory ({exc.strerror or exc})") from None
+    return out
+
+
+# A checkpoint file: this magic line, the SHA-256 of the payload (32 bytes), the payload
+# (torch.save of plain containers and tensors). The hash catches any damage, the magic
+# a foreign file, and the payload is read with weights_only=True, so a file someone hands
+# you can hold data but never code.
+_CKPT_MAGIC = b"BNREPRO-CHECKPOINT 1\n"
+
+
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    """torch.save ``state`` atomically."""
-    import io
+    """Write ``state`` atomically as a checksummed checkpoint (see :func:`load_checkpoint`)."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    payload = buf.getvalue()
+    atomic_write_bytes(path, _CKPT_MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Read a checkpoint written by :func:`save_checkpoint`; raise CheckpointError naming
+    the file for anything else (empty, truncated, flipped bytes, another program's file)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({exc.strerror or exc})") from None
+    head = len(_CKPT_MAGIC)
+    if not raw.startswith(_CKPT_MAGIC):
+        what = "is empty" if not raw else "is not a bnrepro checkpoint (no bnrepro header)"
+        raise CheckpointError(f"checkpoint {path}: {what}; delete it or use another --out")
+    digest, payload = raw[head:head + 32], raw[head + 32:]
+    if len(digest) < 32 or hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"checkpoint {path}: damaged (truncated or changed since it was written: "
+                              "checksum mismatch); delete it or use another --out")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a payload it cannot read
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: holds a {type(state).__name__}, expected a dict of training state")
+    return state
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -97,8 +173,36 @@ def provenance() -> Dict[str, Any]:
 _QUEUE = None
 
 
-def _init_worker(queue, threads: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when the process that started it ends, however it ends (SIGKILL
+    included), so no orphan goes on training and rewriting checkpoints. Linux delivers
+    SIGKILL at once through PR_SET_PDEATHSIG; everywhere a daemon thread also watches for
+    the parent to change, once a second."""
+    import signal
+    import threading
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        import time
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="bnrepro-parent-watch", daemon=True).start()
+
+
+def _init_worker(queue, threads: int, parent: int) -> None:
     global _QUEUE
+    _exit_with_parent(parent)
     _QUEUE = queue
     torch.set_num_threads(threads)
 
@@ -157,7 +261,7 @@ def run_tasks(fn, tasks, workers: int, total_steps: int, desc: str, threads: int
         else:
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
-            with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(q, threads)) as pool:
+            with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(q, threads, os.getpid())) as pool:
                 pending = pool.imap_unordered(_call, [(fn, i, t) for i, t in enumerate(tasks)])
                 done = 0
                 while done < len(tasks):

@@ -12,9 +12,9 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import runtime
+from ..data import fashion_tensors
 from ..config import EnsembleConfig
 from .inception import recipe
-from .small_batch import fashion_tensors
 
 # The variations, cycled through by member index; each member also has its own seed.
 VARIATIONS = [

@@ -18,6 +18,7 @@ from torch import nn
 from batchnorm.monitor import InputPercentiles
 
 from .. import runtime
+from ..data import mnist_tensors
 from ..config import Figure1Config
 from ..models import mnist_mlp
 
@@ -31,21 +32,6 @@ PAPER = {
     "claim_drift": "without BN the distribution of sigmoid inputs changes significantly over training; "
                    "with BN it is much more stable",
 }
-
-_DATA = None
-
-
-def mnist_tensors(data_dir: Optional[str]):
-    """(train_x, train_y, test_x, test_y): pixels scaled to [0, 1], flattened to 784."""
-    global _DATA
-    if _DATA is None or _DATA[0] != data_dir:
-        from ..data import load_mnist
-        d = load_mnist(data_dir)
-        to_x = lambda a: torch.from_numpy(a).reshape(len(a), 784).float().div_(255.0)
-        _DATA = (data_dir, (to_x(d.train_images), torch.from_numpy(d.train_labels),
-                            to_x(d.test_images), torch.from_numpy(d.test_labels)))
-    return _DATA[1]
-
 
 def _evaluate(model: nn.Module, monitor: InputPercentiles, test_x, test_y, step: int) -> float:
     model.eval()
@@ -83,7 +69,7 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
     if task.get("resume") and ckpt.exists():
         state = runtime.load_checkpoint(ckpt)
         if state["config"] != task["config"] or state["model"] != kind or state["seed"] != seed:
-            raise ValueError(f"{ckpt}: checkpoint was written by a different configuration; "
+            raise runtime.CheckpointError(f"checkpoint {ckpt}: written by a different configuration; "
                              "use another --out or drop --resume")
         net.load_state_dict(state["model_state"])
         opt.load_state_dict(state["optimizer"])

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from .. import runtime
+from ..data import fashion_tensors
 from ..config import InceptionConfig
 from ..models import SmallInception
-from .small_batch import fashion_tensors
 
 # Section 4.2.2's variants as changes to the Inception recipe. lr_mult multiplies the
 # initial learning rate; "x5 recipe" is Section 4.2.1: no dropout, L2 / 5, 6x faster decay,
@@ -99,7 +99,8 @@ def train_network(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
     if task.get("resume") and ckpt.exists():
         state = runtime.load_checkpoint(ckpt)
         if state["task_key"] != task["key"]:
-            raise ValueError(f"{ckpt}: checkpoint was written by a different configuration; use another --out")
+            raise runtime.CheckpointError(f"checkpoint {ckpt}: written by a different configuration; "
+                                         "use another --out or drop --resume")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

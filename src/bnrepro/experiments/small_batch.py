@@ -21,27 +21,11 @@ import torch
 from torch import nn
 
 from .. import runtime
+from ..data import fashion_tensors
 from ..config import SmallBatchConfig
 from ..models import small_convnet
 
 LABELS = {"none": "no normalization", "bn": "BatchNorm", "renorm": "Batch Renorm", "ghost": "BN, ghost batches"}
-
-_DATA = None
-
-
-def fashion_tensors(data_dir: Optional[str]):
-    """(train_x, train_y, test_x, test_y): (N, 1, 28, 28) float32 standardized images."""
-    global _DATA
-    if _DATA is None or _DATA[0] != data_dir:
-        from ..data import load_fashion_mnist
-        d = load_fashion_mnist(data_dir)
-        train = torch.from_numpy(d.train_images).float().div_(255.0)
-        mean, std = train.mean().item(), train.std().item()
-        to_x = lambda a: torch.from_numpy(a).float().div_(255.0).sub_(mean).div_(std).unsqueeze(1)
-        _DATA = (data_dir, (to_x(d.train_images), torch.from_numpy(d.train_labels),
-                            to_x(d.test_images), torch.from_numpy(d.test_labels)))
-    return _DATA[1]
-
 
 def accuracy(model: nn.Module, x, y, batch: int = 1000) -> float:
     model.eval()
@@ -53,9 +37,10 @@ def accuracy(model: nn.Module, x, y, batch: int = 1000) -> float:
     return correct / len(y)
 
 
-def steps_for(cfg: SmallBatchConfig, method: str, batch_size: int) -> int:
+def steps_for(cfg: SmallBatchConfig, method: str, batch_size: int, n_train: int) -> int:
+    """Steps of one run: ``cfg.epochs`` passes over the ``n_train`` training images."""
     real = cfg.ghost_batch if method == "ghost" else batch_size
-    return max(1, int(cfg.epochs * 60_000) // real)
+    return max(1, int(cfg.epochs * n_train) // real)
 
 
 def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
@@ -63,10 +48,12 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
     method, bsz, seed = task["method"], task["batch_size"], task["seed"]
     done = Path(task["result"])
     if task.get("resume") and done.exists():
-        return json.loads(done.read_text())
+        saved = _saved_result(done, task)
+        if saved is not None:
+            return saved
     train_x, train_y, test_x, test_y = fashion_tensors(cfg.data_dir)
     real = cfg.ghost_batch if method == "ghost" else bsz
-    steps = steps_for(cfg, method, bsz)
+    steps = steps_for(cfg, method, bsz, len(train_y))
     torch.manual_seed(seed)
     model = small_convnet(method, total_steps=steps, ghost_batch=bsz)
     lr = cfg.lr * real / 64
@@ -101,8 +88,25 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
     result = {"method": method, "batch_size": bsz, "seed": seed, "real_batch": real, "steps": steps, "lr": lr,
               "test_accuracy": acc, "diverged": diverged, "train_loss": losses,
               "wall_time_s": round(time.perf_counter() - t0, 2)}
-    runtime.write_json(done, result)
+    runtime.write_json(done, {"task": _task_identity(task), "result": result})
     return result
+
+
+def _task_identity(task: Dict[str, Any]) -> Dict[str, Any]:
+    """What a per-run result depends on: the whole config, the method, batch size, seed."""
+    return {k: task[k] for k in ("config", "method", "batch_size", "seed")}
+
+
+def _saved_result(path: Path, task: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The result stored at ``path`` if it was made by this very task (same config), else
+    None: a result of another configuration is retrained, never reused."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("task") != json.loads(json.dumps(_task_identity(task))):
+        return None
+    return saved.get("result")
 
 
 def summarize(cfg: SmallBatchConfig, runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -122,13 +126,14 @@ def run(cfg: SmallBatchConfig, out: Path, resume: bool = False, quiet: bool = Fa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(cfg)
-    fashion_tensors(cfg.data_dir)
+    n_train = len(fashion_tensors(cfg.data_dir)[1])  # also fails fast on data problems
     tasks = [{"config": config, "method": m, "batch_size": b, "seed": cfg.first_seed + s, "resume": resume,
               "result": str(out / "runs" / f"{m}-b{b}-seed{cfg.first_seed + s}.json")}
              for s in range(cfg.seeds) for b in cfg.batch_sizes for m in cfg.methods]
     # Longest first, so the two workers finish together.
-    tasks.sort(key=lambda t: -steps_for(cfg, t["method"], t["batch_size"]) * (1.0 if t["method"] != "ghost" else 4.0))
-    total = sum(steps_for(cfg, t["method"], t["batch_size"]) for t in tasks)
+    tasks.sort(key=lambda t: -steps_for(cfg, t["method"], t["batch_size"], n_train)
+               * (1.0 if t["method"] != "ghost" else 4.0))
+    total = sum(steps_for(cfg, t["method"], t["batch_size"], n_train) for t in tasks)
     started = runtime.provenance()  # the code and commit that run, taken before training
     t0 = time.perf_counter()
     rank, world = runtime.distributed()
