@@ -357,3 +357,18 @@ def test_outputs_follow_the_umask(tmp_path, mask):
         os.umask(old)
     for name in ("m.json", "r.md"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# -- records come from clean trees ----------------------------------------------------------
+
+def test_records_refused_from_a_dirty_tree(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "REPO", tmp_path)
+    monkeypatch.setattr(runtime, "git_commit", lambda: "0123abc-dirty")
+    out = tmp_path / "records" / "figure1"
+    assert main(F1 + ["--out", str(out)]) == 2
+    one_line_error(capsys, "uncommitted changes", "--allow-dirty")
+    assert not (out / "metrics.json").exists()
+    assert main(F1 + ["--out", str(tmp_path / "elsewhere")]) == 0  # outside records/: allowed
+    assert main(F1 + ["--out", str(out), "--allow-dirty"]) == 0
+    prov = json.loads((out / "metrics.json").read_text())["provenance"]
+    assert prov["allow_dirty"] is True and prov["git_commit"] == "0123abc-dirty"

@@ -36,6 +36,14 @@ def test_quick_smoke_run_writes_everything(tmp_path, capsys):
     assert acc["bn"] > 0.9 and acc["baseline"] > 0.2 and acc["bn"] > acc["baseline"]
     s = m["summary"]
     assert set(s) >= {"baseline", "bn", "steps_to_baseline_final"}
+    for r in m["runs"]:  # every unit of the last hidden layer, from 10 % of the run on
+        assert set(r["unit_drift_per_unit"]) == {"15", "50", "85"}
+        assert all(len(v) == 100 and min(v) >= 0 for v in r["unit_drift_per_unit"].values())
+    for kind in ("baseline", "bn"):
+        d = s[kind]["unit_drift"]
+        assert set(d) == {"15", "50", "85"} and all(isinstance(x, float) and x > 0 for x in d.values())
+    # BN holds each unit's input distribution in place (Figure 1b, c), over all 100 units
+    assert s["bn"]["unit_drift"]["50"] < s["baseline"]["unit_drift"]["50"]
     assert isinstance(s["baseline"]["final_accuracy"], float)
     assert (out / "figure1.png").stat().st_size > 10_000
     report = (out / "report.md").read_text()

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from . import config as configs
 from .data import DataError
-from .runtime import UsageError, check_output_dir, distributed
+from .runtime import RUN_FLAGS, UsageError, check_output_dir, check_records_clean, distributed
 
 EXPERIMENTS = {
     "figure1": ("Figure 1: MNIST MLP with and without BN (Section 4.1)", "Figure1Config", "figure1"),
@@ -80,8 +80,10 @@ def build_parser() -> "tuple[argparse.ArgumentParser, dict]":
         p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--debug", action="store_true", help="show a traceback for errors, not one line")
+        p.add_argument("--allow-dirty", action="store_true",
+                       help="write into records/ even from a tree with uncommitted changes (noted in the provenance)")
         _add_config_flags(p, getattr(configs, cls_name))
-        p.accepted = "--out DIR, --quick, --resume, --quiet, --debug, " + ", ".join(
+        p.accepted = "--out DIR, --quick, --resume, --quiet, --debug, --allow-dirty, " + ", ".join(
             f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(getattr(configs, cls_name)))
         subs[name] = p
     return parser, subs
@@ -130,6 +132,8 @@ def _run(args: argparse.Namespace, cfg, module_name: str) -> int:
         raise UsageError(f"--out {out}: no such directory to resume from (--resume continues an earlier run)")
     rank, world = distributed()  # under torchrun: rank 0 alone prints and writes
     if rank == 0:
+        check_records_clean(out, args.allow_dirty)
+        RUN_FLAGS["allow_dirty"] = args.allow_dirty
         check_output_dir(out)  # before any training: a run must not fail at its last step
         print(f"bnrepro {args.command}: writing to {out}" + (f" ({world} processes)" if world > 1 else ""))
         for f in dataclasses.fields(cfg):

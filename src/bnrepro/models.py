@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import batchnorm
+from batchnorm.renorm import _ramp
 
 
 def mnist_mlp(use_bn: bool, init_std: float = 0.01, hidden: int = 100, depth: int = 3,
@@ -40,7 +41,6 @@ def renorm_schedule(total_steps: int):
     """Batch Renormalization's limits, scaled to a run of ``total_steps``: r_max = 1 and
     d_max = 0 for the first 10 % of steps, then linearly to r_max = 3 at 50 % and d_max = 5
     at 35 % (the paper's 5k / 40k / 25k steps, proportionally shorter)."""
-    from batchnorm.renorm import _ramp
 
     warm = int(0.10 * total_steps)
     r_end, d_end = max(int(0.50 * total_steps), warm + 1), max(int(0.35 * total_steps), warm + 1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
+from .names import colour, label
+
 import numpy as np
 
 
@@ -80,20 +82,17 @@ def figure1(metrics: Dict[str, Any], path: Path) -> None:
 def small_batch(metrics: Dict[str, Any], path: Path) -> None:
     """Test accuracy against the per-replica batch size, one line per method (mean over
     seeds, error bars min-max)."""
-    from .experiments.small_batch import LABELS
-
     plt = _pyplot()
     s = metrics["summary"]
     runs = metrics["runs"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"none": "tab:gray", "bn": "tab:blue", "renorm": "tab:red", "ghost": "tab:green"}
     for method, by_b in s.items():
         bs = sorted(int(b) for b in by_b)
         mean = [100 * by_b[str(b)]["mean"] for b in bs]
         lo = [100 * min(r["test_accuracy"] for r in runs if r["method"] == method and r["batch_size"] == b) for b in bs]
         hi = [100 * max(r["test_accuracy"] for r in runs if r["method"] == method and r["batch_size"] == b) for b in bs]
         ax.errorbar(bs, mean, yerr=[[m - l for m, l in zip(mean, lo)], [h - m for m, h in zip(mean, hi)]],
-                    marker="o", capsize=3, color=colors.get(method), label=LABELS.get(method, method))
+                    marker="o", capsize=3, color=colour(method), label=label(method))
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({int(b) for by_b in s.values() for b in by_b}))
     ax.get_xaxis().set_major_formatter(__import__("matplotlib").ticker.ScalarFormatter())
@@ -111,20 +110,16 @@ def small_batch(metrics: Dict[str, Any], path: Path) -> None:
 def figure2(metrics: Dict[str, Any], path: Path) -> None:
     """Test accuracy against steps for every variant (mean over seeds, min-max band), with
     Inception's maximum as a dotted line and a mark where each variant first reaches it."""
-    from .experiments.inception import LABELS
-
     plt = _pyplot()
     runs = metrics["runs"]
     s = metrics["summary"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {"inception": "black", "bn-baseline": "tab:blue", "bn-x5": "tab:green", "bn-x30": "tab:red",
-              "bn-x5-sigmoid": "tab:purple", "inception-sigmoid": "tab:gray"}
     for v in metrics["config"]["variants"]:
         rs = [r for r in runs if r["variant"] == v]
-        _band(ax, rs[0]["steps"], [r["test_accuracy"] for r in rs], colors.get(v), LABELS.get(v, v))
+        _band(ax, rs[0]["steps"], [r["test_accuracy"] for r in rs], colour(v), label(v))
         hit = s[v].get("steps_to_inception_max")
         if hit is not None and v != "inception":
-            ax.plot([hit], [s["inception"]["max_accuracy"]], marker="v", color=colors.get(v), ms=8)
+            ax.plot([hit], [s["inception"]["max_accuracy"]], marker="v", color=colour(v), ms=8)
     if "inception" in s:
         ax.axhline(s["inception"]["max_accuracy"], color="black", ls=":", lw=1)
     ax.set_xlabel("training steps")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from .names import DRIFT_FROM, VARIANT, label
+
 
 def _provenance(metrics: Dict[str, Any]) -> List[str]:
     p = metrics["provenance"]
@@ -61,6 +63,20 @@ def figure1(metrics: Dict[str, Any]) -> str:
             f"| {name} | {_pct(r['final_accuracy'])} ± {100 * r['final_accuracy_std']:.2f} | {_pct(r['max_accuracy'])} | "
             f"{r['p50_first']:+.2f} → {r['p50_last']:+.2f} ({r['p50_range']:.2f}) | "
             f"{r['spread_first']:.2f} → {r['spread_last']:.2f} |")
+    drift_from = int(DRIFT_FROM * cfg["steps"])
+    lines += [
+        "",
+        f"Drift of every unit: for each of the 100 sigmoids of the last hidden layer, the range "
+        f"(max - min) of each percentile of its input over the evaluations from step {drift_from:,} "
+        f"({100 * DRIFT_FROM:.0f} % of the run) on, averaged over the 100 units and the {len(seeds)} seeds "
+        "(the panels of the figure show one unit, as the paper's do):",
+        "",
+        "| network | 15th percentile | median | 85th percentile |",
+        "|---|---|---|---|",
+    ]
+    for name, r in (("without BN", b), ("with BN", n)):
+        d = r["unit_drift"]
+        lines.append(f"| {name} | {d['15']:.3f} | {d['50']:.3f} | {d['85']:.3f} |")
     lines += [
         "",
         f"- The BN network's mean accuracy first reaches the baseline's final mean accuracy "
@@ -80,9 +96,10 @@ def figure1(metrics: Dict[str, Any]) -> str:
         f"| BN network trains faster | reaches the baseline's final accuracy at step "
         f"{s['steps_to_baseline_final'] if s['steps_to_baseline_final'] else 'never'} of {s['baseline_final_step']:,} | "
         f"{'yes' if frac and frac <= 0.2 else ('partly' if frac else 'no')} (target: within 1/5 of the steps) |",
-        f"| without BN the sigmoid inputs drift; with BN they are stable | median moves over a range of "
-        f"{b['p50_range']:.2f} without BN vs {n['p50_range']:.2f} with BN | "
-        f"{'yes' if n['p50_range'] < 0.5 * b['p50_range'] else 'no'} |",
+        f"| without BN the sigmoid inputs drift; with BN they are stable | after the first "
+        f"{100 * DRIFT_FROM:.0f} % of training the median input of a unit moves over "
+        f"{b['unit_drift']['50']:.3f} without BN vs {n['unit_drift']['50']:.3f} with BN (mean of 100 units) | "
+        f"{'yes' if n['unit_drift']['50'] < 0.5 * b['unit_drift']['50'] else 'no'} (target: less than half) |",
         "",
         "The paper gives no optimizer, learning rate, initial scale or evaluation interval for this "
         "experiment; ours are in the configuration below (plain SGD for both networks).",
@@ -93,8 +110,6 @@ def figure1(metrics: Dict[str, Any]) -> str:
 
 
 def small_batch(metrics: Dict[str, Any]) -> str:
-    from .experiments.small_batch import LABELS
-
     cfg = metrics["config"]
     s = metrics["summary"]
     bs = [str(b) for b in cfg["batch_sizes"]]
@@ -119,7 +134,7 @@ def small_batch(metrics: Dict[str, Any]) -> str:
         "|---|" + "---|" * len(bs),
     ]
     for method, by_b in s.items():
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(
+        lines.append(f"| {label(method)} | " + " | ".join(
             f"{100 * by_b[b]['mean']:.2f} ± {100 * by_b[b]['std']:.2f}" for b in bs) + " |")
     diverged = [r for r in metrics["runs"] if r["diverged"]]
     if diverged:
@@ -153,8 +168,6 @@ def _small_batch_findings(metrics: Dict[str, Any]) -> List[str]:
 
 
 def inception(metrics: Dict[str, Any]) -> str:
-    from .experiments.inception import LABELS, PAPER
-
     cfg = metrics["config"]
     s = metrics["summary"]
     seeds = sorted({r["seed"] for r in metrics["runs"]})
@@ -175,9 +188,9 @@ def inception(metrics: Dict[str, Any]) -> str:
     ]
     for v in cfg["variants"]:
         hit = s[v]["steps_to_inception_max"]
-        ps, pa = PAPER[v]
+        ps, pa = VARIANT[v].paper_steps, VARIANT[v].paper_max
         reached = f"{hit:,}" if hit else ("never" if "inception" in s else "n/a (Inception not run)")
-        lines.append(f"| {LABELS[v]} | {reached} | {100 * s[v]['max_accuracy']:.2f} % | {ps} | "
+        lines.append(f"| {label(v)} | {reached} | {100 * s[v]['max_accuracy']:.2f} % | {ps} | "
                      f"{pa if isinstance(pa, str) else f'{pa} %'} |")
     ratio = s.get("inception_steps_over_bn_x5")
     lines += [

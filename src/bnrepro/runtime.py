@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import inspect
 import io
 import json
+import multiprocessing as mp
 import os
 import platform
+import queue as queue_mod
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Dict
 
+import numpy
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import batchnorm
 
 
 class UsageError(Exception):
@@ -128,9 +140,27 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout this package runs from (src layout)
+
+# Set by the CLI for the provenance of what it writes: whether --allow-dirty was given.
+RUN_FLAGS: Dict[str, Any] = {"allow_dirty": False}
+
+
+def check_records_clean(out: Path, allow_dirty: bool) -> None:
+    """Refuse to write into the repository's records/ from a tree with uncommitted changes
+    (its results could not be traced to a commit) unless ``allow_dirty``."""
+    records = (REPO / "records").resolve()
+    target = Path(out).resolve()
+    if target != records and records not in target.parents:
+        return
+    if git_commit().endswith("-dirty") and not allow_dirty:
+        raise UsageError(f"--out {out}: writing into records/ from a tree with uncommitted changes; commit first "
+                         "(records must name the commit that made them) or pass --allow-dirty")
+
+
 def git_commit() -> str:
     try:
-        root = Path(__file__).resolve().parents[2]
+        root = REPO
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -155,12 +185,12 @@ def cpu_name() -> str:
 
 def provenance() -> Dict[str, Any]:
     """Versions and machine, for every record."""
-    import numpy
     cpu = cpu_name()
     return {
         "command": " ".join(["bnrepro"] + sys.argv[1:]) if Path(sys.argv[0]).name in ("bnrepro", "__main__.py")
         else " ".join(sys.argv),
         "git_commit": git_commit(),
+        "allow_dirty": bool(RUN_FLAGS["allow_dirty"]),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
@@ -178,11 +208,8 @@ def _exit_with_parent(parent: int) -> None:
     included), so no orphan goes on training and rewriting checkpoints. Linux delivers
     SIGKILL at once through PR_SET_PDEATHSIG; everywhere a daemon thread also watches for
     the parent to change, once a second."""
-    import signal
-    import threading
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
@@ -191,7 +218,6 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(1)
 
     def watch() -> None:
-        import time
         while True:
             time.sleep(1.0)
             if os.getppid() != parent:
@@ -222,8 +248,6 @@ def run_tasks(fn, tasks, workers: int, total_steps: int, desc: str, threads: int
     """Run ``fn(task_id, task)`` for every task, in ``workers`` processes (spawned, one
     thread each), with one tqdm bar over all steps that shows the latest loss and test
     accuracy. Returns the results in task order."""
-    import multiprocessing as mp
-    import queue as queue_mod
 
     from tqdm import tqdm
 
@@ -310,7 +334,6 @@ def distributed() -> "tuple[int, int]":
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    import torch.distributed as dist
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if not cuda and os.environ.get("BNREPRO_BIND_CORES", "1") != "0":
@@ -325,12 +348,9 @@ def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
     rank, world = distributed()
     if world == 1:
         return model
-    import batchnorm
-    from torch.nn.parallel import DistributedDataParallel as DDP
     model = batchnorm.convert_sync_batchnorm(model)
     # Buffers need no per-step broadcast: SyncBatchNorm's running statistics are global
     # already (the replicas start identical). torch 2.13 renamed the option.
-    import inspect
     if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
         return DDP(model, forward_sync_buffers=False)
     return DDP(model, broadcast_buffers=False)

@@ -11,10 +11,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .. import runtime
+from .. import report, runtime
 from ..data import fashion_tensors
 from ..config import EnsembleConfig
-from .inception import recipe
+from .inception import recipe, train_network
 
 # The variations, cycled through by member index; each member also has its own seed.
 VARIATIONS = [
@@ -30,8 +30,6 @@ VARIATIONS = [
 
 
 def run(cfg: EnsembleConfig, out: Path, resume: bool = False, quiet: bool = False) -> Optional[Dict[str, Any]]:
-    from .. import report
-    from .inception import train_network
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

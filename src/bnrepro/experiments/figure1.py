@@ -17,26 +17,62 @@ from torch import nn
 
 from batchnorm.monitor import InputPercentiles
 
-from .. import runtime
+from .. import plots, report, runtime
 from ..data import mnist_tensors
 from ..config import Figure1Config
 from ..models import mnist_mlp
+from ..names import DRIFT_FROM
 
 MODELS = ("baseline", "bn")
 PERCENTILES = (15, 50, 85)
 
-# The paper's claims about Figure 1, for the report.
-PAPER = {
-    "claim_accuracy": "the network with BN has higher test accuracy",
-    "claim_speed": "the network with BN trains faster",
-    "claim_drift": "without BN the distribution of sigmoid inputs changes significantly over training; "
-                   "with BN it is much more stable",
-}
+class UnitPercentiles:
+    """The 15th/50th/85th percentiles of every unit of a layer's input over the test set,
+    one row per evaluation: ``history[q]`` is a list of (units,) lists."""
 
-def _evaluate(model: nn.Module, monitor: InputPercentiles, test_x, test_y, step: int) -> float:
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.history: Dict[str, List[List[float]]] = {str(q): [] for q in PERCENTILES}
+        self.steps: List[int] = []
+
+    def record(self, model: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Run ``model(x)`` and append every unit's percentiles of the layer's input."""
+        seen: List[torch.Tensor] = []
+        handle = self.layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+        try:
+            out = model(x)
+        finally:
+            handle.remove()
+        qs = torch.quantile(seen[0].double(), torch.tensor([q / 100 for q in PERCENTILES], dtype=torch.float64),
+                            dim=0)                                           # (3, units)
+        for q, row in zip(PERCENTILES, qs.tolist()):
+            self.history[str(q)].append(row)
+        self.steps.append(step)
+        return out
+
+    def drift(self, total_steps: int) -> Dict[str, List[float]]:
+        """Per percentile, each unit's range (max - min) over the evaluations at or after
+        DRIFT_FROM of the run."""
+        keep = [i for i, st in enumerate(self.steps) if st >= DRIFT_FROM * total_steps]
+        out = {}
+        for q, rows in self.history.items():
+            a = np.asarray([rows[i] for i in keep])                          # (evals, units)
+            out[q] = (a.max(axis=0) - a.min(axis=0)).tolist() if len(a) else []
+        return out
+
+    def state_dict(self) -> dict:
+        return {"steps": list(self.steps), "history": {k: [list(r) for r in v] for k, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = list(state["steps"])
+        self.history = {k: [list(r) for r in v] for k, v in state["history"].items()}
+
+
+def _evaluate(model: nn.Module, monitor: InputPercentiles, units: UnitPercentiles, test_x, test_y,
+              step: int) -> float:
     model.eval()
     with torch.no_grad(), monitor.record(step=step):
-        correct = (model(test_x).argmax(dim=1) == test_y).sum().item()
+        correct = (units.record(model, test_x, step).argmax(dim=1) == test_y).sum().item()
     model.train()
     return correct / len(test_y)
 
@@ -60,6 +96,7 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
     # The data order depends on the seed only: both networks see the same mini-batches.
     gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
     monitor = InputPercentiles(net[-2], unit=cfg.unit, q=PERCENTILES)
+    units = UnitPercentiles(net[-2])
     steps: List[int] = []
     accs: List[float] = []
     losses: List[float] = []
@@ -75,6 +112,7 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         monitor.load_state_dict(state["monitor"])
+        units.load_state_dict(state["units"])
         steps, accs, losses = state["steps"], state["test_accuracy"], state["loss"]
         start, elapsed, running = state["step"], state["elapsed"], state["running_loss"]
     loss_fn = nn.CrossEntropyLoss()
@@ -88,7 +126,7 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
         opt.step()
         running += loss.item()  # this rank's slice; rank 0's is what the bar shows
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            acc = _evaluate(net, monitor, test_x, test_y, step)  # every rank: identical replicas
+            acc = _evaluate(net, monitor, units, test_x, test_y, step)  # every rank: identical replicas
             steps.append(step)
             accs.append(acc)
             losses.append(running / ((step - 1) % cfg.eval_every + 1))
@@ -99,6 +137,7 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
                 "config": task["config"], "model": kind, "seed": seed, "step": step,
                 "model_state": net.state_dict(), "optimizer": opt.state_dict(),
                 "generator": gen.get_state(), "monitor": monitor.state_dict(),
+                "units": units.state_dict(),
                 "steps": steps, "test_accuracy": accs, "loss": losses, "running_loss": running,
                 "elapsed": time.perf_counter() - t0,
             })
@@ -107,6 +146,7 @@ def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:
     return {
         "model": kind, "seed": seed, "steps": steps, "test_accuracy": accs, "train_loss": losses,
         "percentiles": {str(q): monitor.history[str(q)] for q in PERCENTILES},
+        "unit_drift_per_unit": units.drift(cfg.steps),
         "wall_time_s": round(time.perf_counter() - t0, 2),
     }
 
@@ -135,6 +175,10 @@ def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             "p50_last": float(p50[:, -1].mean()),
             "spread_first": float((p85 - p15)[:, 0].mean()),
             "spread_last": float((p85 - p15)[:, -1].mean()),
+            # Every unit of the last hidden layer: the range of each percentile of its input
+            # over the evaluations from DRIFT_FROM of the run on, averaged over units and seeds.
+            "unit_drift": {str(q): float(np.mean([np.mean(r["unit_drift_per_unit"][str(q)]) for r in rs]))
+                           for q in PERCENTILES},
             "wall_time_s": float(np.mean([r["wall_time_s"] for r in rs])),
         }
     steps = runs[0]["steps"]
@@ -147,8 +191,6 @@ def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def run(cfg: Figure1Config, out: Path, resume: bool = False, quiet: bool = False) -> Dict[str, Any]:
     """Train both networks for every seed, then write metrics.json, figure1.png, report.md."""
-    from .. import plots, report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(cfg)

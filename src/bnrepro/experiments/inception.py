@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import runtime
+from .. import names, plots, report, runtime
 from ..data import fashion_tensors
 from ..config import InceptionConfig
 from ..models import SmallInception
@@ -30,18 +30,8 @@ from ..models import SmallInception
 X5_RECIPE = {"dropout": False, "wd_div": 5.0, "decay_speed": 6.0, "lrn": False, "shuffle": "thorough", "jitter_div": 4.0}
 BASE_RECIPE = {"dropout": True, "wd_div": 1.0, "decay_speed": 1.0, "lrn": True, "shuffle": "light", "jitter_div": 1.0}
 VARIANTS: Dict[str, Dict[str, Any]] = {
-    "inception": {"bn": False, "act": "relu", "lr_mult": 1, **BASE_RECIPE},
-    "bn-baseline": {"bn": True, "act": "relu", "lr_mult": 1, **BASE_RECIPE},
-    "bn-x5": {"bn": True, "act": "relu", "lr_mult": 5, **X5_RECIPE},
-    "bn-x30": {"bn": True, "act": "relu", "lr_mult": 30, **X5_RECIPE},
-    "bn-x5-sigmoid": {"bn": True, "act": "sigmoid", "lr_mult": 5, **X5_RECIPE},
-    "inception-sigmoid": {"bn": False, "act": "sigmoid", "lr_mult": 1, **BASE_RECIPE},
-}
-LABELS = {"inception": "Inception", "bn-baseline": "BN-Baseline", "bn-x5": "BN-x5", "bn-x30": "BN-x30",
-          "bn-x5-sigmoid": "BN-x5-Sigmoid", "inception-sigmoid": "Inception-Sigmoid"}
-# The paper's Figure 3 (ImageNet): steps to reach Inception's 72.2 % and max accuracy.
-PAPER = {"inception": ("31.0M", 72.2), "bn-baseline": ("13.3M", 72.7), "bn-x5": ("2.1M", 73.0),
-         "bn-x30": ("2.7M", 74.8), "bn-x5-sigmoid": ("never", 69.8), "inception-sigmoid": ("never", "chance")}
+    v.name: {"bn": v.bn, "act": v.act, "lr_mult": v.lr_mult, **(X5_RECIPE if v.x5_recipe else BASE_RECIPE)}
+    for v in names.VARIANTS}
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, jitter: float) -> torch.Tensor:
@@ -196,8 +186,6 @@ def summarize(runs: List[Dict[str, Any]], variants) -> Dict[str, Any]:
 
 
 def run(cfg: InceptionConfig, out: Path, resume: bool = False, quiet: bool = False) -> Optional[Dict[str, Any]]:
-    from .. import plots, report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(cfg)
@@ -233,4 +221,4 @@ def run(cfg: InceptionConfig, out: Path, resume: bool = False, quiet: bool = Fal
 def headline(metrics: Dict[str, Any]) -> str:
     s = metrics["summary"]
     return "max test accuracy -- " + ", ".join(
-        f"{LABELS[v]} {100 * s[v]['max_accuracy']:.2f}%" for v in metrics["config"]["variants"])
+        f"{names.label(v)} {100 * s[v]['max_accuracy']:.2f}%" for v in metrics["config"]["variants"])

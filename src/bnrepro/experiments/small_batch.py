@@ -20,12 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import runtime
+from .. import plots, report, runtime
 from ..data import fashion_tensors
 from ..config import SmallBatchConfig
 from ..models import small_convnet
-
-LABELS = {"none": "no normalization", "bn": "BatchNorm", "renorm": "Batch Renorm", "ghost": "BN, ghost batches"}
 
 def accuracy(model: nn.Module, x, y, batch: int = 1000) -> float:
     model.eval()
@@ -121,8 +119,6 @@ def summarize(cfg: SmallBatchConfig, runs: List[Dict[str, Any]]) -> Dict[str, An
 
 
 def run(cfg: SmallBatchConfig, out: Path, resume: bool = False, quiet: bool = False) -> Optional[Dict[str, Any]]:
-    from .. import plots, report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(cfg)
