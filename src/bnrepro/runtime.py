@@ -52,9 +52,11 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
-def git_commit() -> str:
+def git_commit(path=None) -> str:
+    """HEAD of the git checkout holding ``path`` (default: this package's), with "-dirty"
+    if tracked files differ from it; "unknown" outside a checkout."""
     try:
-        root = Path(__file__).resolve().parents[2]
+        root = Path(path).resolve().parent if path is not None else Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
