@@ -34,14 +34,29 @@ def compare(fns: Sequence[Callable[[], object]], min_time: float = 2e-3, repeats
     return [statistics.median(s) for s in samples]
 
 
+def commit() -> str:
+    """The git commit of the batchnorm being timed ("-dirty" if its checkout has edits),
+    plus the benchmarks' own commit where they come from another checkout (timing older
+    kernels with their src/ first on PYTHONPATH)."""
+    from bnrepro.runtime import git_commit
+    ours = git_commit()  # the checkout that bnrepro, and batchnorm beside it, are imported from
+    try:
+        here = git_commit(__file__)
+    except TypeError:  # that checkout's git_commit predates the path argument
+        return f"{ours} (benchmarks from another checkout)"
+    return ours if ours == here else f"{ours} (benchmarks at {here})"
+
+
 def machine() -> str:
     """The CPU, torch's version and threads, the instruction set torch's CPU kernels
-    dispatch to (``ATEN_CPU_CAPABILITY`` can lower it) and the -march our kernels are built
-    for (``BATCHNORM_MARCH``, default native)."""
+    dispatch to (``ATEN_CPU_CAPABILITY`` can lower it), the -march our kernels are built
+    for (``BATCHNORM_MARCH``, default native) and the commit measured: every record under
+    records/benchmarks/ starts with this line."""
     import os
     from bnrepro.runtime import cpu_name
     return (f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, torch kernels "
-            f"{torch.backends.cpu.get_cpu_capability()}, ours -march={os.environ.get('BATCHNORM_MARCH', 'native')}")
+            f"{torch.backends.cpu.get_cpu_capability()}, ours -march={os.environ.get('BATCHNORM_MARCH', 'native')}; "
+            f"commit {commit()}")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -4,7 +4,7 @@ network unfolded (eval mode), same process, interleaved; and the folded outputs'
     python benchmarks/fold.py [--quick] [--system-malloc]
 
 The network is bnrepro's SmallInception (the Inception experiment's, BN before every
-nonlinearity, 13 BN layers), given non-trivial running statistics and affine parameters by
+nonlinearity, 27 BN layers), given non-trivial running statistics and affine parameters by
 a few training steps on random 28x28 inputs. Folding (Algorithm 2, step 11) merges every BN
 into the convolution before it, so the folded network runs one layer fewer per unit.
 Timed at batch sizes 1 (latency) and 256 (throughput), under torch.inference_mode(), next

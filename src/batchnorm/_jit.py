@@ -2,7 +2,7 @@
 
 The package installs with pip and needs no compiler at install time. The first training
 step on CPU that can use the kernels compiles ``_kernels.c`` with the system C compiler
-(``$CC``, else ``cc`` or ``gcc``; about a second) into a cache directory
+(``$CC``, else ``cc``, ``gcc`` or ``clang``; a few seconds) into a cache directory
 (``$BATCHNORM_CACHE``, else ``$XDG_CACHE_HOME/batchnorm``, else ``~/.cache/batchnorm``),
 keyed by a hash of the source, the flags, the compiler and the CPU, and written
 atomically. Without a compiler, or with ``BATCHNORM_KERNELS=0`` in the environment,

@@ -29,7 +29,7 @@ __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_stats", "gather_stat
 #: wakes it. On this project's 2-core machine, with one busy process per core, a step of
 #: benchmarks/sync.py's net (6 waits) took 1.19 to 1.41 times local BN's with blocking waits
 #: and 1.21 to 1.34 with polled ones in the same runs, polled faster in 8 of 9 runs
-#: (records/benchmarks/sync.md, sync-repeat.md, sync-runs.md, sync-unpinned.md). Polling
+#: (records/benchmarks/sync/: run-1.md to run-8.md, no-pin-cores-1.md). Polling
 #: without yielding was slower than blocking in an experiment: gloo's own threads need the
 #: core.
 def _poll_ms_from_env() -> float:

@@ -158,9 +158,11 @@ def check_records_clean(out: Path, allow_dirty: bool) -> None:
                          "(records must name the commit that made them) or pass --allow-dirty")
 
 
-def git_commit() -> str:
+def git_commit(path=None) -> str:
+    """HEAD of the git checkout holding ``path`` (default: this package's), with "-dirty"
+    if tracked files differ from it; "unknown" outside a checkout."""
     try:
-        root = REPO
+        root = Path(path).resolve().parent if path is not None else REPO
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
