@@ -208,8 +208,10 @@ def test_build_is_cached_and_leaves_no_partial_files(tmp_path):
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and "loaded" in out.stdout, out.stderr
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].endswith(".so"), files
+    # one private directory per user, holding the library and its hash record (tests/test_jit.py)
+    assert os.listdir(tmp_path) == [f"u{os.geteuid()}"]
+    files = sorted(os.listdir(tmp_path / f"u{os.geteuid()}"))
+    assert len(files) == 2 and files[0].endswith(".so") and files[1] == files[0] + ".sha256", files
 
 
 def test_disabled_kernels_fall_back_to_torch_operations():

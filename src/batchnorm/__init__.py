@@ -17,11 +17,14 @@ __version__ = "0.1.0"
 
 
 def kernels_status() -> str:
-    """Whether the fused CPU kernels (compiled on first use) are in use, and if not, why.
+    """Whether the fused CPU kernels (compiled on first use) are in use: the file loaded,
+    its build flags and whether it was built now or verified from the cache, or why torch
+    operations are used instead.
 
     Training on CPU uses them for float32/float64 inputs in NCHW-contiguous or
     channels-last layout; ``BATCHNORM_KERNELS=0`` in the environment turns them off, and
-    without a C compiler everything runs on torch operations (same results)."""
+    without a C compiler everything runs on torch operations (same results). The build,
+    the cache and the environment variables they read: :mod:`batchnorm._jit`."""
     from . import _jit
     return _jit.status()
 
