@@ -152,6 +152,8 @@ def test_build_then_cache_with_private_modes(tmp_path):
     first = _probe(tmp_path, code=code)
     assert first["loaded"] and first["works"], first["status"]
     assert first["info"]["how"] == "built" and "built now" in first["status"]
+    if platform.machine() == "x86_64":  # the level and what the binary itself says it carries
+        assert "(x86-64: portable loops, OpenMP; built now)" in first["status"], first["status"]
     so = Path(first["info"]["path"])
     assert so.parent == _user_dir(tmp_path) and so.name in first["status"]
     assert stat.S_IMODE(so.parent.stat().st_mode) == 0o700
@@ -318,7 +320,7 @@ def test_planted_library_never_runs(tmp_path, plant, cache_names, chown, case):
     assert result["loaded"] and result["works"], result["status"]
     assert result["info"]["how"] in ("built", "built, not cached"), result["status"]
     if says is None:
-        assert result["info"]["notes"] == [], result["status"]  # nothing was suspect
+        assert not any("rebuilt" in n or "not used" in n for n in result["info"]["notes"]), result["status"]
     else:
         assert says in result["status"], result["status"]
     if case == "directory of another user":
@@ -431,7 +433,7 @@ def test_compiler_process_group_is_killed(tmp_path, failure):
 @pytest.mark.parametrize("failure", ["OSError moving the library", "KeyboardInterrupt while hashing"])
 def test_build_removes_its_temporary_directory_on_exceptions(tmp_path, monkeypatch, failure):
     cc = [_cc(), "-O0"]
-    cand = _jit._candidates(cc, "test")[-1]  # the plain build: no -march, no OpenMP
+    cand = _jit._candidates(cc, "test")[0][-1]  # the last resort: lowest level, no OpenMP
     d = tmp_path / "u"
     d.mkdir(mode=0o700)
     if failure.startswith("OSError"):
@@ -459,3 +461,76 @@ def test_invalid_timeout_is_reported(monkeypatch):
     assert seconds == _jit._TIMEOUT and "BATCHNORM_CC_TIMEOUT='soon'" in notes[0]
     monkeypatch.setenv("BATCHNORM_CC_TIMEOUT", "7.5")
     assert _jit._timeout() == (7.5, [])
+
+
+# ---- the instruction set, chosen when loading ------------------------------------------------------
+
+BASE_CPU = "fpu cx8 cmov mmx fxsr sse sse2 syscall nx lm".split()
+V2_CPU = BASE_CPU + "pni ssse3 cx16 sse4_1 sse4_2 popcnt lahf_lm".split()
+V3_CPU = V2_CPU + "fma movbe xsave avx f16c abm bmi1 avx2 bmi2".split()
+V4_CPU = V3_CPU + "avx512f avx512dq avx512cd avx512bw avx512vl".split()
+LEVELS = ["x86-64-v4", "x86-64-v3", "x86-64-v2", "x86-64"]
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """fake_cpu(flags): make _jit see an x86-64 CPU with these /proc/cpuinfo flags."""
+    monkeypatch.delenv("BATCHNORM_MARCH", raising=False)
+    monkeypatch.setattr(_jit, "_is_x86_64", lambda: True)
+
+    def use(flags):
+        monkeypatch.setattr(_jit, "_cpu_flags", lambda: None if flags is None else list(flags))
+    return use
+
+
+@pytest.mark.parametrize("cpu,best", [(V4_CPU + ["amx_tile", "avx512_fp16"], "x86-64-v4"), (V3_CPU, "x86-64-v3"),
+                                      ([f for f in V3_CPU if f != "fma"], "x86-64-v2"), (V2_CPU, "x86-64-v2"),
+                                      (BASE_CPU, "x86-64"), (None, "x86-64")],
+                         ids=["v4", "v3", "v3 without FMA", "v2", "baseline", "unreadable"])
+def test_best_level_the_cpu_supports_is_chosen(fake_cpu, cpu, best):
+    fake_cpu(cpu)
+    levels, notes, key_cpu = _jit._levels()
+    # the best level first, the lower ones after it for a compiler that rejects it
+    assert [name for name, _ in levels] == LEVELS[LEVELS.index(best):]
+    assert levels[0][1][0] == f"-march={best}" and notes == [] and key_cpu == ""
+
+
+def test_cache_key_carries_no_cpu_flags(fake_cpu, monkeypatch):
+    # Two AVX-512 machines with different extensions share their builds; an AVX2 machine
+    # builds its own, the very file an AVX-512 machine uses when told x86-64-v3.
+    cc = ["/usr/bin/cc"]
+    fake_cpu(V4_CPU)
+    v4 = [c.name for c in _jit._candidates(cc, "v")[0]]
+    fake_cpu(V4_CPU + ["avx512_vnni", "amx_int8", "vaes"])
+    assert [c.name for c in _jit._candidates(cc, "v")[0]] == v4
+    fake_cpu(V3_CPU)
+    v3 = [c.name for c in _jit._candidates(cc, "v")[0]]
+    assert v3 == v4[2:]
+    fake_cpu(V4_CPU)
+    monkeypatch.setenv("BATCHNORM_MARCH", "x86-64-v3")
+    assert [c.name for c in _jit._candidates(cc, "v")[0]] == v3[:2]
+
+
+def test_march_override(fake_cpu, monkeypatch):
+    fake_cpu(V3_CPU)
+    monkeypatch.setenv("BATCHNORM_MARCH", "x86-64-v4")  # this CPU cannot run it: refused, said so
+    levels, notes, _ = _jit._levels()
+    assert levels[0][0] == "x86-64-v3"
+    assert "BATCHNORM_MARCH=x86-64-v4 refused, this CPU lacks avx512f" in notes[0]
+    monkeypatch.setenv("BATCHNORM_MARCH", "x86-64")  # asked for: that level only, never another
+    assert _jit._levels()[:2] == ([("x86-64", ["-march=x86-64"])], ["level set by BATCHNORM_MARCH=x86-64"])
+    monkeypatch.setenv("BATCHNORM_MARCH", "znver4")
+    levels, notes, key_cpu = _jit._levels()
+    assert levels == [("-march=znver4", ["-march=znver4"])] and "not checked" in notes[0] and key_cpu == ""
+    monkeypatch.setenv("BATCHNORM_MARCH", "native")  # only this CPU's flags make such a build shareable
+    levels, _, key_cpu = _jit._levels()
+    assert levels == [("native", ["-march=native"])] and key_cpu == " ".join(V3_CPU)
+    native_v3 = _jit._candidates(["/usr/bin/cc"], "v")[0][0].name
+    fake_cpu(V4_CPU)
+    assert _jit._candidates(["/usr/bin/cc"], "v")[0][0].name != native_v3
+
+
+def test_other_architectures_build_for_the_compiler_default(monkeypatch):
+    monkeypatch.delenv("BATCHNORM_MARCH", raising=False)
+    monkeypatch.setattr(_jit, "_is_x86_64", lambda: False)
+    assert _jit._levels() == ([("compiler default", [])], [], "")

@@ -6,6 +6,16 @@ later processes load it from there. With ``BATCHNORM_KERNELS=0``, without a usab
 compiler, or when anything below fails, everything runs on torch operations instead, and
 :func:`status` says which file was loaded, or why none was.
 
+Instruction set, chosen when loading: on x86-64 the kernels are built for the best
+micro-architecture level this CPU supports (``x86-64-v4``: AVX-512, ``x86-64-v3``: AVX2 and
+FMA, ``x86-64-v2``, ``x86-64``; read from /proc/cpuinfo), one cached library per level, so
+the key carries no CPU flags and machines of several generations can share a cache; only
+the level a CPU needs is compiled. ``BATCHNORM_MARCH`` overrides the choice: a level (one
+this CPU lacks is refused, and the status says so), ``native`` (exactly this CPU: its flags
+then join the key) or any other ``-march`` value, passed on unchecked. Elsewhere the
+compiler's default target is used. The status names the level and what the loaded binary
+says it carries (AVX-512, AVX2+FMA or portable loops; OpenMP or its own thread pool).
+
 Compiler: ``$CC``, split as a shell would split it (``CC='ccache gcc'``; an optimization
 level in it, ``CC='gcc -O0'``, replaces our ``-O3``; our other flags follow its words). A
 ``$CC`` naming no program on PATH turns the kernels off, and the status names it: it is
@@ -18,9 +28,8 @@ Cache: the root is ``$BATCHNORM_CACHE``, else ``$XDG_CACHE_HOME/batchnorm``, els
 ``~/.cache/batchnorm``; each user's files live in ``<root>/u<uid>/`` (mode 0700), so a root
 made world-writable and sticky (1777, as /tmp) can serve several users. A build is
 ``bnkernels-<key>.so`` (mode 0755; the key hashes the source, the compiler command, its
-flags and version, and the CPU's flags, for -march=native) beside
-``bnkernels-<key>.so.sha256``, the SHA-256 of its content in ``sha256sum`` format,
-written when it was built. Anyone can compute a key, so the name
+flags and its version) beside ``bnkernels-<key>.so.sha256``, the SHA-256 of its content
+in ``sha256sum`` format, written when it was built. Anyone can compute a key, so the name
 proves nothing: a cached file is loaded only when it, its record and their directory are
 owned by this user or root and not writable by group or others, and its content matches the
 record. Everything is checked on open file descriptors and the library is loaded through
@@ -57,12 +66,22 @@ except ImportError:  # not POSIX: no build lock (concurrent first runs then buil
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.c")
 _FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=c11"]
-# Tried in order until one builds. OpenMP first: the kernels then share torch's own OpenMP
-# runtime (see _kernels.c); without it (a compiler with no OpenMP) they fall back to a small
-# pthread pool of their own. -march: $BATCHNORM_MARCH, default native (e.g. "x86-64-v3" for a
-# cache shared by machines of one family); a compiler that rejects it builds without.
-_MARCH = [f"-march={os.environ.get('BATCHNORM_MARCH', 'native')}"]
-_VARIANTS = [_MARCH + ["-fopenmp"], _MARCH, ["-fopenmp"], []]
+# Tried in order after the instruction-set flags, until one builds. OpenMP first: the kernels
+# then share torch's own OpenMP runtime (see _kernels.c); without it (a compiler with no
+# OpenMP) they fall back to a small pthread pool of their own.
+_VARIANTS = [["-fopenmp"], []]
+# The x86-64 micro-architecture levels (the psABI's), best first: the flags each is built
+# with, and the /proc/cpuinfo flags it needs beyond the level below. The kernels have
+# AVX-512 (v4), AVX2+FMA (v3) and portable code paths. v4 keeps auto-vectorized loops at
+# 256 bits as gcc's tuning for AVX-512 servers does (the build then matches -march=native's
+# on them); the hand-written AVX-512 paths are unaffected.
+_X86_LEVELS = [
+    ("x86-64-v4", ["-march=x86-64-v4", "-mprefer-vector-width=256"],
+     ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
+    ("x86-64-v3", ["-march=x86-64-v3"], ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")),
+    ("x86-64-v2", ["-march=x86-64-v2"], ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")),
+    ("x86-64", ["-march=x86-64"], ()),
+]
 _TIMEOUT = 120.0  # seconds, default of $BATCHNORM_CC_TIMEOUT
 _STALE = 600.0  # seconds after which a build's temporary directory counts as abandoned
 _MAX_SIZE = 64 << 20  # bytes: no build comes near this; a larger "cached" file is not hashed
@@ -86,7 +105,9 @@ class _Untrusted(Exception):
 
 
 class _Candidate(NamedTuple):
-    """One way to build the kernels: its extra flags and the file it is cached as."""
+    """One way to build the kernels: its instruction-set level, its flags beyond _FLAGS, and
+    the file it is cached as."""
+    level: str
     flags: List[str]
     key: str
     name: str
@@ -193,23 +214,71 @@ def _key(*parts: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _cpu_key() -> str:
+def _cpu_flags() -> Optional[List[str]]:
+    """This CPU's feature flags as Linux lists them, None when they cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return line
+                    return line.split(":", 1)[1].split()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
 
 
-def _candidates(cc: List[str], version: str) -> List[_Candidate]:
+def _is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _levels() -> Tuple[List[Tuple[str, List[str]]], List[str], str]:
+    """The instruction-set levels to build for, best first ((name, flags); the ones after
+    the first are for a compiler that rejects it), notes for the status, and what of the
+    CPU joins the cache key (nothing, except for BATCHNORM_MARCH=native).
+
+    By default the best x86-64 level this CPU supports (elsewhere the compiler's default).
+    BATCHNORM_MARCH picks one: a level is checked against the CPU (refused, with the reason
+    in the status, if the CPU lacks it), "native" builds for exactly this CPU, anything else
+    goes to -march= unchecked. Whatever is asked for is built or fails, never replaced."""
+    want = os.environ.get("BATCHNORM_MARCH", "").strip()
+    auto: List[Tuple[str, List[str]]] = [] if _is_x86_64() else [("compiler default", [])]
+    missing: Dict[str, List[str]] = {}  # level -> the CPU flags it needs that this CPU lacks
+    if _is_x86_64():
+        have, needed = _cpu_flags(), []
+        for name, flags, extra in reversed(_X86_LEVELS):  # lowest first: each needs those below
+            needed += extra
+            if have is None:
+                lacking = ["(none of its features could be read)"] if needed else []
+            else:
+                lacking = [f for f in needed if f not in have]
+            if lacking:
+                missing[name] = lacking
+            else:
+                auto.insert(0, (name, flags))
+    if not want:
+        return auto, [], ""
+    if want == "native":
+        return [("native", ["-march=native"])], ["BATCHNORM_MARCH=native: built for this CPU only"], \
+            " ".join(_cpu_flags() or [platform.processor() or platform.machine()])
+    levels = {name: flags for name, flags, _ in _X86_LEVELS} if _is_x86_64() else {}
+    if want in levels:
+        if want in missing:
+            return auto, [f"BATCHNORM_MARCH={want} refused, this CPU lacks {' '.join(missing[want][:6])}: "
+                          f"built for {auto[0][0]} instead"], ""
+        return [(want, levels[want])], [f"level set by BATCHNORM_MARCH={want}"], ""
+    return [(f"-march={want}", [f"-march={want}"])], \
+        [f"BATCHNORM_MARCH={want} passed to the compiler as given, not checked against this CPU"], ""
+
+
+def _candidates(cc: List[str], version: str) -> Tuple[List[_Candidate], List[str]]:
+    """The builds to try, best first, and notes on the instruction-set choice."""
+    levels, notes, cpu = _levels()
     out = []
-    for extra in _VARIANTS:
-        key = _key("\0".join(cc), "\0".join(_flags(cc) + extra), version, _cpu_key())
-        out.append(_Candidate(list(extra), key, f"{_PREFIX}{key}.so"))
-    return out
+    for level, isa in levels:
+        for extra in _VARIANTS:
+            flags = isa + extra
+            key = _key("\0".join(cc), "\0".join(_flags(cc) + flags), version, platform.machine(), cpu)
+            out.append(_Candidate(level, flags, key, f"{_PREFIX}{key}.so"))
+    return out, notes
 
 
 # ---- trust --------------------------------------------------------------------------------
@@ -396,6 +465,8 @@ def _lock_dir(dfd: int, deadline: float, where: str) -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    lib.bn_build_info.argtypes = []
+    lib.bn_build_info.restype = ctypes.c_char_p
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suf in ("f32", "f64"):
         getattr(lib, f"bn_stats_{suf}").argtypes = [p, i64, i64, i64, i, p, p, i]
@@ -534,17 +605,18 @@ def _load_from(dfd: int, dirpath: str, trusted: bool, cc: List[str], cands: List
     raise _Fallback("build failed, using torch operations: " + "; ".join(errors))
 
 
-def _plan(deadline: Optional[float] = None) -> Tuple[List[str], List[_Candidate]]:
-    """The compiler command and the builds to try, best first (the first cached one wins)."""
+def _plan(deadline: Optional[float] = None) -> Tuple[List[str], List[_Candidate], List[str]]:
+    """The compiler command, the builds to try (best first) and notes on the choice."""
     cc = _compiler_command()
     proc = _run([*cc, "--version"], time.monotonic() + _timeout()[0] if deadline is None else deadline)
-    return cc, _candidates(cc, proc.stdout + proc.stderr + str(proc.returncode))
+    return (cc, *_candidates(cc, proc.stdout + proc.stderr + str(proc.returncode)))
 
 
 def _load() -> Tuple[ctypes.CDLL, Dict[str, object]]:
     timeout, notes = _timeout()
     deadline = time.monotonic() + timeout
-    cc, cands = _plan(deadline)
+    cc, cands, isa_notes = _plan(deadline)
+    notes += isa_notes
     try:
         dfd, trusted = _open_user_dir(notes)
         dirpath = _user_dir()
@@ -564,8 +636,8 @@ def _load() -> Tuple[ctypes.CDLL, Dict[str, object]]:
         if private:
             os.rmdir(dirpath)
     path = os.path.join(dirpath, cand.name)
-    return lib, {"path": path, "how": "built, not cached" if private else how, "flags": cand.flags,
-                 "compiler": cc, "notes": notes}
+    return lib, {"path": path, "how": "built, not cached" if private else how, "level": cand.level,
+                 "flags": cand.flags, "isa": lib.bn_build_info().decode(), "compiler": cc, "notes": notes}
 
 
 def kernels() -> Optional[ctypes.CDLL]:
@@ -591,8 +663,7 @@ def kernels() -> Optional[ctypes.CDLL]:
         _lib, _info = lib, info
         how = {"cached": "from the cache, SHA-256 verified", "built": "built now"}.get(str(info["how"]), info["how"])
         notes = "".join(f"; {n}" for n in info["notes"])  # type: ignore[union-attr]
-        _status = f"fused CPU kernels loaded: {info['path']} ({' '.join(info['flags']) or 'no extra flags'}; " \
-                  f"{how}){notes}"  # type: ignore[arg-type]
+        _status = f"fused CPU kernels loaded: {info['path']} ({info['level']}: {info['isa']}; {how}){notes}"
         return _lib
 
 

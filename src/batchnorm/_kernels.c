@@ -31,7 +31,9 @@
  * Instruction sets: the float32 reductions have AVX-512 versions (row_sums_avx512,
  * cl_rows*), AVX2+FMA versions (row_sums_avx2, cl_sums_avx2_f32) and portable loops that the
  * compiler vectorizes (every other build, float64, and widths the vector versions do not
- * take); which one a build uses follows from -march (batchnorm._jit).
+ * take); which one a build uses follows from -march. batchnorm._jit builds one library per
+ * x86-64 level and loads the best one the CPU supports (x86-64-v4: AVX-512, x86-64-v3:
+ * AVX2+FMA, x86-64 and x86-64-v2: portable); bn_build_info says which paths a build has.
  */
 #include <math.h>
 #include <pthread.h>
@@ -41,6 +43,24 @@
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
+
+/* What this build carries, for batchnorm.kernels_status(): the instruction set its vector
+ * code paths were compiled for, and the thread runtime. */
+const char *bn_build_info(void) {
+    return
+#if defined(__AVX512F__)
+        "AVX-512"
+#elif defined(__AVX2__) && defined(__FMA__)
+        "AVX2+FMA"
+#else
+        "portable loops"
+#endif
+#ifdef _OPENMP
+        ", OpenMP";
+#else
+        ", pthread pool";
+#endif
+}
 
 #define BLOCK 256          /* rows per float block in the channels-innermost reductions */
 #define FLUSH 1024         /* values per float lane before it is added into a double */
