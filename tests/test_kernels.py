@@ -377,11 +377,12 @@ print("ok", worst, _jit._info["isa"])
 def test_portable_builds_are_correct(arch, tmp_path):
     # This machine builds for its best x86-64 level with OpenMP (x86-64-v4, AVX-512, here);
     # the AVX2 and plain-SSE2 code paths and the pthread pool of _kernels.c are built (and
-    # said so by the status) and checked too, against torch.nn and impl="paper". Shapes for the AVX2 paths: rows with a tail
-    # (S = 100, 49), channels-innermost groups of four rows with leftover rows (C = 40,
-    # 1476 rows) and C = 16, statistics in groups but gradient sums on the portable loop
-    # (C = 64, 96), wider (256) and odd (13) widths on the portable loop, and 8 MB
-    # channels_last outputs (non-temporal stores; C = 72 through coefficient tapes).
+    # said so by the status) and checked too, against torch.nn and impl="paper". Shapes for
+    # the AVX2 paths: rows with a tail (S = 100, 49), channels-innermost groups of four rows
+    # with leftover rows (C = 40, 1476 rows) and C = 16, statistics in groups but gradient
+    # sums on the portable loop (C = 64, 96), wider (256) and odd (13) widths on the portable
+    # loop, and 8 MB channels_last outputs (non-temporal stores; C = 72 through coefficient
+    # tapes).
     import platform
     _need_kernels()
     if platform.machine() != "x86_64":
