@@ -534,3 +534,25 @@ def test_other_architectures_build_for_the_compiler_default(monkeypatch):
     monkeypatch.delenv("BATCHNORM_MARCH", raising=False)
     monkeypatch.setattr(_jit, "_is_x86_64", lambda: False)
     assert _jit._levels() == ([("compiler default", [])], [], "")
+
+
+def test_each_load_maps_the_file_it_checked(tmp_path, monkeypatch):
+    # Libraries are loaded through /proc/self/fd/<n>, and the dynamic loader returns the
+    # library it loaded earlier under the same name: a second load (another cache, the same
+    # fd number) must still map its own file. In this process: an -O0 baseline build is
+    # harmless beside the real one.
+    monkeypatch.setenv("CC", f"{shlex.quote(_cc())} -O0")
+    monkeypatch.delenv("BATCHNORM_CC_TIMEOUT", raising=False)
+    if platform.machine() == "x86_64":
+        monkeypatch.setenv("BATCHNORM_MARCH", "x86-64")
+    loaded = []
+    for cache in ("a", "b"):
+        monkeypatch.setenv("BATCHNORM_CACHE", str(tmp_path / cache))
+        lib, info = _jit._load()
+        assert Path(info["path"]).parent == _user_dir(tmp_path / cache)
+        loaded.append((lib, info))
+    (a, info_a), (b, info_b) = loaded
+    assert a._handle != b._handle and info_a["path"] != info_b["path"]
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    assert info_a["path"] in maps and info_b["path"] in maps

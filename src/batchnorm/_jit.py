@@ -86,7 +86,7 @@ _TIMEOUT = 120.0  # seconds, default of $BATCHNORM_CC_TIMEOUT
 _STALE = 600.0  # seconds after which a build's temporary directory counts as abandoned
 _MAX_SIZE = 64 << 20  # bytes: no build comes near this; a larger "cached" file is not hashed
 _PREFIX = "bnkernels-"
-_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 _lock = threading.Lock()
