@@ -49,14 +49,15 @@ def commit() -> str:
 
 def machine() -> str:
     """The CPU, torch's version and threads, the instruction set torch's CPU kernels
-    dispatch to (``ATEN_CPU_CAPABILITY`` can lower it), the -march our kernels are built
-    for (``BATCHNORM_MARCH``, default native) and the commit measured: every record under
-    records/benchmarks/ starts with this line."""
-    import os
+    dispatch to (``ATEN_CPU_CAPABILITY`` can lower it), the x86-64 level our kernels were
+    built for (chosen at load time; ``BATCHNORM_MARCH`` overrides it) and the commit
+    measured: every record under records/benchmarks/ starts with this line."""
+    from batchnorm import _jit
     from bnrepro.runtime import cpu_name
+    _jit.kernels()
+    ours = _jit._info.get("level") or f"none ({_jit.status()})"
     return (f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, torch kernels "
-            f"{torch.backends.cpu.get_cpu_capability()}, ours -march={os.environ.get('BATCHNORM_MARCH', 'native')}; "
-            f"commit {commit()}")
+            f"{torch.backends.cpu.get_cpu_capability()}, ours {ours}; commit {commit()}")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -59,10 +59,10 @@ def validate(config) -> None:
             raise ValueError(f"--methods must be among {', '.join(METHOD)}, got {' '.join(v)}")
         if f.name in ("lr", "init_std") and not v > 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
-        if f.name in ("steps", "batch_size", "seeds", "eval_every", "checkpoint_every", "workers", "ghost_batch",
-                      "eval_images") and v < 1:
+        if f.name in ("steps", "fast_steps", "batch_size", "seeds", "eval_every", "checkpoint_every", "workers",
+                      "ghost_batch", "eval_images") and v < 1:
             raise ValueError(f"--{f.name.replace('_', '-')} must be >= 1, got {v}")
-        if f.name in ("first_seed", "unit") and v < 0:
+        if f.name in ("first_seed", "unit", "min_steps", "plateau_tol") and v < 0:
             raise ValueError(f"--{f.name.replace('_', '-')} must be >= 0, got {v}")
     if getattr(config, "batch_size", 2) < 2:
         raise ValueError("--batch-size must be >= 2 (BN needs two values per channel)")
@@ -102,23 +102,27 @@ class InceptionConfig:
     """Section 4.2 in miniature: Inception and its BN variants on Fashion-MNIST (Figures 2, 3)."""
 
     variants: Tuple[str, ...] = tuple(VARIANT)  # networks of Section 4.2.2 (names.VARIANTS)
-    steps: int = 4_000                  # SGD steps per network
+    steps: int = 4_000                  # most SGD steps of Inception and BN-Baseline (they stop at a plateau)
+    fast_steps: int = 4_000             # SGD steps of BN-x5, BN-x30, BN-x5-Sigmoid and Inception-Sigmoid
+    min_steps: int = 1_000              # no plateau stop before this step
+    plateau_tol: float = 0.003          # accuracy (fraction) of the plateau rule (see experiments/inception.py)
     batch_size: int = 64                # examples per step
     lr: float = 0.005                   # Inception's initial learning rate (BN-x5: x5, BN-x30: x30)
     momentum: float = 0.9               # SGD momentum, every variant
     weight_decay: float = 5e-4          # L2 weight decay of Inception and BN-Baseline (BN-x5/x30: / 5)
-    decay_every: float = 1.0            # fraction of the run after which Inception's lr halves (BN-x5/x30: 6x sooner)
+    decay_every: float = 1.0            # fraction of `steps` after which Inception's lr halves (BN-x5/x30: 6x sooner)
     dropout: float = 0.4                # before the classifier, Inception and BN-Baseline (BN-x5/x30: none)
     jitter: float = 0.4                 # photometric distortion strength, Inception and BN-Baseline (BN-x5/x30: / 4)
     eval_every: int = 200               # steps between evaluations on the test images
     eval_images: int = 10_000           # test images per evaluation (the first ones; all 10,000 by default)
     checkpoint_every: int = 1_000       # steps between atomic checkpoints
-    seeds: int = 1                      # independent runs per variant
+    seeds: int = 3                      # independent runs per variant
     first_seed: int = 0                 # seeds are first_seed .. first_seed + seeds - 1
     workers: int = 2                    # parallel processes, 1 thread each
     data_dir: Optional[str] = None      # directory of Fashion-MNIST IDX files (default: Debian package, then download)
 
-    QUICK = {"steps": 80, "eval_every": 40, "eval_images": 2_000, "checkpoint_every": 40, "seeds": 1}
+    QUICK = {"steps": 80, "fast_steps": 80, "min_steps": 40, "eval_every": 40, "eval_images": 2_000,
+             "checkpoint_every": 40, "seeds": 1}
 
 
 @dataclass

@@ -20,15 +20,17 @@ class Variant:
     x5_recipe: bool                 # Section 4.2.1's changes (no dropout, L2 / 5, ...)
     paper_steps: str                # Figure 3: steps to reach Inception's 72.2 %
     paper_max: Union[float, str]    # Figure 3: maximum accuracy (%), or "chance"
+    until_plateau: bool             # trained until the plateau rule holds (the baselines)
 
 
 VARIANTS: Tuple[Variant, ...] = (
-    Variant("inception", "Inception", "black", False, "relu", 1, False, "31.0M", 72.2),
-    Variant("bn-baseline", "BN-Baseline", "tab:blue", True, "relu", 1, False, "13.3M", 72.7),
-    Variant("bn-x5", "BN-x5", "tab:green", True, "relu", 5, True, "2.1M", 73.0),
-    Variant("bn-x30", "BN-x30", "tab:red", True, "relu", 30, True, "2.7M", 74.8),
-    Variant("bn-x5-sigmoid", "BN-x5-Sigmoid", "tab:purple", True, "sigmoid", 5, True, "never", 69.8),
-    Variant("inception-sigmoid", "Inception-Sigmoid", "tab:gray", False, "sigmoid", 1, False, "never", "chance"),
+    Variant("inception", "Inception", "black", False, "relu", 1, False, "31.0M", 72.2, True),
+    Variant("bn-baseline", "BN-Baseline", "tab:blue", True, "relu", 1, False, "13.3M", 72.7, True),
+    Variant("bn-x5", "BN-x5", "tab:green", True, "relu", 5, True, "2.1M", 73.0, False),
+    Variant("bn-x30", "BN-x30", "tab:red", True, "relu", 30, True, "2.7M", 74.8, False),
+    Variant("bn-x5-sigmoid", "BN-x5-Sigmoid", "tab:purple", True, "sigmoid", 5, True, "never", 69.8, False),
+    Variant("inception-sigmoid", "Inception-Sigmoid", "tab:gray", False, "sigmoid", 1, False, "never", "chance",
+            False),
 )
 VARIANT: Dict[str, Variant] = {v.name: v for v in VARIANTS}
 

@@ -27,11 +27,17 @@ def _save(plt, fig, path) -> None:
 
 
 def _band(ax, x, ys, color, label, lw=1.6):
-    ys = np.asarray(ys, dtype=float)
-    mean = ys.mean(axis=0)
+    """Mean line and min-max band over runs; runs may stop at different points (a shorter
+    run is a prefix of ``x``): each point is over the runs that reached it."""
+    n = max(len(y) for y in ys)
+    a = np.full((len(ys), n), np.nan)
+    for i, y in enumerate(ys):
+        a[i, :len(y)] = y
+    x = np.asarray(x, dtype=float)[:n]
+    mean = np.nanmean(a, axis=0)
     ax.plot(x, mean, color=color, lw=lw, label=label)
-    if ys.shape[0] > 1:
-        ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.2, lw=0)
+    if len(ys) > 1:
+        ax.fill_between(x, np.nanmin(a, axis=0), np.nanmax(a, axis=0), color=color, alpha=0.2, lw=0)
     return mean
 
 
@@ -116,19 +122,24 @@ def figure2(metrics: Dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for v in metrics["config"]["variants"]:
         rs = [r for r in runs if r["variant"] == v]
-        _band(ax, rs[0]["steps"], [r["test_accuracy"] for r in rs], colour(v), label(v))
+        longest = max(rs, key=lambda r: len(r["steps"]))
+        _band(ax, longest["steps"], [r["test_accuracy"] for r in rs], colour(v), label(v))
+        for r in rs:  # where a run stopped at its plateau
+            if (r.get("plateau") or {}).get("stopped_early"):
+                ax.plot([r["steps"][-1]], [r["test_accuracy"][-1]], marker="x", color=colour(v), ms=6)
         hit = s[v].get("steps_to_inception_max")
         if hit is not None and v != "inception":
-            ax.plot([hit], [s["inception"]["max_accuracy"]], marker="v", color=colour(v), ms=8)
+            ax.plot([hit], [s["inception"]["max_accuracy"]], marker="v", color=colour(v), ms=8)  # mean over seeds
     if "inception" in s:
         ax.axhline(s["inception"]["max_accuracy"], color="black", ls=":", lw=1)
     ax.set_xlabel("training steps")
     ax.set_ylabel("test accuracy")
-    top = max(v["max_accuracy"] for k, v in s.items() if isinstance(v, dict))
+    top = max(s[v]["max_accuracy"] for v in metrics["config"]["variants"])
     ax.set_ylim(max(0.0, top - 0.25), min(1.0, top + 0.02))
     n = len({r["seed"] for r in runs})
     ax.set_title(f"Figure 2 in miniature: small Inception on Fashion-MNIST, {n} seed(s)\n"
-                 "(markers: first step at Inception's max; below the axis = at chance)", fontsize=10)
+                 "(lines: mean, bands: min-max; v: mean step at Inception's mean max; x: stopped at plateau)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from .names import DRIFT_FROM, VARIANT, label
+from .names import DRIFT_FROM, PAPER_STEP_RATIO, VARIANT, label
 
 
 def _provenance(metrics: Dict[str, Any]) -> List[str]:
@@ -175,7 +175,8 @@ def inception(metrics: Dict[str, Any]) -> str:
         "# Section 4.2 in miniature: Inception with BN (Figures 2 and 3)",
         "",
         f"A small Inception network (stem, Inception module, stride-2 module, two Inception modules; 1x1, 3x3, "
-        f"double-3x3 and pool branches) on Fashion-MNIST, {cfg['steps']:,} steps of {cfg['batch_size']} examples, "
+        f"double-3x3 and pool branches) on Fashion-MNIST, steps of {cfg['batch_size']} examples (Inception and "
+        f"BN-Baseline until they plateau, at most {cfg['steps']:,}; the others {cfg['fast_steps']:,}), "
         f"SGD momentum {cfg['momentum']}, Inception's initial learning rate {cfg['lr']}. Test accuracy on the first "
         f"{cfg['eval_images']:,} test images every {cfg['eval_every']} steps (eval mode). Seeds: {', '.join(map(str, seeds))}.",
         "",
@@ -183,20 +184,53 @@ def inception(metrics: Dict[str, Any]) -> str:
         "",
         "## Figure 3: steps to match Inception, and maximum accuracy",
         "",
-        "| model | steps to Inception's max (ours) | max accuracy (ours) | steps to 72.2 % (paper) | max accuracy (paper) |",
-        "|---|---|---|---|---|",
+        f"Inception's mean maximum over seeds: {_pct(s['inception_mean_max']) if s.get('inception_mean_max') else 'n/a'}. "
+        "Steps: the mean over seeds (only when every seed reaches it), then each seed's value.",
+        "",
+        "| model | steps to Inception's mean max: mean (per seed) | max accuracy: mean ± std (per seed) | "
+        "steps trained (per seed) | paper: steps to 72.2 % | paper: max |",
+        "|---|---|---|---|---|---|",
     ]
     for v in cfg["variants"]:
-        hit = s[v]["steps_to_inception_max"]
-        ps, pa = VARIANT[v].paper_steps, VARIANT[v].paper_max
-        reached = f"{hit:,}" if hit else ("never" if "inception" in s else "n/a (Inception not run)")
-        lines.append(f"| {label(v)} | {reached} | {100 * s[v]['max_accuracy']:.2f} % | {ps} | "
+        r = s[v]
+        per = ", ".join(f"{x:,}" if x else "never" for x in r["steps_to_inception_max_per_seed"])
+        mean = f"{r['steps_to_inception_max']:,.0f}" if r["steps_to_inception_max"] else "never"
+        maxes = ", ".join(f"{100 * m:.2f}" for m in r["max_accuracy_per_seed"])
+        pa = VARIANT[v].paper_max
+        lines.append(f"| {label(v)} | {mean} ({per}) | {_pct(r['max_accuracy'])} ± {100 * r['max_accuracy_std']:.2f} "
+                     f"({maxes}) | {', '.join(f'{t:,}' for t in r['steps_trained'])} | {VARIANT[v].paper_steps} | "
                      f"{pa if isinstance(pa, str) else f'{pa} %'} |")
     ratio = s.get("inception_steps_over_bn_x5")
+    rng = s.get("inception_steps_over_bn_x5_range") or {}
+    own = s.get("inception_steps_to_own_max") or {}
     lines += [
         "",
-        "Inception's steps to its own maximum over BN-x5's: "
-        + (f"{ratio:.1f} (paper: 14)." if ratio else "not defined (a variant never reached it)."),
+        "Inception's steps to its own maximum (mean over seeds"
+        + (f": {own['mean']:,.0f}" if own.get("mean") else "") + ") over BN-x5's steps to Inception's mean maximum: "
+        + (f"**{ratio:.1f}**" if ratio else "not defined (BN-x5 did not reach it in every seed)")
+        + (f"; paired by seed, {rng['min']:.1f} to {rng['max']:.1f} ({rng['n']} of {rng['of']} seeds)"
+           if rng.get("n") else "")
+        + f". The paper: {PAPER_STEP_RATIO:.1f} (31.0M / 2.1M).",
+        "",
+        "## Did the runs converge? The plateau rule, per seed",
+        "",
+        f"Judged at each run's last evaluation: the best accuracy of the last 20 % of the run is within "
+        f"{100 * cfg['plateau_tol']:.1f} points of the run's best, and the best improved by at most "
+        f"{100 * cfg['plateau_tol']:.1f} points over the last quarter. Inception and BN-Baseline stop as soon as it "
+        f"holds (not before step {cfg['min_steps']:,}; at most {cfg['steps']:,} steps); the other variants train "
+        f"{cfg['fast_steps']:,} steps.",
+        "",
+        "| model | seed | last step | best | best of last 20 % | gain over last quarter | plateau |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in cfg["variants"]:
+        for seed, p in zip(s[v]["seeds"], s[v]["plateau"]):
+            if not p:
+                continue
+            verdict = ("yes, stopped there" if p.get("stopped_early") else "yes") if p["plateaued"] else "**no**"
+            lines.append(f"| {label(v)} | {seed} | {p['step']:,} | {_pct(p['best'])} | {_pct(p['best_last_20pct'])} | "
+                         f"{100 * p['gain_last_quarter']:.2f} | {verdict} |")
+    lines += [
         "",
         "## Targets, as measured",
         "",
@@ -236,10 +270,11 @@ def _inception_targets(s: Dict[str, Any]) -> List[str]:
     out = []
     inc = s.get("inception")
     if inc and "bn-x5" in s:
-        a, b = inc["steps_to_inception_max"], s["bn-x5"]["steps_to_inception_max"]
+        a, b = (s.get("inception_steps_to_own_max") or {}).get("mean"), s["bn-x5"]["steps_to_inception_max"]
         ok = bool(a and b and b <= a / 10)
         out.append(f"- BN-x5 reaches Inception's maximum within a tenth of Inception's steps: "
-                   f"{'yes' if ok else 'no'} ({b if b else 'never'} vs {a}).")
+                   f"{'yes' if ok else 'no'} ({f'{b:,.0f}' if b else 'never'} vs {f'{a:,.0f}' if a else 'n/a'}, "
+                   "means over seeds).")
     if inc and "bn-x30" in s:
         out.append(f"- BN-x30 ends above Inception's maximum: "
                    f"{'yes' if s['bn-x30']['final_accuracy'] > inc['max_accuracy'] else 'no'} "

@@ -6,10 +6,11 @@ the input to one fixed sigmoid of the last hidden layer over training, without a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from batchnorm.monitor import InputPercentiles
 
 from .. import plots, report, runtime
 from ..data import mnist_tensors
+from ..evaluate import accuracy
 from ..config import Figure1Config
 from ..models import mnist_mlp
 from ..names import DRIFT_FROM
@@ -35,20 +37,20 @@ class UnitPercentiles:
         self.history: Dict[str, List[List[float]]] = {str(q): [] for q in PERCENTILES}
         self.steps: List[int] = []
 
-    def record(self, model: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
-        """Run ``model(x)`` and append every unit's percentiles of the layer's input."""
+    @contextlib.contextmanager
+    def record(self, step: int) -> Iterator["UnitPercentiles"]:
+        """Collect the layer's inputs inside this block, then append every unit's percentiles."""
         seen: List[torch.Tensor] = []
         handle = self.layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
         try:
-            out = model(x)
+            yield self
         finally:
             handle.remove()
-        qs = torch.quantile(seen[0].double(), torch.tensor([q / 100 for q in PERCENTILES], dtype=torch.float64),
-                            dim=0)                                           # (3, units)
+        qs = torch.quantile(torch.cat(seen).double(), torch.tensor([q / 100 for q in PERCENTILES],
+                            dtype=torch.float64), dim=0)                     # (3, units)
         for q, row in zip(PERCENTILES, qs.tolist()):
             self.history[str(q)].append(row)
         self.steps.append(step)
-        return out
 
     def drift(self, total_steps: int) -> Dict[str, List[float]]:
         """Per percentile, each unit's range (max - min) over the evaluations at or after
@@ -70,11 +72,9 @@ class UnitPercentiles:
 
 def _evaluate(model: nn.Module, monitor: InputPercentiles, units: UnitPercentiles, test_x, test_y,
               step: int) -> float:
-    model.eval()
-    with torch.no_grad(), monitor.record(step=step):
-        correct = (units.record(model, test_x, step).argmax(dim=1) == test_y).sum().item()
-    model.train()
-    return correct / len(test_y)
+    """Test accuracy, recording the monitored unit's and every unit's input percentiles."""
+    with monitor.record(step=step), units.record(step):
+        return accuracy(model, test_x, test_y, batch=len(test_x))
 
 
 def train_run(task_id: int, task: Dict[str, Any]) -> Dict[str, Any]:

@@ -22,18 +22,9 @@ from torch import nn
 
 from .. import plots, report, runtime
 from ..data import fashion_tensors
+from ..evaluate import accuracy
 from ..config import SmallBatchConfig
 from ..models import small_convnet
-
-def accuracy(model: nn.Module, x, y, batch: int = 1000) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
-    model.train()
-    return correct / len(y)
-
 
 def steps_for(cfg: SmallBatchConfig, method: str, batch_size: int, n_train: int) -> int:
     """Steps of one run: ``cfg.epochs`` passes over the ``n_train`` training images."""
