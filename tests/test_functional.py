@@ -145,7 +145,7 @@ def test_eval_uses_running_stats_both_impls():
 def test_functional_errors():
     with pytest.raises(ValueError, match="impl"):
         F.batch_norm(torch.randn(4, 3), None, None, training=True, impl="fast")
-    with pytest.raises(ValueError, match="weight has 2 elements, expected 3"):
+    with pytest.raises(ValueError, match="weight should contain 3 elements not 2"):
         F.batch_norm(torch.randn(4, 3), None, None, torch.ones(2), training=True)
     with pytest.raises(ValueError, match="running_mean and running_var"):
         F.batch_norm(torch.randn(4, 3), None, None, training=False)

@@ -8,7 +8,7 @@ on CPU, Batch Renormalization, ghost batches and masked statistics.
 from . import functional, monitor
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .fold import ChannelAffine, FoldedAway, FoldWarning, fold, freeze, unfreeze
-from .functional import NonFiniteBatchError, NonFiniteBatchWarning
+from ._errors import MismatchError, NonFiniteBatchError, NonFiniteBatchWarning
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .population import population_statistics
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -39,6 +39,7 @@ __all__ = [
     "ChannelAffine",
     "FoldedAway",
     "FoldWarning",
+    "MismatchError",
     "NonFiniteBatchError",
     "NonFiniteBatchWarning",
     "SyncBatchNorm",

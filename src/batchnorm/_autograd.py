@@ -53,7 +53,11 @@ class BatchNormTransform(torch.autograd.Function):
     """y = gamma * (r * (x - mean) * invstd + d) + beta, with the Section 3 backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, mask, r, d, process_group, work, center, use_kernels):
+    def forward(ctx, x, weight, bias, mean, invstd, count, mask, r, d, process_group, scratch, use_kernels):
+        # ``scratch``: (work, center) or None, in a tuple so that autograd does not take the
+        # buffer for an input: the output may overwrite it, and an output that is an input
+        # would be returned as a view of it (then no in-place op on the output is allowed).
+        work, center = scratch if scratch is not None else (None, None)
         dt = mean.dtype
         nd = x.dim()
         # Fold everything per-channel into one scale and one shift: one pass over x.
@@ -104,6 +108,10 @@ class BatchNormTransform(torch.autograd.Function):
             # inference-mode BN backward with the batch statistics as constants gives
             # sum dy * xhat and sum dy (nothing else is asked of it). The corrections through
             # mu_B and sigma2_B below are ours (Section 3).
+            # torch's kernel misreads a dy whose strides differ from x's in some layouts
+            # (channels_last x with size-1 dimensions: wrong sums in torch 2.13): same strides.
+            if dy.stride() != x.stride():
+                dy = torch.empty_like(x, dtype=dt).copy_(dy)
             var_arg = invstd.pow(-2)
             parts = [torch.ops.aten.native_batch_norm_backward(
                 dy[g], x[g], None, mean[g].reshape(-1), var_arg[g].reshape(-1), None, None, False, 0.0,
@@ -150,7 +158,7 @@ class BatchNormTransform(torch.autograd.Function):
             else:
                 grad_x = dy * k - mask.to(dt) * (xc * b + a)
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 def _param_dtype(dw, db, weight):

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import _fused
 from ._autograd import BatchNormTransform, FusedBatchNorm, kernel_layout
+from ._errors import MismatchError, NonFiniteBatchError, NonFiniteBatchWarning
 
 __all__ = [
     "batch_norm",
@@ -37,17 +38,11 @@ __all__ = [
     "stat_dtype",
     "update_running_stats",
     "check_input",
+    "check_arguments",
+    "MismatchError",
     "NonFiniteBatchWarning",
     "NonFiniteBatchError",
 ]
-
-
-class NonFiniteBatchWarning(UserWarning):
-    """A training batch had NaN/Inf statistics; running statistics were left unchanged."""
-
-
-class NonFiniteBatchError(ValueError):
-    """Raised instead of :class:`NonFiniteBatchWarning` when ``nonfinite="raise"``."""
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,11 +50,11 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_input(input: Tensor, num_features: Optional[int], ranks: Sequence[int], name: str) -> None:
+def check_input(input: Tensor, num_features: Optional[int], ranks: Optional[Sequence[int]], name: str) -> None:
     """Raise a clear error, before any state changes, if ``input`` is not a valid BN input.
 
-    ``ranks`` lists the accepted numbers of dimensions; ``num_features`` the channel count
-    expected in dimension 1 (``None`` skips that check).
+    ``ranks`` lists the accepted numbers of dimensions (``None``: any of 2 or more);
+    ``num_features`` the channel count expected in dimension 1 (``None`` skips that check).
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor input, got {type(input).__name__}")
@@ -68,14 +63,78 @@ def check_input(input: Tensor, num_features: Optional[int], ranks: Sequence[int]
             f"{name}: expected a floating-point input (float16, bfloat16, float32 or float64), "
             f"got dtype {input.dtype}"
         )
-    if input.dim() not in ranks:
-        shapes = " or ".join(_shape_words(r) for r in ranks)
+    if input.dim() not in ranks if ranks is not None else input.dim() < 2:
+        shapes = " or ".join(_shape_words(r) for r in ranks) if ranks is not None else "an (N, C, ...)"
         raise ValueError(f"{name}: expected {shapes} input, got a {input.dim()}-D input of shape {tuple(input.shape)}")
     if num_features is not None and input.size(1) != num_features:
         raise ValueError(
             f"{name}: expected {num_features} channels in dimension 1 (input of shape "
             f"(N, {num_features}, ...)), got shape {tuple(input.shape)}"
         )
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_arguments(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    running_mean: Optional[Tensor], running_var: Optional[Tensor], name: str = "batch_norm",
+                    num_batches_tracked: Optional[Tensor] = None, training: bool = True) -> None:
+    """Raise, before any state changes, if the parameters and buffers do not fit ``input``
+    (checked by :func:`check_input`) as torch.nn requires: each is a tensor with one element
+    per channel (``running_mean``/``running_var`` one-dimensional and, in training, writable
+    in place), all on the input's device, and all of one dtype, the input's (float32 is also
+    accepted for float16/bfloat16 input). ``running_mean`` and ``running_var`` come together.
+    Raises :class:`MismatchError` (a ValueError and a RuntimeError, as torch's errors are)
+    with torch.nn's wording, or TypeError for a non-tensor."""
+    c = input.size(1)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{name}: running_mean and running_var must either both be None or neither be None")
+    pdt = None
+    first = ""
+    for pname, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                     ("running_var", running_var)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: {pname} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.numel() != c:
+            raise MismatchError(f"{name}: {pname} should contain {c} elements not {t.numel()} "
+                                f"(one per channel of the input of shape {tuple(input.shape)})")
+        if t.device != input.device:
+            raise MismatchError(f"{name}: {pname} is on {t.device}, the input on {input.device}; "
+                                "move the module (or the tensors) to the input's device")
+        if pdt is None:
+            pdt, first = t.dtype, pname
+        elif t.dtype != pdt:
+            raise MismatchError(f"{name}: mixed dtype: {first} is {pdt} but {pname} is {t.dtype}; "
+                                "parameters and buffers must share one dtype")
+    if pdt is not None and pdt != input.dtype and not (pdt == torch.float32 and input.dtype in _HALF):
+        raise MismatchError(f"{name}: mixed dtype: the input is {input.dtype} but {first} is {pdt}; "
+                            f"convert the input or the module (e.g. module.to({input.dtype})): parameters "
+                            "and buffers must have the input's dtype (or float32 for float16/bfloat16 input)")
+    if running_mean is not None:
+        for pname, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t.dim() != 1:
+                raise MismatchError(f"{name}: {pname} must be one-dimensional ({c},), got shape {tuple(t.shape)}")
+            if training and ((c > 1 and t.stride(0) == 0) or _inference_outside(t)):
+                raise MismatchError(f"{name}: {pname} cannot be updated in place (an expanded view or an "
+                                    "inference tensor); give it its own memory, e.g. .clone()")
+    if num_batches_tracked is not None and training:
+        check_counter(num_batches_tracked, input.device, name)
+
+
+def _inference_outside(t: Tensor) -> bool:
+    """An inference tensor outside inference mode: torch refuses to update it in place.
+    (Not asked under torch.compile, which cannot trace the question.)"""
+    return not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled()
+
+
+def check_counter(nbt: Tensor, device, name: str) -> None:
+    """num_batches_tracked: a one-element integer or floating tensor, incrementable in place."""
+    if (not isinstance(nbt, Tensor) or nbt.numel() != 1 or nbt.dtype == torch.bool or nbt.is_complex()
+            or nbt.device != device or _inference_outside(nbt)):
+        raise MismatchError(f"{name}: num_batches_tracked must be a one-element integer tensor on {device}, got "
+                            f"{nbt!r:.80}")
 
 
 def _shape_words(rank: int) -> str:
@@ -268,13 +327,19 @@ def update_running_stats(
             _report_nonfinite(nonfinite, name)
             return False
         with torch.no_grad():
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            factor = _factor(momentum, num_batches_tracked)
+            # The counter last: the buffers' checks ran before (check_arguments).
+            if momentum is not None:
+                factor = float(momentum)
+            elif num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs a num_batches_tracked buffer")
+            else:
+                factor = 1.0 / (float(num_batches_tracked) + 1.0)
             if running_mean is not None:
                 running_mean.lerp_(batch_mean.to(running_mean.dtype), factor)
             if running_var is not None:
                 running_var.lerp_(batch_var_unbiased.to(running_var.dtype), factor)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
         return True
     # Under torch.compile: no data-dependent branch (it would break the graph); select instead.
     with torch.no_grad():
@@ -341,7 +406,8 @@ def transform(
     ``work``/``center`` (from :func:`batch_stats_work`): a private buffer x - center that
     the output may overwrite. ``use_kernels=False`` keeps every pass on torch operations.
     """
-    return BatchNormTransform.apply(x, weight, bias, mean, invstd, count, mask, r, d, process_group, work, center,
+    scratch = (work, center) if work is not None else None
+    return BatchNormTransform.apply(x, weight, bias, mean, invstd, count, mask, r, d, process_group, scratch,
                                     use_kernels)
 
 
@@ -374,16 +440,14 @@ def batch_norm(
     with non-finite statistics leaves the running buffers untouched (``nonfinite`` says
     whether to "warn", "raise" or "ignore"). ``momentum=None`` needs ``num_batches_tracked``.
     """
-    check_input(input, running_mean.numel() if running_mean is not None else None, (2, 3, 4, 5), "batch_norm")
+    check_input(input, None, None, "batch_norm")
     if impl not in ("auto", "native", "paper"):
         raise ValueError(f"impl must be 'auto', 'native' or 'paper', got {impl!r}")
-    C = input.size(1)
-    for pname, p in (("weight", weight), ("bias", bias), ("running_var", running_var)):
-        if p is not None and p.numel() != C:
-            raise ValueError(f"batch_norm: {pname} has {p.numel()} elements, expected {C} (the input's channels)")
+    # Every check before any state changes: the arguments against the input, then the batch.
+    check_arguments(input, weight, bias, running_mean, running_var, "batch_norm", num_batches_tracked, training)
     if training:
-        check_training_count(input, input.numel() // max(C, 1), "batch_norm")
-    elif running_mean is None or running_var is None:
+        check_training_count(input, input.numel() // max(input.size(1), 1), "batch_norm")
+    elif running_mean is None:
         raise ValueError("batch_norm: eval mode (training=False) needs running_mean and running_var")
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ValueError("batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
@@ -442,8 +506,12 @@ def affine_coefficients(running_mean: Tensor, running_var: Tensor, weight: Optio
     return scale, shift
 
 
-def _train_fused(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt, lay=None):
-    """Plain BN training on the CPU path (the caller checked :func:`fast_layout`)."""
+def _train_fused(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt, lay=None,
+                 name="batch_norm"):
+    """Plain BN training on the CPU path (the caller checked :func:`fast_layout`). The
+    arguments are checked where they are used: by torch's kernel for small inputs, by the
+    kernel boundary (:mod:`batchnorm._fused`) for large ones; both raise before any state
+    changes, and a mismatch is then reported in torch.nn's words (:func:`check_arguments`)."""
     if lay is None:
         lay = _fused.layout(input)
     if running_mean is None:
@@ -452,22 +520,27 @@ def _train_fused(input, running_mean, running_var, weight, bias, momentum, eps, 
         factor = momentum if momentum is not None else 1.0 / (float(nbt) + 1.0)
     m = lay[0] * lay[2]
     if input.numel() < _FUSED_MIN_NUMEL:
-        out = _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt)
+        out = _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt, name)
         if out is not None:
             return out
         # else: a large common offset; the stable kernels below recompute the batch
-    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
-        result = []
-        out = FusedBatchNorm.apply(input, weight, bias, lay, eps, running_mean, running_var, factor, nbt, result)
-        st, finite, direct = result
-    else:
-        out, st, finite, direct = _fused.train_forward(input, lay, weight, bias, eps, running_mean, running_var,
-                                                       factor, nbt)
+    try:
+        if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            result = []
+            out = FusedBatchNorm.apply(input, weight, bias, lay, eps, running_mean, running_var, factor, nbt, result)
+            st, finite, direct = result
+        else:
+            out, st, finite, direct = _fused.train_forward(input, lay, weight, bias, eps, running_mean, running_var,
+                                                           factor, nbt)
+    except MismatchError:
+        check_arguments(input, weight, bias, running_mean, running_var, name, nbt)
+        raise
     if running_mean is not None:
         if not finite:
-            _report_nonfinite(nonfinite, "batch_norm")
+            _report_nonfinite(nonfinite, name)
         elif not direct:
+            # The boundary checked that these buffers can be written in place (and nbt).
             running_mean.lerp_(st[0].to(running_mean.dtype), factor)
             running_var.lerp_((st[2] * (m / max(m - 1, 1))).to(running_var.dtype), factor)
             if nbt is not None:
@@ -477,41 +550,67 @@ def _train_fused(input, running_mean, running_var, weight, bias, momentum, eps, 
     return out
 
 
-def _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt):
-    """torch's kernel and C++ autograd node (cheapest for small inputs), then one call of
-    ours checks its statistics and updates the running buffers: NaN/Inf rejects the batch;
-    a large common offset, which torch's naive float sums may have rounded into the
-    statistics, returns None so that the caller recomputes the batch stably."""
-    out, save_mean, save_invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+def _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt, name="batch_norm"):
+    """torch's kernel and C++ autograd node (cheapest for small inputs), updating the
+    running buffers exactly as torch.nn does (the unbiased variance from its own sums, not
+    recomputed from invstd, which loses it where eps >> var); then one call of ours checks
+    its statistics: NaN/Inf restores the buffers and rejects the batch; a large common
+    offset, which torch's naive float sums may have rounded into the statistics, restores
+    them and returns None so that the caller recomputes the batch stably.
+
+    torch's kernel checks every argument before it writes anything; a mismatch is then
+    reported in torch.nn's words by :func:`check_arguments`."""
     m = input.numel() // input.size(1)
-    code, updated = _fused.check_update(save_mean, save_invstd, m, eps, running_mean, running_var, factor, nbt)
-    if code == 2:
-        return None
-    if running_mean is not None and not updated:
-        if code == 1:
-            _report_nonfinite(nonfinite, "batch_norm")
-            return out
-        var = (save_invstd.pow(-2) - eps).clamp_min_(0.0) * (m / max(m - 1, 1))
-        running_mean.lerp_(save_mean.to(running_mean.dtype), factor)
-        running_var.lerp_(var.to(running_var.dtype), factor)
-        if nbt is not None:
+    backup = None
+    try:
+        if running_mean is not None:
+            backup = torch.stack((running_mean, running_var))            # (2, C), to undo a rejected batch
+        # torch.batch_norm's own entry (it checks every size; native_batch_norm does not),
+        # returning the statistics too. Index 0: torch's native kernel.
+        out, mean, invstd, _, _ = torch._batch_norm_impl_index(input, weight, bias, running_mean, running_var, True,
+                                                               factor, eps, False)
+    except RuntimeError:
+        if backup is not None:  # torch's CPU kernel may have written running_mean when it rejected running_var
+            with torch.no_grad():
+                running_mean.copy_(backup[0])
+                running_var.copy_(backup[1])
+        check_arguments(input, weight, bias, running_mean, running_var, name, nbt)
+        raise
+    code = _fused.check_stats(mean, invstd, m)
+    if running_mean is None:
+        return None if code == 2 else out
+    if code:
+        running_mean.copy_(backup[0])
+        running_var.copy_(backup[1])
+        if code == 2:
+            return None
+        _report_nonfinite(nonfinite, name)
+        return out
+    if nbt is not None:
+        try:
             nbt.add_(1)
+        except RuntimeError:
+            running_mean.copy_(backup[0])
+            running_var.copy_(backup[1])
+            check_counter(nbt, input.device, name)
+            raise
     return out
 
 
-def _train_native(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt):
+def _train_native(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt,
+                  name="batch_norm"):
     if running_mean is None:
         return torch.nn.functional.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
     if torch.compiler.is_compiling():
-        # No data-dependent branch or host read under compile: torch's kernel on scratch
-        # copies of the buffers, our own update, and a select instead of the guard's branch.
-        out, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
-        m = input.numel() // input.size(1)
-        var = (invstd.pow(-2) - eps).clamp_min(0.0) * (m / max(m - 1, 1))
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all() & (invstd > 0).all()
+        # No data-dependent branch or host read under compile: torch's kernel computes the
+        # batch mean and unbiased variance into zeroed scratch buffers (momentum 1), then our
+        # update, with a select instead of the guard's branch.
+        scratch = torch.zeros((2,) + tuple(running_mean.shape), dtype=running_mean.dtype, device=input.device)
+        out, mean, invstd = torch.native_batch_norm(input, weight, bias, scratch[0], scratch[1], True, 1.0, eps)
+        finite = torch.isfinite(mean).all() & torch.isfinite(scratch).all() & (invstd > 0).all()
         factor = momentum if momentum is not None else 1.0 / (nbt.to(torch.float32) + 1.0)
-        rm = torch.lerp(running_mean, mean.detach().to(running_mean.dtype), factor)
-        rv = torch.lerp(running_var, var.detach().to(running_var.dtype), factor)
+        rm = torch.lerp(running_mean, scratch[0], factor)
+        rv = torch.lerp(running_var, scratch[1], factor)
         with torch.no_grad():
             running_mean.copy_(torch.where(finite, rm, running_mean))
             running_var.copy_(torch.where(finite, rv, running_var))
@@ -521,13 +620,15 @@ def _train_native(input, running_mean, running_var, weight, bias, momentum, eps,
     factor = momentum if momentum is not None else 1.0 / (float(nbt) + 1.0)
     if input.device.type == "cpu":
         # torch's kernel, then our check (in C, or in torch operations without the kernels)
-        out = _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt)
+        out = _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt, name)
         if out is not None:
             return out
+        check_arguments(input, weight, bias, running_mean, running_var, name, nbt)
         return _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt,
-                            use_kernels=True)
+                            use_kernels=True, name=name)
     # torch's kernel updates the buffers in place. Keep a backup (one small op) and put it
     # back if the update is not finite, so a NaN/Inf batch cannot poison the statistics.
+    check_arguments(input, weight, bias, running_mean, running_var, name, nbt)
     backup = torch.stack((running_mean, running_var))                    # (2, C)
     out = torch.batch_norm(input, weight, bias, running_mean, running_var, True, factor, eps,
                            torch.backends.cudnn.enabled)
@@ -537,7 +638,7 @@ def _train_native(input, running_mean, running_var, weight, bias, momentum, eps,
     else:
         running_mean.copy_(backup[0])
         running_var.copy_(backup[1])
-        _report_nonfinite(nonfinite, "batch_norm")
+        _report_nonfinite(nonfinite, name)
     return out
 
 
@@ -552,7 +653,8 @@ def _var_finite(running_var: Tensor) -> bool:
     return math.isfinite(float(running_var.sum()))
 
 
-def _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt, use_kernels=False):
+def _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt, use_kernels=False,
+                 name="batch_norm"):
     xv = grouped_view(input, 1)
     dims = reduce_dims(xv.dim())
     with torch.no_grad():
@@ -562,5 +664,5 @@ def _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, 
                     use_kernels=use_kernels).view(input.shape)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, nbt, mean.reshape(-1), unbiased(var, count).reshape(-1),
-                             momentum, nonfinite, "batch_norm")
+                             momentum, nonfinite, name)
     return out

@@ -7,7 +7,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _fused
 from . import functional as F
 from ._autograd import FusedGroupedBatchNorm, FusedMaskedBatchNorm, kernel_layout
 
@@ -176,25 +175,42 @@ class _BatchNormBase(nn.Module):
             if self.impl == "paper":
                 return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps,
                                     impl="paper")
-            return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, self.eps,
-                                    torch.backends.cudnn.enabled)
+            try:
+                return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, self.eps,
+                                        torch.backends.cudnn.enabled)
+            except RuntimeError:
+                F.check_arguments(input, weight, bias, running_mean, running_var, self._name, training=False)
+                raise
         update = self.training and not self.frozen and running_mean is not None
+        nbt = buffers["num_batches_tracked"]
         if (self.impl != "paper" and mask is None and self.virtual_batch_size is None and self._stat_sink is None
                 and not self.sync and not self._is_renorm()):
             # Plain BN: Algorithm 1 and the unbiased update, on our fused kernels where they
-            # are faster, else on torch's kernel, which computes exactly the same.
+            # are faster, else on torch's kernel, which computes exactly the same. The
+            # arguments are checked where they are used (torch's kernel, the kernel boundary),
+            # before any state changes.
             F.check_training_count(input, input.numel() // self.num_features, self._name)
+            if self.momentum is None and update and nbt is None:
+                raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
             lay = F.fast_layout(input) if self.impl == "auto" else None
             if lay is not None:
                 if not update:
                     running_mean = running_var = None
                 return F._train_fused(input, running_mean, running_var, weight, bias, self.momentum, self.eps,
-                                      self.nonfinite, buffers["num_batches_tracked"], lay)
+                                      self.nonfinite, nbt, lay, self._name)
             if not update:
-                return torch.batch_norm(input, weight, bias, None, None, True, 0.0, self.eps,
-                                        torch.backends.cudnn.enabled)
+                try:
+                    return torch.batch_norm(input, weight, bias, None, None, True, 0.0, self.eps,
+                                            torch.backends.cudnn.enabled)
+                except RuntimeError:
+                    F.check_arguments(input, weight, bias, None, None, self._name)
+                    raise
             return F._train_native(input, running_mean, running_var, weight, bias, self.momentum, self.eps,
-                                   self.nonfinite, buffers["num_batches_tracked"])
+                                   self.nonfinite, nbt, self._name)
+        # Every other path: all checks first (its statistics and update take many steps).
+        F.check_arguments(input, weight, bias, running_mean, running_var, self._name, nbt, training=update)
+        if self.momentum is None and update and nbt is None:
+            raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
         return self._forward_paper(input, mask, update)
 
     def _is_renorm(self) -> bool:
@@ -326,17 +342,13 @@ class _BatchNormBase(nn.Module):
         return out
 
     def _update_from_kernel(self, mean: Tensor, invstd: Tensor, var: Tensor, count: int) -> None:
-        """Fold statistics from the fused kernels (``count`` values per channel) into the
-        running buffers: in one C call where the buffers allow, else in torch operations;
-        a non-finite batch updates nothing and is reported."""
-        factor = self.momentum if self.momentum is not None else 1.0 / (float(self.num_batches_tracked) + 1.0)
-        code, updated = _fused.check_update(mean, invstd, count, self.eps, self.running_mean, self.running_var,
-                                            factor, self.num_batches_tracked, check_offset=False)
-        if code == 1:
-            F._report_nonfinite(self.nonfinite, self._name)
-        elif not updated:
-            F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mean,
-                                   var * (count / (count - 1)), self.momentum, self.nonfinite, self._name)
+        """Fold statistics from the fused kernels (``count`` values per channel; ``var`` the
+        biased variance) into the running buffers; a non-finite batch updates nothing and
+        is reported (:func:`batchnorm.functional.update_running_stats`)."""
+        with torch.no_grad():
+            var_u = var * (count / max(count - 1, 1))
+        F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mean, var_u,
+                               self.momentum, self.nonfinite, self._name)
 
     def _after_update(self) -> None:
         """Called after an accepted running-statistics update (Batch Renorm counts steps)."""
