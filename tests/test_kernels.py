@@ -203,7 +203,8 @@ def test_variants_use_the_kernels_and_match_paper_formulas():
 
 def test_build_is_cached_and_leaves_no_partial_files(tmp_path):
     _need_kernels()
-    env = dict(os.environ, BATCHNORM_CACHE=str(tmp_path))
+    # a generous compiler timeout: on a loaded 2-core machine an -O3 build took over 120 s
+    env = dict(os.environ, BATCHNORM_CACHE=str(tmp_path), BATCHNORM_CC_TIMEOUT="900")
     code = "from batchnorm import _jit; print(_jit.status())"
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -387,7 +388,8 @@ def test_portable_builds_are_correct(arch, tmp_path):
     _need_kernels()
     if platform.machine() != "x86_64":
         pytest.skip("x86-64 -march levels")
-    env = dict(os.environ, BATCHNORM_CACHE=str(tmp_path))
+    # a generous compiler timeout: on a loaded 2-core machine an -O3 build took over 120 s
+    env = dict(os.environ, BATCHNORM_CACHE=str(tmp_path), BATCHNORM_CC_TIMEOUT="900")
     code = _ARCH_CHECK
     if arch.startswith("best level"):
         code = "from batchnorm import _jit\n_jit._VARIANTS = [[]]\n" + code
