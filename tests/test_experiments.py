@@ -28,7 +28,7 @@ def test_small_batch_smoke(tmp_path, fashion_dir):
 
 def test_inception_smoke_all_variants(tmp_path, fashion_dir):
     out = tmp_path / "inc"
-    assert main(["inception", "--steps", "12", "--fast-steps", "12", "--seeds", "1", "--eval-every", "6",
+    assert main(["inception", "--steps", "12", "--fast-steps", "12", "--seeds", "1", "--eval-every", "6", "--batch-size", "16",
                  "--eval-images", "200", "--workers", "1",
                  "--data-dir", str(fashion_dir), "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
