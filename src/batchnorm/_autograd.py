@@ -30,7 +30,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _fused
+from . import _fused, _reference
+
+_has_storage = torch._C._has_storage
+
+
+def _special(grad_out: Tensor) -> bool:
+    """Whether a backward must run on differentiable torch operations: double backward
+    (create_graph=True: grad mode is on inside the backward), or batched gradients
+    (is_grads_batched, gradcheck's batched check: a vmapped dy without storage)."""
+    if torch.compiler.is_compiling():  # traced tensors have no storage; batching is not traced here
+        return torch.is_grad_enabled()
+    return torch.is_grad_enabled() or not _has_storage(grad_out) or type(grad_out) is not Tensor
+
+
+def special_grads(grad_out: Tensor, xv: Tensor, weight, eps: float, mean: Tensor, invstd: Tensor, count,
+                  mask=None, r=None, d=None, needs=(True, True, True)):
+    """The gradients (dx, dgamma, dbeta) of a grouped view's training transform, for the
+    cases :func:`_special` names. Double backward: autograd through the reference forward
+    (:func:`batchnorm._reference.forward`), the statistics recomputed from x, so that dx is a
+    differentiable function of x, gamma and dy (r, d stay constants, as in the first
+    derivative). Batched gradients: the Section 3 formula in torch operations
+    (:func:`batchnorm._reference.grads`), which vmap can batch."""
+    need_x, need_w, need_b = needs
+    need_w = need_w and weight is not None
+    if not torch.is_grad_enabled():
+        return _reference.grads(grad_out, xv, weight, mean, invstd, count, mask, r, d, need_x, need_w, need_b)
+    gx = gw = gb = None
+    with torch.enable_grad():
+        inputs = ([xv] if need_x else []) + ([weight] if need_w else [])
+        if inputs:
+            y = _reference.forward(xv, weight, None, eps, mask, r, d)
+            got = list(torch.autograd.grad(y, inputs, grad_out, create_graph=True, allow_unused=True))
+            gx = got.pop(0) if need_x else None
+            gw = got.pop(0) if need_w else None
+    if need_b:
+        gb = grad_out.sum(dim=_reference.reduce_dims(grad_out.dim())).sum(dim=0)  # (C,)
+    return gx, gw, gb
 
 
 def kernel_layout(x: Tensor):
@@ -53,7 +89,7 @@ class BatchNormTransform(torch.autograd.Function):
     """y = gamma * (r * (x - mean) * invstd + d) + beta, with the Section 3 backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, mask, r, d, process_group, scratch, use_kernels):
+    def forward(ctx, x, weight, bias, mean, invstd, count, mask, r, d, process_group, scratch, use_kernels, eps):
         # ``scratch``: (work, center) or None, in a tuple so that autograd does not take the
         # buffer for an input: the output may overwrite it, and an output that is an input
         # would be returned as a view of it (then no in-place op on the output is allowed).
@@ -85,11 +121,20 @@ class BatchNormTransform(torch.autograd.Function):
         ctx.process_group = process_group
         ctx.has_bias = bias is not None
         ctx.use_kernels = use_kernels
+        ctx.eps = eps
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, mean, invstd, count, mask, r, d = ctx.saved_tensors
+        if _special(grad_out):
+            if ctx.process_group is not None:
+                raise NotImplementedError(_NO_SYNC_SPECIAL)
+            need = ctx.needs_input_grad
+            gx, gw, gb = special_grads(grad_out, x, weight, ctx.eps, mean, invstd, count, mask, r, d,
+                                       (need[0], need[1], ctx.has_bias and need[2]))
+            gw, gb = _param_dtype(gw, gb, weight)
+            return gx, gw, gb, None, None, None, None, None, None, None, None, None, None
         dt = mean.dtype
         nd = x.dim()
         dims = _dims(nd)
@@ -158,7 +203,18 @@ class BatchNormTransform(torch.autograd.Function):
             else:
                 grad_x = dy * k - mask.to(dt) * (xc * b + a)
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
+
+
+_NO_SYNC_SPECIAL = ("synchronized BN across processes: double backward and batched gradients would need "
+                    "differentiable collectives; not supported (nor by torch.nn.SyncBatchNorm)")
+
+
+def _grouped_stats(st: Tensor, nd: int):
+    """Mean and invstd rows of kernel statistics (G, 3, C) or (3, C) as (G, 1, C, 1..)."""
+    st = st if st.dim() == 3 else st.unsqueeze(0)
+    shape = (st.size(0), 1, st.size(2)) + (1,) * (nd - 3)
+    return st[:, 0].reshape(shape), st[:, 1].reshape(shape)
 
 
 def _param_dtype(dw, db, weight):
@@ -184,6 +240,7 @@ class FusedBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(x, weight, st)
         ctx.lay = lay
         ctx.has_bias = bias is not None
+        ctx.eps = eps
         result.extend((st, finite, direct))
         return y
 
@@ -191,6 +248,13 @@ class FusedBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, st = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if _special(grad_out):
+            xv = x.unsqueeze(0)
+            mean, invstd = _grouped_stats(st, xv.dim())
+            gx, dw, db = special_grads(grad_out.unsqueeze(0), xv, weight, ctx.eps, mean, invstd, x.numel() // x.size(1),
+                                       needs=(need[0], need[1], ctx.has_bias and need[2]))
+            dw, db = _param_dtype(dw, db, weight)
+            return None if gx is None else gx.squeeze(0), dw, db, None, None, None, None, None, None, None
         dx, dw, db = _fused.train_backward(grad_out, x, ctx.lay, weight, st, need[0],
                                            weight is not None and need[1], ctx.has_bias and need[2])
         dw, db = _param_dtype(dw, db, weight)
@@ -221,6 +285,7 @@ class FusedGroupedBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(xv, weight, st, rd)
         ctx.lay = lay
         ctx.has_bias = bias is not None
+        ctx.eps = eps
         result.extend((st, finite))
         return y
 
@@ -229,6 +294,18 @@ class FusedGroupedBatchNorm(torch.autograd.Function):
         xv, weight, st, rd = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_w, need_b = weight is not None and need[1], ctx.has_bias and need[2]
+        if _special(grad_out):
+            nd = xv.dim()
+            mean, invstd = _grouped_stats(st, nd)
+            r = d = None
+            if rd is not None:
+                shape = mean.shape
+                r, d = rd[:, 0].reshape(shape), rd[:, 1].reshape(shape)
+            count = xv[0].numel() // xv.size(2)
+            dx, dw, db = special_grads(grad_out, xv, weight, ctx.eps, mean, invstd, count, None, r, d,
+                                       (need[0], need_w, need_b))
+            dw, db = _param_dtype(dw, db, weight)
+            return dx, dw, db, None, None, None, None
         dx = torch.empty_like(xv) if need[0] else None
         dw = db = None
         for g in range(xv.size(0)):
@@ -254,6 +331,7 @@ class FusedMaskedBatchNorm(torch.autograd.Function):
         ctx.save_for_backward(x, mask, weight, st)
         ctx.count = count
         ctx.has_bias = bias is not None
+        ctx.eps = eps
         result.extend((st, count))
         return y
 
@@ -261,6 +339,14 @@ class FusedMaskedBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, mask, weight, st = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if _special(grad_out):
+            xv = x.unsqueeze(0)
+            mean, invstd = _grouped_stats(st, xv.dim())
+            mv = mask.view(1, mask.size(0), 1, mask.size(1))
+            gx, dw, db = special_grads(grad_out.unsqueeze(0), xv, weight, ctx.eps, mean, invstd, ctx.count, mv,
+                                       needs=(need[0], need[2], ctx.has_bias and need[3]))
+            dw, db = _param_dtype(dw, db, weight)
+            return None if gx is None else gx.squeeze(0), None, dw, db, None, None
         dx, dw, db = _fused.masked_backward(grad_out, x, mask, weight, st, ctx.count, need[0],
                                             weight is not None and need[2], ctx.has_bias and need[3])
         dw, db = _param_dtype(dw, db, weight)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._autograd import _NO_SYNC_SPECIAL, _special
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_stats", "gather_stats", "check_channels", "all_sum",
@@ -162,6 +163,8 @@ class FusedSyncBatchNorm(torch.autograd.Function):
         from . import _fused
 
         x, weight, mean, invstd = ctx.saved_tensors
+        if _special(grad_out):
+            raise NotImplementedError(_NO_SYNC_SPECIAL)
         lay = ctx.lay
         need = ctx.needs_input_grad
         dy = grad_out

@@ -19,6 +19,7 @@ Conventions (Ioffe & Szegedy 2015, with PyTorch's naming):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Optional, Sequence, Tuple
@@ -26,9 +27,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _fused
+from . import _fused, _ops, _reference
 from ._autograd import BatchNormTransform, FusedBatchNorm, kernel_layout
 from ._errors import MismatchError, NonFiniteBatchError, NonFiniteBatchWarning
+from ._update import report_nonfinite as _report_nonfinite
+from ._update import unbiased, update_running_stats
 
 __all__ = [
     "batch_norm",
@@ -247,13 +250,16 @@ def _stats_rows(x: Tensor, count: int, dt: torch.dtype):
     xs = x if x.dtype == dt else x.to(dt)
     xv = xs.view(G, n, C, -1)                                            # (G, n, C, S)
     shape = (G, 1, C) + (1,) * (x.dim() - 3)
-    center = (xv.sum(3).sum(1) / count).view(G, 1, C, 1)                 # first mean
-    work = xv - center                                                   # x - center
-    delta = work.sum(3).sum(1) / count                                   # (G, C)
-    sq = torch.linalg.vector_norm(work, dim=3).square_().sum(1) / count  # (G, C)
+    center = (xv.sum(3).sum(1) / count).view(shape)                      # first mean
+    # x - center in x's own shape: the transform may return this buffer as its output, and
+    # an output that is a view of it could not be modified in place.
+    work = xs - center
+    wv = work.view(G, n, C, -1)                                          # (G, n, C, S)
+    delta = wv.sum(3).sum(1) / count                                     # (G, C)
+    sq = torch.linalg.vector_norm(wv, dim=3).square_().sum(1) / count    # (G, C)
     var = (sq - delta * delta).clamp_min_(0.0)
     mean = center.view(G, C) + delta
-    return mean.view(shape), var.view(shape), work.view(x.shape), center.view(shape)
+    return mean.view(shape), var.view(shape), work, center
 
 
 def _stats_channels_last(x: Tensor, count: int):
@@ -298,84 +304,6 @@ def merge_stats(counts: Tensor, means: Tensor, variances: Tensor, dim: int = 0) 
     return total, mean, m2 / safe
 
 
-def unbiased(var: Tensor, count: Tensor) -> Tensor:
-    """m/(m-1) * var (Algorithm 2, step 10)."""
-    return var * count / (count - 1).clamp_min(1.0)
-
-
-def update_running_stats(
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
-    batch_mean: Tensor,
-    batch_var_unbiased: Tensor,
-    momentum: Optional[float],
-    nonfinite: str = "warn",
-    name: str = "batch_norm",
-) -> bool:
-    """Fold one batch's per-channel statistics (shape ``(C,)``) into the running buffers in place.
-
-    running = (1 - momentum) * running + momentum * batch; ``momentum=None`` uses
-    1 / num_batches_tracked (cumulative average). If any statistic is NaN/Inf nothing is
-    changed (not even num_batches_tracked) and, by ``nonfinite``, a
-    :class:`NonFiniteBatchWarning` is issued ("warn"), a :class:`NonFiniteBatchError` raised
-    ("raise"), or nothing said ("ignore"). Returns whether the batch was accepted.
-    """
-    finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var_unbiased).all()
-    if not torch.compiler.is_compiling():
-        if not bool(finite):
-            _report_nonfinite(nonfinite, name)
-            return False
-        with torch.no_grad():
-            # The counter last: the buffers' checks ran before (check_arguments).
-            if momentum is not None:
-                factor = float(momentum)
-            elif num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs a num_batches_tracked buffer")
-            else:
-                factor = 1.0 / (float(num_batches_tracked) + 1.0)
-            if running_mean is not None:
-                running_mean.lerp_(batch_mean.to(running_mean.dtype), factor)
-            if running_var is not None:
-                running_var.lerp_(batch_var_unbiased.to(running_var.dtype), factor)
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-        return True
-    # Under torch.compile: no data-dependent branch (it would break the graph); select instead.
-    with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
-        factor = _factor(momentum, num_batches_tracked)
-        if running_mean is not None:
-            running_mean.copy_(torch.where(finite, torch.lerp(running_mean, batch_mean.to(running_mean.dtype), factor), running_mean))
-        if running_var is not None:
-            running_var.copy_(torch.where(finite, torch.lerp(running_var, batch_var_unbiased.to(running_var.dtype), factor), running_var))
-    return True
-
-
-def _factor(momentum: Optional[float], num_batches_tracked: Optional[Tensor]):
-    """The weight of the new batch: ``momentum``, or 1/num_batches_tracked (already counting
-    this batch) for the cumulative average; a tensor under torch.compile (no host read)."""
-    if momentum is not None:
-        return float(momentum)
-    if num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs a num_batches_tracked buffer")
-    if torch.compiler.is_compiling():
-        return 1.0 / num_batches_tracked.clamp_min(1).to(torch.float32)
-    return 1.0 / float(num_batches_tracked.clamp_min(1))
-
-
-def _report_nonfinite(nonfinite: str, name: str) -> None:
-    msg = (f"{name}: the training batch has NaN or Inf statistics (non-finite or overflowing input); "
-           "running statistics were not updated")
-    if nonfinite == "raise":
-        raise NonFiniteBatchError(msg)
-    if nonfinite == "warn":
-        warnings.warn(msg, NonFiniteBatchWarning, stacklevel=4)
-    elif nonfinite != "ignore":
-        raise ValueError(f"nonfinite must be 'warn', 'raise' or 'ignore', got {nonfinite!r}")
-
-
 def grouped_view(x: Tensor, groups: int) -> Tensor:
     """View ``(N, C, *S)`` as ``(groups, N // groups, C, *S)``; works for any memory format."""
     return x.view((groups, x.size(0) // groups) + tuple(x.shape[1:]))
@@ -395,6 +323,7 @@ def transform(
     work: Optional[Tensor] = None,
     center: Optional[Tensor] = None,
     use_kernels: bool = True,
+    eps: float = 1e-5,
 ) -> Tensor:
     """Training-mode BN transform of a grouped view ``x`` (G, n, C, *S) with the
     hand-written backward of Section 3 (see :mod:`batchnorm._autograd`).
@@ -408,7 +337,7 @@ def transform(
     """
     scratch = (work, center) if work is not None else None
     return BatchNormTransform.apply(x, weight, bias, mean, invstd, count, mask, r, d, process_group, scratch,
-                                    use_kernels)
+                                    use_kernels, eps)
 
 
 def batch_norm(
@@ -440,20 +369,25 @@ def batch_norm(
     with non-finite statistics leaves the running buffers untouched (``nonfinite`` says
     whether to "warn", "raise" or "ignore"). ``momentum=None`` needs ``num_batches_tracked``.
     """
-    check_input(input, None, None, "batch_norm")
-    if impl not in ("auto", "native", "paper"):
-        raise ValueError(f"impl must be 'auto', 'native' or 'paper', got {impl!r}")
-    # Every check before any state changes: the arguments against the input, then the batch.
-    check_arguments(input, weight, bias, running_mean, running_var, "batch_norm", num_batches_tracked, training)
-    if training:
-        check_training_count(input, input.numel() // max(input.size(1), 1), "batch_norm")
-    elif running_mean is None:
-        raise ValueError("batch_norm: eval mode (training=False) needs running_mean and running_var")
-    if momentum is None and training and running_mean is not None and num_batches_tracked is None:
-        raise ValueError("batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
+    mode = capture_mode()
+    with traced_checks():
+        check_input(input, None, None, "batch_norm")
+        if impl not in ("auto", "native", "paper"):
+            raise ValueError(f"impl must be 'auto', 'native' or 'paper', got {impl!r}")
+        # Every check before any state changes: the arguments against the input, then the batch.
+        check_arguments(input, weight, bias, running_mean, running_var, "batch_norm", num_batches_tracked, training)
+        if training:
+            check_training_count(input, input.numel() // max(input.size(1), 1), "batch_norm")
+        elif running_mean is None:
+            raise ValueError("batch_norm: eval mode (training=False) needs running_mean and running_var")
+        if momentum is None and training and running_mean is not None and num_batches_tracked is None:
+            raise ValueError("batch_norm: momentum=None (cumulative average) needs num_batches_tracked")
 
     if not training:
         return _eval(input, running_mean, running_var, weight, bias, eps, impl)
+    if mode is not None and mode != "compile":
+        return special_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                             nonfinite, mode, "batch_norm", use_kernels=impl != "paper")
 
     lay = fast_layout(input) if impl == "auto" else None
     if lay is not None:
@@ -464,6 +398,82 @@ def batch_norm(
                             nonfinite, num_batches_tracked)
     return _train_native(input, running_mean, running_var, weight, bias, momentum, eps,
                          nonfinite, num_batches_tracked)
+
+
+_forward_ad = torch.autograd.forward_ad
+
+
+def capture_mode() -> Optional[str]:
+    """Which special mode a training step runs under, if any: "compile" (torch.compile's
+    tracing: torch operations without data-dependent branches), "export" (torch.export) or
+    "trace" (torch.jit.trace): the registered operators of :mod:`batchnorm._ops`, one node
+    per step, whose running update the captured program replays; "transform" (forward-mode
+    AD, torch.func.vmap/grad/jacrev/jvp): differentiable torch operations only
+    (:mod:`batchnorm._reference`), which every transform understands; None: eager."""
+    if torch.compiler.is_compiling():
+        return "export" if torch.compiler.is_exporting() else "compile"
+    if torch._C._get_tracing_state() is not None:
+        return "trace"
+    if _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return "transform"
+    return None
+
+
+@contextlib.contextmanager
+def traced_checks():
+    """Argument checks under torch.jit.trace: the tracer turns sizes into tensors, so each
+    comparison of a check warns that it "might cause the trace to be incorrect". The checks
+    are about the traced shapes, which the trace fixes anyway, so those warnings are
+    silenced here, inside the checks only, as torch silences them in its own library."""
+    if torch._C._get_tracing_state() is None:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def special_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                  running_var: Optional[Tensor], nbt: Optional[Tensor], momentum: Optional[float], eps: float,
+                  nonfinite: str, mode: str, name: str, *, groups: int = 1, mask: Optional[Tensor] = None,
+                  limits=None, use_kernels: bool = True, update: bool = True, sink=None) -> Tensor:
+    """A training step (plain BN, ghost ``groups``, ``mask``, Batch Renormalization with
+    ``limits`` = (r_max, d_max)) in a :func:`capture_mode` mode other than eager and
+    compile. The caller has checked the arguments. ``update``: fold the statistics into
+    the running buffers (guarded); ``sink``: a list that receives them instead (population
+    statistics)."""
+    if mode in ("trace", "export"):
+        lim = None
+        if limits is not None:
+            # (r_max, d_max) as one tensor: a schedule's values are tensors of the step count here.
+            lim = torch.stack([v.to(torch.float64) if isinstance(v, Tensor)
+                               else torch.full((), float(v), dtype=torch.float64) for v in limits])
+        renorm = limits is not None
+        y, stats = _ops.train(input, weight, bias, mask, running_mean if renorm else None,
+                              running_var if renorm else None, lim, groups, eps, use_kernels)
+        if sink is not None:
+            sink.append((stats[:, 0], stats[:, 2]))
+        elif update and running_mean is not None:
+            _ops.update_running_stats_(running_mean, running_var, nbt, stats, momentum, nonfinite, name)
+        return y
+    xv = grouped_view(input, groups)                                     # (G, n, C, *S)
+    mv = None if mask is None else grouped_view(mask.unsqueeze(1), groups)  # (G, n, 1, L)
+    xs = xv.to(stat_dtype(input.dtype))
+    mean, var, count = _reference.stats(xs, mv)                          # (G, 1, C, 1..)
+    r = d = None
+    if limits is not None:  # constants of the derivative (Ioffe 2017)
+        r, d = _reference.renorm_rd(mean.detach(), var.detach(), running_mean, running_var, limits[0], limits[1], eps)
+    y = _reference.normalize(xs, mean, var, eps, weight, bias, r, d).to(input.dtype).view(input.shape)
+    if sink is not None or (update and running_mean is not None):
+        with torch.no_grad():  # detach(): no gradient, and no forward-mode tangent either
+            batch_mean, batch_var = mean.detach(), unbiased(var.detach(), count)
+            G = xv.size(0)
+            if sink is not None:
+                sink.append((batch_mean.reshape(G, -1), batch_var.reshape(G, -1)))
+            else:
+                update_running_stats(running_mean, running_var, nbt, batch_mean.mean(dim=0).reshape(-1),
+                                     batch_var.mean(dim=0).reshape(-1), momentum, nonfinite, name)
+    return y
 
 
 # Below this many elements the training step runs on torch's kernel (its C++ autograd node
@@ -541,8 +551,8 @@ def _train_fused(input, running_mean, running_var, weight, bias, momentum, eps, 
             _report_nonfinite(nonfinite, name)
         elif not direct:
             # The boundary checked that these buffers can be written in place (and nbt).
-            running_mean.lerp_(st[0].to(running_mean.dtype), factor)
-            running_var.lerp_((st[2] * (m / max(m - 1, 1))).to(running_var.dtype), factor)
+            running_mean.data.lerp_(st[0].to(running_mean.dtype), factor)
+            running_var.data.lerp_((st[2] * (m / max(m - 1, 1))).to(running_var.dtype), factor)
             if nbt is not None:
                 nbt.add_(1)
         elif nbt is not None and _fused._counter(nbt) is None:
@@ -572,16 +582,16 @@ def _train_checked(input, running_mean, running_var, weight, bias, factor, eps, 
     except RuntimeError:
         if backup is not None:  # torch's CPU kernel may have written running_mean when it rejected running_var
             with torch.no_grad():
-                running_mean.copy_(backup[0])
-                running_var.copy_(backup[1])
+                running_mean.data.copy_(backup[0])
+                running_var.data.copy_(backup[1])
         check_arguments(input, weight, bias, running_mean, running_var, name, nbt)
         raise
     code = _fused.check_stats(mean, invstd, m)
     if running_mean is None:
         return None if code == 2 else out
     if code:
-        running_mean.copy_(backup[0])
-        running_var.copy_(backup[1])
+        running_mean.data.copy_(backup[0])
+        running_var.data.copy_(backup[1])
         if code == 2:
             return None
         _report_nonfinite(nonfinite, name)
@@ -590,8 +600,8 @@ def _train_checked(input, running_mean, running_var, weight, bias, factor, eps, 
         try:
             nbt.add_(1)
         except RuntimeError:
-            running_mean.copy_(backup[0])
-            running_var.copy_(backup[1])
+            running_mean.data.copy_(backup[0])
+            running_var.data.copy_(backup[1])
             check_counter(nbt, input.device, name)
             raise
     return out
@@ -636,8 +646,8 @@ def _train_native(input, running_mean, running_var, weight, bias, momentum, eps,
         if nbt is not None:
             nbt.add_(1)  # buffers never require grad: no no_grad() needed (it costs microseconds)
     else:
-        running_mean.copy_(backup[0])
-        running_var.copy_(backup[1])
+        running_mean.data.copy_(backup[0])
+        running_var.data.copy_(backup[1])
         _report_nonfinite(nonfinite, name)
     return out
 
@@ -661,7 +671,7 @@ def _train_paper(input, running_mean, running_var, weight, bias, momentum, eps, 
         mean, var, count, work, center = batch_stats_work(xv, dims, use_kernels=use_kernels)
         invstd = torch.rsqrt(var + eps)
     out = transform(xv, weight, bias, mean, invstd, count, work=work, center=center,
-                    use_kernels=use_kernels).view(input.shape)
+                    use_kernels=use_kernels, eps=eps).view(input.shape)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, nbt, mean.reshape(-1), unbiased(var, count).reshape(-1),
                              momentum, nonfinite, name)

@@ -162,6 +162,9 @@ class _BatchNormBase(nn.Module):
         return n // vbs
 
     def _forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        mode = F.capture_mode()
+        if mode is not None and mode != "compile":
+            return self._forward_special(input, mask, mode)
         F.check_input(input, self.num_features, self._ranks, self._name)
         if mask is not None:
             self._check_mask(input, mask)
@@ -215,6 +218,36 @@ class _BatchNormBase(nn.Module):
 
     def _is_renorm(self) -> bool:
         return False
+
+    def _forward_special(self, input: Tensor, mask: Optional[Tensor], mode: str) -> Tensor:
+        """Under graph capture (jit.trace, export) or autograd transforms (forward AD,
+        torch.func): every check, then :func:`batchnorm.functional.special_train` in
+        training, torch's own (or the reference) transform in eval."""
+        weight, bias, running_mean, running_var = self.weight, self.bias, self.running_mean, self.running_var
+        nbt = self.num_batches_tracked
+        training = (self.training and not self.frozen) or running_mean is None
+        update = self.training and not self.frozen and running_mean is not None
+        with F.traced_checks():
+            F.check_input(input, self.num_features, self._ranks, self._name)
+            if mask is not None:
+                self._check_mask(input, mask)
+            F.check_arguments(input, weight, bias, running_mean, running_var, self._name, nbt, training=update)
+            if not training:
+                return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps,
+                                    impl="paper" if self.impl == "paper" else "native")
+            if self.momentum is None and update and nbt is None:
+                raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
+            groups = self._groups(input)
+            if self._process_group() is not None:
+                raise NotImplementedError(f"{self._name}: statistics synchronized across processes are not "
+                                          f"supported under {mode} (torch.jit.trace, torch.export, forward AD, "
+                                          "torch.func)")
+            if mask is None:
+                F.check_training_count(input, input.numel() // self.num_features // groups, self._name)
+        limits = self.current_limits() if self._is_renorm() else None
+        return F.special_train(input, weight, bias, running_mean, running_var, nbt, self.momentum, self.eps,
+                               self.nonfinite, mode, self._name, groups=groups, mask=mask, limits=limits,
+                               use_kernels=self.impl != "paper", update=update, sink=self._stat_sink)
 
     def _local_stats(self, input: Tensor, mask: Optional[Tensor], groups: int):
         """Grouped view, mask view and per-group local statistics (count, mean, biased var)."""
@@ -271,7 +304,7 @@ class _BatchNormBase(nn.Module):
                 # block were otherwise differentiated through (tests/test_compile.py).
                 r, d = r.detach(), d.detach()
         out = F.transform(xv, self.weight, self.bias, mean, invstd, count, mv, r, d, group, work, center,
-                          use_kernels=self.impl != "paper")
+                          use_kernels=self.impl != "paper", eps=self.eps)
         out = out.view(input.shape)
         with torch.no_grad():
             # Algorithm 2's estimate over the groups: mean of mu_B and of m/(m-1) sigma2_B.

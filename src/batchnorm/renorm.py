@@ -8,6 +8,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _reference
 from .modules import _BatchNormBase
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "default_r_max", "default_d_max"]
@@ -73,7 +74,7 @@ class _BatchRenorm(_BatchNormBase):
 
         Under torch.compile a callable schedule receives the step count as a 0-d tensor
         (the defaults accept either) and its values are not validated (no host read)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
             step = self.num_batches_tracked
             r_max = self.r_max(step) if callable(self.r_max) else float(self.r_max)
             d_max = self.d_max(step) if callable(self.d_max) else float(self.d_max)
@@ -88,16 +89,7 @@ class _BatchRenorm(_BatchNormBase):
 
     def _renorm(self, mean: Tensor, var: Tensor):
         r_max, d_max = self.current_limits()
-        nd = mean.dim()
-        shape = (1, 1, -1) + (1,) * (nd - 3)
-        rm = self.running_mean.to(mean.dtype).view(shape)
-        sigma = torch.sqrt(self.running_var.to(mean.dtype) + self.eps).view(shape)
-        sigma_b = torch.sqrt(var + self.eps)
-        r = torch.clamp(sigma_b / sigma, 1.0 / r_max, r_max)              # (G, 1, C, 1..)
-        d = torch.clamp((mean - rm) / sigma, -d_max, d_max)               # (G, 1, C, 1..)
-        if isinstance(r_max, Tensor):  # under torch.compile: the scalars were tensors
-            r, d = r.to(mean.dtype), d.to(mean.dtype)
-        return r, d
+        return _reference.renorm_rd(mean, var, self.running_mean, self.running_var, r_max, d_max, self.eps)
 
     def extra_repr(self) -> str:
         def show(v):
