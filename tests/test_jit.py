@@ -416,6 +416,9 @@ def test_compiler_process_group_is_killed(tmp_path, failure):
         with pytest.raises(_jit._Fallback, match="timed out"):
             _jit._run(argv, time.monotonic() + 1)
     else:
+        # A process started in the background by a non-interactive shell ignores SIGINT
+        # (and Python then keeps it ignored): install Python's handler for this test.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
         try:
@@ -423,6 +426,7 @@ def test_compiler_process_group_is_killed(tmp_path, failure):
                 _jit._run(argv, time.monotonic() + 60)
         finally:
             timer.cancel()
+            signal.signal(signal.SIGINT, previous)
     started = [int(p) for p in pids.read_text().split()]
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in started) and time.monotonic() < deadline:
