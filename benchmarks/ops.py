@@ -1,7 +1,7 @@
 """Per-op speed of batchnorm's BatchNorm against torch.nn's, same process, interleaved, with
 a memory-bandwidth roofline.
 
-    python benchmarks/ops.py [--quick] [--impl auto|paper|native] [--system-malloc]
+    python benchmarks/ops.py [--quick] [--impl auto|kernels|torch|reference] [--system-malloc]
 
 For every shape and format of the suite it times train forward, train forward+backward
 and eval forward of both modules (median of many interleaved repeats) and prints the
@@ -126,7 +126,7 @@ def first_call_latency() -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--impl", default="auto", choices=["auto", "paper", "native"])
+    p.add_argument("--impl", default="auto", choices=["auto", "kernels", "torch", "reference"])
     p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
     args = p.parse_args(argv)
     if not args.system_malloc:

@@ -1,6 +1,6 @@
 """The autograd contract (issue 15, item 4) on every path, at sizes where the fused kernels
 run (65,536 elements and more), in float32 and float64, NCHW and channels_last, and on the
-reference path (impl="paper"): gradcheck and gradgradcheck with forward-mode AD and batched
+reference path (impl="reference"): gradcheck and gradgradcheck with forward-mode AD and batched
 gradients, a gradient penalty through Conv2d + BN, forward-mode tangents, torch.func.vmap /
 jacrev / jvp, is_grads_batched, in-place ops on the output, torch.jit.trace and
 torch.export in train mode. Each mode is compared with torch.nn's answer where torch.nn has
@@ -31,8 +31,8 @@ PATHS = [
     ("plain NCHW", lambda: bn.BatchNorm2d(4), BIG, {}),
     ("plain channels_last", lambda: bn.BatchNorm2d(4), BIG, {"cl": True}),
     ("plain (N, C)", lambda: bn.BatchNorm1d(4), (16384, 4), {}),
-    ("paper", lambda: bn.BatchNorm2d(4, impl="paper"), BIG, {}),
-    ("native", lambda: bn.BatchNorm2d(4, impl="native"), BIG, {}),
+    ("reference", lambda: bn.BatchNorm2d(4, impl="reference"), BIG, {}),
+    ("torch", lambda: bn.BatchNorm2d(4, impl="torch"), BIG, {}),
     ("ghost", lambda: bn.BatchNorm2d(4, virtual_batch_size=4), BIG, {}),
     ("ghost channels_last", lambda: bn.BatchNorm2d(4, virtual_batch_size=4), BIG, {"cl": True}),
     ("renorm", lambda: bn.BatchRenorm2d(4, r_max=1.5, d_max=0.5), BIG, {}),
@@ -142,7 +142,7 @@ def test_gradcheck_and_gradgradcheck(name, factory, shape, opts, kernel_calls):
     b = m.bias.detach().clone().requires_grad_()
     fn = _our_fn(m, opts, _mask(shape) if opts.get("mask") else None)
     assert gradcheck(fn, (x, w, b), fast_mode=True, check_forward_ad=True, check_batched_grad=True)
-    assert gradgradcheck(fn, (x, w, b), fast_mode=True, check_fwd_over_rev=name in ("plain NCHW", "paper"),
+    assert gradgradcheck(fn, (x, w, b), fast_mode=True, check_fwd_over_rev=name in ("plain NCHW", "reference"),
                          check_batched_grad=True)
     if name in KERNEL_PATHS and _fused.available():
         assert kernel_calls, "the fused kernels did not run"
@@ -154,7 +154,7 @@ def test_gradcheck_functional_at_kernel_size(kernel_calls):
     x = _input(BIG, {}, torch.float64).requires_grad_()
     w = torch.rand(4, dtype=torch.float64, requires_grad=True)
     b = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    for impl in ("auto", "paper"):
+    for impl in ("auto", "reference"):
         fn = lambda x, w, b: bn.functional.batch_norm(x, None, None, w, b, True, impl=impl)  # noqa: E731
         assert gradcheck(fn, (x, w, b), fast_mode=True, check_forward_ad=True, check_batched_grad=True)
         assert gradgradcheck(fn, (x, w, b), fast_mode=True, check_batched_grad=True)
@@ -165,7 +165,7 @@ def test_gradcheck_functional_at_kernel_size(kernel_calls):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("cl", [False, True], ids=["NCHW", "channels_last"])
-@pytest.mark.parametrize("impl", ["auto", "paper", "native"])
+@pytest.mark.parametrize("impl", ["auto", "reference", "torch"])
 def test_gradient_penalty_conv_bn_matches_torch(dtype, cl, impl, kernel_calls):
     """Was: gx had no graph, half of torch's d/dconv.weight (0.00614 vs 0.01223) and no
     bn.weight.grad on the fused path; "Expected a proper Tensor but got None" with paper."""
@@ -218,7 +218,7 @@ def test_double_backward_variants_match_reference(name, factory, shape, opts):
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("cl", [False, True], ids=["NCHW", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("impl", ["auto", "paper"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 def test_forward_ad_tangents_match_torch(affine, cl, dtype, impl):
     """Was: NotImplementedError (fused path and paper), and a silent None tangent with
     affine=False. Running statistics are updated as in a plain training step."""
@@ -307,7 +307,7 @@ def test_is_grads_batched(name, factory, shape, opts, dtype):
         single = torch.autograd.grad(y, (x, m.weight, m.bias), V[i], retain_graph=True)
         for a, b in zip(batched, single):
             torch.testing.assert_close(a[i], b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
-    if name in ("plain NCHW", "paper"):
+    if name in ("plain NCHW", "reference"):
         ref = nn.BatchNorm2d(4).to(dtype)
         ref.load_state_dict(m.state_dict())
         xr = x.detach().clone().requires_grad_()
@@ -320,7 +320,7 @@ def test_is_grads_batched(name, factory, shape, opts, dtype):
 
 @pytest.mark.parametrize("name,factory,shape,opts", PATHS, ids=IDS)
 def test_output_modifiable_in_place(name, factory, shape, opts):
-    """Was, with impl="paper": "Output 0 of View is a view and is being modified inplace"
+    """Was, with impl="reference": "Output 0 of View is a view and is being modified inplace"
     (every model with ReLU(inplace=True) or x += shortcut)."""
     m = _make(factory)
     mask = _mask(shape) if opts.get("mask") else None
@@ -341,9 +341,9 @@ _TRACE_WARNINGS = pytest.mark.filterwarnings("ignore:`torch.jit.trace:Deprecatio
 
 
 @_TRACE_WARNINGS
-@pytest.mark.parametrize("name,factory,shape,opts", [p for p in PATHS if p[0] != "paper"] + [
+@pytest.mark.parametrize("name,factory,shape,opts", [p for p in PATHS if p[0] != "reference"] + [
     ("momentum None", lambda: bn.BatchNorm2d(4, momentum=None), BIG, {}),
-    ("renorm schedule", lambda: bn.BatchRenorm2d(4), BIG, {})], ids=[p[0] for p in PATHS if p[0] != "paper"] + [
+    ("renorm schedule", lambda: bn.BatchRenorm2d(4), BIG, {})], ids=[p[0] for p in PATHS if p[0] != "reference"] + [
     "momentum None", "renorm schedule"])
 def test_jit_trace_train_mode_keeps_updating(name, factory, shape, opts):
     """Was: ctypes.ArgumentError at fused sizes, and at small sizes a traced module that

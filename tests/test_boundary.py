@@ -16,20 +16,20 @@ from batchnorm import functional as F
 
 # (name, factory, input shape, forward kwargs): one entry per path of the modules. Shapes
 # of 32,768 elements and more take the fused kernels for plain BN; ghost batches, Batch
-# Renormalization and masks take them at any size; impl="paper" and "native" never do.
+# Renormalization and masks take them at any size; impl="reference" and "torch" never do.
 PATHS = [
     ("plain small", lambda: bn.BatchNorm1d(16), (32, 16), {}),
     ("plain kernels NCHW", lambda: bn.BatchNorm2d(16), (8, 16, 16, 16), {}),
     ("plain kernels channels_last", lambda: bn.BatchNorm2d(16), (8, 16, 16, 16), {"cl": True}),
-    ("native", lambda: bn.BatchNorm2d(16, impl="native"), (8, 16, 16, 16), {}),
-    ("paper", lambda: bn.BatchNorm2d(16, impl="paper"), (4, 16, 4, 4), {}),
+    ("torch", lambda: bn.BatchNorm2d(16, impl="torch"), (8, 16, 16, 16), {}),
+    ("reference", lambda: bn.BatchNorm2d(16, impl="reference"), (4, 16, 4, 4), {}),
     ("ghost", lambda: bn.BatchNorm2d(16, virtual_batch_size=2), (4, 16, 4, 4), {}),
-    ("ghost paper", lambda: bn.BatchNorm2d(16, virtual_batch_size=2, impl="paper"), (4, 16, 4, 4), {}),
+    ("ghost paper", lambda: bn.BatchNorm2d(16, virtual_batch_size=2, impl="reference"), (4, 16, 4, 4), {}),
     ("renorm", lambda: bn.BatchRenorm1d(16), (8, 16), {}),
     ("renorm 2d", lambda: bn.BatchRenorm2d(16, r_max=2.0, d_max=1.0), (4, 16, 4, 4), {}),
-    ("renorm paper", lambda: bn.BatchRenorm2d(16, impl="paper"), (4, 16, 4, 4), {}),
+    ("renorm paper", lambda: bn.BatchRenorm2d(16, impl="reference"), (4, 16, 4, 4), {}),
     ("masked", lambda: bn.BatchNorm1d(16), (4, 16, 9), {"mask": True}),
-    ("masked paper", lambda: bn.BatchNorm1d(16, impl="paper"), (4, 16, 9), {"mask": True}),
+    ("masked paper", lambda: bn.BatchNorm1d(16, impl="reference"), (4, 16, 9), {"mask": True}),
     ("sync, no group", lambda: bn.SyncBatchNorm(16), (4, 16, 4, 4), {}),
     ("momentum None", lambda: bn.BatchNorm2d(16, momentum=None), (8, 16, 16, 16), {}),
 ]
@@ -172,7 +172,7 @@ def test_functional_wrong_sizes_and_dtypes():
         (torch.zeros(16), torch.ones(16, device="meta"), None, None, "meta"),
         (torch.zeros(16), torch.ones(1).expand(16), None, None, "in place"),
     ]:
-        for impl in ("auto", "native", "paper"):
+        for impl in ("auto", "torch", "reference"):
             for xi in (x, x[:4]):
                 rm0, rv0 = rm.clone(), rv.clone()
                 with pytest.raises(bn.MismatchError, match=match):
@@ -185,19 +185,19 @@ def test_functional_int64_running_var_changes_nothing():
     x = torch.randn(8, 4)
     rm, rv = torch.zeros(4), torch.ones(4, dtype=torch.long)
     nbt = torch.tensor(0)
-    for impl in ("auto", "native", "paper"):
+    for impl in ("auto", "torch", "reference"):
         with pytest.raises(RuntimeError, match="mixed dtype"):
             F.batch_norm(x, rm, rv, training=True, impl=impl, num_batches_tracked=nbt)
         assert torch.equal(rm, torch.zeros(4)) and int(nbt) == 0
 
 
 def test_paper_failure_changes_no_state():
-    """Was: a failing impl="paper" call incremented num_batches_tracked and updated
+    """Was: a failing impl="reference" call incremented num_batches_tracked and updated
     running_mean, then raised."""
-    m = bn.BatchNorm1d(4, impl="paper")
+    m = bn.BatchNorm1d(4, impl="reference")
     m.running_var = torch.ones(4, dtype=torch.long)
     _raises_unchanged(m, torch.randn(8, 4), {}, "mixed dtype")
-    m = bn.BatchNorm1d(4, impl="paper")
+    m = bn.BatchNorm1d(4, impl="reference")
     m.num_batches_tracked = torch.tensor(True)
     _raises_unchanged(m, torch.randn(8, 4), {}, "num_batches_tracked")
 
@@ -216,7 +216,7 @@ def test_huge_channel_count_with_one_element_buffer_does_not_crash():
     instead of the run."""
     code = textwrap.dedent("""
         import torch, batchnorm as bn
-        for impl in ("auto", "native", "paper"):
+        for impl in ("auto", "torch", "reference"):
             m = bn.BatchNorm1d(1 << 20, impl=impl)
             m.running_mean = torch.zeros(1)
             try:

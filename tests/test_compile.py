@@ -38,7 +38,7 @@ def _cases():
         ("BatchRenorm2d (schedule)", lambda: bn.BatchRenorm2d(4), (4, 4, 5, 6), {}),
         ("BatchRenorm1d (constants)", lambda: bn.BatchRenorm1d(4, r_max=1.5, d_max=0.5), (16, 4), {}),
         ("SyncBatchNorm, no process group", lambda: bn.SyncBatchNorm(4), (4, 4, 5, 6), {}),
-        ("BatchNorm2d impl=paper", lambda: bn.BatchNorm2d(4, impl="paper"), (4, 4, 5, 6), {}),
+        ("BatchNorm2d impl=reference", lambda: bn.BatchNorm2d(4, impl="reference"), (4, 4, 5, 6), {}),
     ]
 
 

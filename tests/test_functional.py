@@ -26,7 +26,7 @@ def test_gradcheck_float64(shape):
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     w = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
-    fn = lambda x, w, b: F.batch_norm(x, None, None, w, b, True, impl="paper")
+    fn = lambda x, w, b: F.batch_norm(x, None, None, w, b, True, impl="reference")
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
@@ -34,7 +34,7 @@ def test_gradcheck_channels_last():
     x = torch.randn(3, 4, 5, 6, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, w, b: F.batch_norm(x, None, None, w, b, True, impl="paper")
+    fn = lambda x, w, b: F.batch_norm(x, None, None, w, b, True, impl="reference")
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
@@ -45,7 +45,7 @@ def test_matches_autograd_reference(shape):
     b = torch.randn(shape[1], dtype=torch.float64)
     gy = torch.randn(*shape, dtype=torch.float64)
     grads = []
-    for fn in (reference, lambda x, w, b: F.batch_norm(x, None, None, w, b, True, impl="paper")):
+    for fn in (reference, lambda x, w, b: F.batch_norm(x, None, None, w, b, True, impl="reference")):
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
         y = fn(xs, ws, bs)
         y.backward(gy)
@@ -54,7 +54,7 @@ def test_matches_autograd_reference(shape):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", ["paper", "native", "auto"])
+@pytest.mark.parametrize("impl", ["reference", "torch", "auto"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_matches_torch_float32(impl, channels_last):
     x = torch.randn(8, 5, 6, 7)
@@ -79,7 +79,7 @@ def test_matches_torch_float32(impl, channels_last):
     assert xa.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-@pytest.mark.parametrize("impl", ["paper", "native"])
+@pytest.mark.parametrize("impl", ["reference", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_uses_float32_statistics(impl, dtype):
     x32 = torch.randn(16, 3, 4, 4) * 2 + 5
@@ -87,7 +87,7 @@ def test_half_precision_uses_float32_statistics(impl, dtype):
     rm, rv = torch.zeros(3), torch.ones(3)
     y = F.batch_norm(x, rm, rv, torch.ones(3), torch.zeros(3), True, 1.0, 1e-5, impl=impl)
     assert y.dtype == dtype and rm.dtype == torch.float32
-    expected = F.batch_norm(x.float(), None, None, None, None, True, impl="paper")
+    expected = F.batch_norm(x.float(), None, None, None, None, True, impl="reference")
     torch.testing.assert_close(y.float(), expected, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 3e-3)
     # Running stats come from float32 arithmetic on the half values.
     torch.testing.assert_close(rm, x.float().mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
@@ -96,19 +96,19 @@ def test_half_precision_uses_float32_statistics(impl, dtype):
 def test_half_backward_paper():
     x = (torch.randn(16, 3, 4) * 2).to(torch.bfloat16).requires_grad_()
     w = torch.ones(3, requires_grad=True)
-    y = F.batch_norm(x, None, None, w, None, True, impl="paper")
+    y = F.batch_norm(x, None, None, w, None, True, impl="reference")
     y.float().pow(2).sum().backward()
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
     assert torch.isfinite(x.grad.float()).all()
 
 
-@pytest.mark.parametrize("impl", ["paper", "native"])
+@pytest.mark.parametrize("impl", ["reference", "torch"])
 def test_large_mean_is_stable(impl):
     # float32 values around 1e4 with unit spread: raw E[x^2]-E[x]^2 would be off by thousands.
     x64 = torch.randn(64, 3, 8, 8, dtype=torch.float64) + 1e4
     x32 = x64.float()
     y32 = F.batch_norm(x32, None, None, None, None, True, impl=impl).double()
-    y64 = F.batch_norm(x32.double(), None, None, None, None, True, impl="paper")
+    y64 = F.batch_norm(x32.double(), None, None, None, None, True, impl="reference")
     assert (y32 - y64).abs().max() < 2e-3
     mean, var, _ = F.batch_stats(x32.view(1, *x32.shape), (1, 3, 4))
     assert abs(var.mean().item() - x32.double().var(dim=(0, 2, 3), unbiased=False).mean().item()) < 1e-2
@@ -138,7 +138,7 @@ def test_eval_uses_running_stats_both_impls():
     rm, rv = torch.randn(3), torch.rand(3) + 0.1
     w, b = torch.randn(3), torch.randn(3)
     expected = (x - rm.view(1, 3, 1)) / torch.sqrt(rv.view(1, 3, 1) + 1e-5) * w.view(1, 3, 1) + b.view(1, 3, 1)
-    for impl in ("paper", "native"):
+    for impl in ("reference", "torch"):
         torch.testing.assert_close(F.batch_norm(x, rm, rv, w, b, False, impl=impl), expected)
 
 

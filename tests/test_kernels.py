@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import batchnorm as bn
-from batchnorm import _fused, _jit
+from batchnorm import _fused, _jit, _operator
 from batchnorm import functional as F
 
 
@@ -89,7 +89,6 @@ def test_fused_path_matches_torch(name, shape, cl, momentum):
 @pytest.mark.parametrize("shape,cl", [((3, 4, 5, 6), False), ((3, 4, 5, 6), True), ((7, 5), False), ((4, 3, 9), False)])
 def test_fused_function_gradcheck(shape, cl):
     _need_kernels()
-    from batchnorm._autograd import FusedBatchNorm
     x = torch.randn(*shape, dtype=torch.float64)
     if cl:
         x = x.to(memory_format=torch.channels_last)
@@ -98,7 +97,8 @@ def test_fused_function_gradcheck(shape, cl):
     b = torch.rand(shape[1], dtype=torch.float64, requires_grad=True)
     lay = _fused.layout(x)
     assert lay is not None
-    f = lambda x, w, b: FusedBatchNorm.apply(x, w, b, lay, 1e-5, None, None, 0.0, None, [])  # noqa: E731
+    # The operator's fused path (the kernels read this layout, no mask, no ranks).
+    f = lambda x, w, b: _operator.BatchNormFunction.apply(x, w, b, None, None, None, _operator.Plan())[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
@@ -241,13 +241,13 @@ def test_bad_compiler_falls_back(tmp_path):
 @pytest.mark.parametrize("cl", [False, True])
 @pytest.mark.parametrize("kind", ["renorm", "ghost", "renorm+ghost"])
 def test_fused_variants_match_torch_operation_path(kind, cl):
-    # The fused kernels (impl="auto") against the torch-operation path (impl="paper") over
+    # The fused kernels (impl="auto") against the torch-operation path (impl="reference") over
     # training steps with Batch Renorm's clipping active: outputs, all gradients, buffers.
     _need_kernels()
     kw = {"virtual_batch_size": 4} if "ghost" in kind else {}
     make = (lambda impl: bn.BatchRenorm2d(6, r_max=1.3, d_max=0.4, impl=impl, **kw)) if "renorm" in kind else \
         (lambda impl: bn.BatchNorm2d(6, impl=impl, **kw))
-    fused, ref = make("auto"), make("paper")
+    fused, ref = make("auto"), make("reference")
     with torch.no_grad():
         for m in (fused, ref):
             m.weight.copy_(torch.linspace(0.5, 1.5, 6))
@@ -272,7 +272,7 @@ def test_fused_masked_matches_torch_operation_path(dtype, shape):
     # (8, 64, 4096) float32 is 8 MiB: outputs written with non-temporal stores.
     _need_kernels()
     n, c, length = shape
-    fused, ref = bn.BatchNorm1d(c, dtype=dtype), bn.BatchNorm1d(c, impl="paper", dtype=dtype)
+    fused, ref = bn.BatchNorm1d(c, dtype=dtype), bn.BatchNorm1d(c, impl="reference", dtype=dtype)
     with torch.no_grad():
         for m in (fused, ref):
             m.weight.copy_(torch.linspace(0.5, 1.5, c))
@@ -297,7 +297,7 @@ def test_fused_masked_matches_torch_operation_path(dtype, shape):
 def test_streamed_batch_renorm_matches_torch_operation_path(cl):
     # 8 MiB: the renorm forward and backward kernels write with non-temporal stores.
     _need_kernels()
-    fused, ref = (bn.BatchRenorm2d(64, r_max=1.3, d_max=0.4, impl=impl) for impl in ("auto", "paper"))
+    fused, ref = (bn.BatchRenorm2d(64, r_max=1.3, d_max=0.4, impl=impl) for impl in ("auto", "reference"))
     with torch.no_grad():
         for m in (fused, ref):
             m.running_mean.fill_(0.3)
@@ -313,13 +313,13 @@ def test_streamed_batch_renorm_matches_torch_operation_path(cl):
 
 def test_fused_masked_gradcheck_and_errors():
     _need_kernels()
-    from batchnorm._autograd import FusedMaskedBatchNorm
     x = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
     w = torch.rand(2, dtype=torch.float64, requires_grad=True)
     b = torch.rand(2, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(3, 7) > 0.3
     mask[0, 0] = mask[1, 1] = True
-    f = lambda x, w, b: FusedMaskedBatchNorm.apply(x, mask, w, b, 1e-5, [])  # noqa: E731
+    # The operator's masked-kernel path (contiguous (N, C, L), one group).
+    f = lambda x, w, b: _operator.BatchNormFunction.apply(x, w, b, mask, None, None, _operator.Plan())[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, b))
     m = bn.BatchNorm1d(2)
     before = m.running_mean.clone()
@@ -357,10 +357,10 @@ for shape, cl in [((8, 64, 20, 20), False), ((8, 64, 20, 20), True), ((4096, 16)
 x = torch.randn(8, 5, 33) * 3 + 5
 mask = torch.rand(8, 33) > 0.4
 for a_mod, b_mod, xx, args in (
-        (bn.BatchNorm1d(5), bn.BatchNorm1d(5, impl="paper"), x, (mask,)),
-        (bn.BatchNorm2d(6, virtual_batch_size=4), bn.BatchNorm2d(6, virtual_batch_size=4, impl="paper"),
+        (bn.BatchNorm1d(5), bn.BatchNorm1d(5, impl="reference"), x, (mask,)),
+        (bn.BatchNorm2d(6, virtual_batch_size=4), bn.BatchNorm2d(6, virtual_batch_size=4, impl="reference"),
          torch.randn(16, 6, 20, 20), ()),
-        (bn.BatchRenorm2d(6, r_max=1.3, d_max=0.4), bn.BatchRenorm2d(6, r_max=1.3, d_max=0.4, impl="paper"),
+        (bn.BatchRenorm2d(6, r_max=1.3, d_max=0.4), bn.BatchRenorm2d(6, r_max=1.3, d_max=0.4, impl="reference"),
          torch.randn(16, 6, 20, 20).to(memory_format=torch.channels_last), ())):
     g = torch.randn(*xx.shape)
     xa, xb = xx.clone().requires_grad_(), xx.clone().requires_grad_()
@@ -378,7 +378,7 @@ print("ok", worst, _jit._info["isa"])
 def test_portable_builds_are_correct(arch, tmp_path):
     # This machine builds for its best x86-64 level with OpenMP (x86-64-v4, AVX-512, here);
     # the AVX2 and plain-SSE2 code paths and the pthread pool of _kernels.c are built (and
-    # said so by the status) and checked too, against torch.nn and impl="paper". Shapes for
+    # said so by the status) and checked too, against torch.nn and impl="reference". Shapes for
     # the AVX2 paths: rows with a tail (S = 100, 49), channels-innermost groups of four rows
     # with leftover rows (C = 40, 1476 rows) and C = 16, statistics in groups but gradient
     # sums on the portable loop (C = 64, 96), wider (256) and odd (13) widths on the portable

@@ -31,7 +31,7 @@ def pair(shape, **kw):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("impl", ["auto", "paper"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("affine", [True, False])
 def test_parity_over_training_steps(shape, momentum, impl, affine):
     ours, theirs = pair(shape, momentum=momentum, impl=impl, affine=affine)
@@ -56,7 +56,7 @@ def test_parity_over_training_steps(shape, momentum, impl, affine):
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["auto", "paper"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 def test_track_running_stats_false_uses_batch_stats_in_eval(impl):
     ours, theirs = pair((8, 3, 4, 4), track_running_stats=False, impl=impl)
     assert ours.running_mean is None and "running_mean" not in ours.state_dict()
@@ -117,7 +117,7 @@ def test_unbiased_running_var_uses_values_per_channel():
 
 
 def test_cumulative_average_with_momentum_none():
-    m = bn.BatchNorm1d(3, momentum=None, impl="paper")
+    m = bn.BatchNorm1d(3, momentum=None, impl="reference")
     xs = [torch.randn(10, 3) + i for i in range(5)]
     for x in xs:
         m(x)
@@ -125,7 +125,7 @@ def test_cumulative_average_with_momentum_none():
     torch.testing.assert_close(m.running_var, torch.stack([x.var(0) for x in xs]).mean(0))
 
 
-@pytest.mark.parametrize("impl", ["auto", "paper"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_batch_does_not_poison(impl, bad):
     m = bn.BatchNorm2d(3, impl=impl)
@@ -174,7 +174,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["auto", "paper"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
 def test_bad_input_is_rejected_without_state_change(case, impl):
     m, x, exc, pattern = BAD_INPUTS[case]
@@ -216,7 +216,7 @@ def test_single_value_eval_is_fine():
     assert m(torch.randn(1, 3)).shape == (1, 3)
 
 
-@pytest.mark.parametrize("impl", ["auto", "paper"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 def test_bias_false_matches_torch(impl):
     ours, theirs = bn.BatchNorm2d(3, bias=False, impl=impl), nn.BatchNorm2d(3, bias=False)
     assert ours.bias is None and list(ours.state_dict()) == list(theirs.state_dict())
@@ -227,4 +227,4 @@ def test_bias_false_matches_torch(impl):
     yb.sum().backward()
     torch.testing.assert_close(ya, yb)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
-    assert repr(ours).replace(", impl='paper'", "") == repr(theirs)
+    assert repr(ours).replace(", impl='reference'", "") == repr(theirs)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import batchnorm as bn
+from batchnorm import _collectives
 from dist_util import run_ranks
 
 SPLITS = [(8, 8), (5, 11), (0, 16)]
@@ -171,8 +172,8 @@ def test_sync_masks_renorm_collectives_and_half():
         assert fwd == {"all_gather": 1, "all_reduce": 0}
         assert bwd == {"all_gather": 1, "all_reduce": 0}
         assert ev == {"all_gather": 0, "all_reduce": 0}
-        # contiguous float32 input takes the fused-kernel path (distributed.FusedSyncBatchNorm)
-        assert r["grad_fn"] == "FusedSyncBatchNormBackward", r["grad_fn"]
+        # contiguous float32 input takes the fused-kernel path (the operator, batchnorm._operator)
+        assert r["grad_fn"] == "BatchNormFunctionBackward", r["grad_fn"]
         assert r["bf16"][0] == torch.bfloat16
         torch.testing.assert_close(r["bf16"][1], 0.1 * x.to(torch.bfloat16).float().mean(dim=(0, 2)))
 
@@ -215,7 +216,7 @@ def nonfinite_worker(rank, world):
     for name in ("fused", "generic"):
         m = bn.SyncBatchNorm(C, nonfinite="raise")
         if name == "generic":
-            m.impl = "paper"
+            m.impl = "reference"
         x = torch.randn(4, C, 5)
         if rank == 1:
             x[2, 1, 3] = float("nan")
@@ -297,9 +298,9 @@ def test_poll_setting_from_environment(monkeypatch):
     a number is a clear error naming the variable."""
     import batchnorm.distributed as bd
     monkeypatch.setenv("BATCHNORM_SYNC_POLL_MS", "2.5")
-    assert bd._poll_ms_from_env() == 2.5
+    assert _collectives._poll_ms_from_env() == 2.5
     monkeypatch.setenv("BATCHNORM_SYNC_POLL_MS", "fast")
     with pytest.raises(ValueError, match="BATCHNORM_SYNC_POLL_MS must be a number of milliseconds.*'fast'"):
-        bd._poll_ms_from_env()
+        _collectives._poll_ms_from_env()
     monkeypatch.delenv("BATCHNORM_SYNC_POLL_MS")
-    assert bd._poll_ms_from_env() == 20.0
+    assert _collectives._poll_ms_from_env() == 20.0

@@ -149,7 +149,7 @@ def test_ghost_batches_equal_per_chunk_batchnorm(shape):
         ghost.bias.uniform_(-1, 1)
     ref = copy.deepcopy(ghost)
     ref.virtual_batch_size = None
-    ref.impl = "paper"
+    ref.impl = "reference"
     x = torch.randn(*shape, dtype=torch.float64) * 2 + 1
     ghost.double(), ref.double()
     gy = torch.randn_like(x)

@@ -5,7 +5,7 @@ Drop-in BatchNorm1d/2d/3d with the paper's hand-written backward, population sta
 on CPU, Batch Renormalization, ghost batches and masked statistics.
 """
 
-from . import functional, monitor
+from . import _jit, functional, monitor
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .fold import ChannelAffine, FoldedAway, FoldWarning, fold, freeze, unfreeze
 from ._errors import MismatchError, NonFiniteBatchError, NonFiniteBatchWarning
@@ -25,7 +25,6 @@ def kernels_status() -> str:
     channels-last layout; ``BATCHNORM_KERNELS=0`` in the environment turns them off, and
     without a C compiler everything runs on torch operations (same results). The build,
     the cache and the environment variables they read: :mod:`batchnorm._jit`."""
-    from . import _jit
     return _jit.status()
 
 

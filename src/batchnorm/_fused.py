@@ -91,6 +91,8 @@ def _vec(v: Optional[Tensor], like: Tensor, c: int, name: Optional[str] = None) 
 
 def _rows(t: Tensor, rows: int, c: int, dtype: torch.dtype, what: str) -> Tensor:
     """Check a (rows, C) buffer the kernels write or read by row: contiguous, CPU, dtype."""
+    if t.numel() == rows * c and t.dim() == 3 and t.size(0) == 1:
+        t = t[0]  # TEMPORARY shim: (1, rows, C)
     if (tuple(t.shape) != (rows, c) or t.dtype != dtype or not t.is_cpu or not t.is_contiguous() or t.is_neg()
             or not _has_storage(t)):
         _fail(f"{what} must be a contiguous ({rows}, {c}) {dtype} CPU tensor, got shape {tuple(t.shape)}, "
@@ -227,6 +229,15 @@ def _counter(nbt: Optional[Tensor]) -> Optional[int]:
 
 
 def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  out: Optional[Tensor] = None, st: Optional[Tensor] = None, renorm=None,
+                  var_scale: float = 1.0) -> Tuple[Tensor, Tensor, bool]:
+    # TEMPORARY shim over the old kernels (being replaced).
+    y, st2, finite, _ = _train_forward_old(x, lay, weight, bias, eps, None, None, 0.0, None, out, st, renorm)
+    st2[2].mul_(var_scale)
+    return y, st if st is not None else st2, finite
+
+
+def _train_forward_old(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   momentum: float, nbt: Optional[Tensor] = None, out: Optional[Tensor] = None,
                   st: Optional[Tensor] = None, renorm=None) -> Tuple[Tensor, Tensor, bool, bool]:
@@ -290,7 +301,17 @@ def train_backward(dy: Tensor, x: Tensor, lay: Layout, weight: Optional[Tensor],
     return dx, dw, db
 
 
-def check_stats(mean: Tensor, invstd: Tensor, m: int, check_offset: bool = True) -> int:
+def lerp_(running_mean, running_var, mean, var, factor, var_scale=1.0) -> bool:
+    return False  # TEMPORARY
+
+
+def check_stats(mean: Tensor, invstd: Tensor, m: int, threshold: float, unit: float):
+    if _jit.kernels() is None:
+        return None
+    return _check_stats_old(mean, invstd, m, threshold > 0)
+
+
+def _check_stats_old(mean: Tensor, invstd: Tensor, m: int, check_offset: bool = True) -> int:
     """Check batch statistics (mean, invstd) of ``m`` values per channel, one C call (or a
     few torch operations without the kernels): 0 fine, 1 non-finite (NaN/Inf, or a variance
     that overflowed), 2 possibly inexact (a large common offset that torch's naive sums may

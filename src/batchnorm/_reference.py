@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["stat_dtype", "reduce_dims", "channel", "stats", "normalize", "forward", "grads"]
+__all__ = ["stat_dtype", "reduce_dims", "channel", "moments", "normalize", "forward", "grads"]
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,7 +36,7 @@ def channel(t: Tensor, ndim: int) -> Tensor:
     return t.reshape((1, 1, -1) + (1,) * (ndim - 3))
 
 
-def stats(xs: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def moments(xs: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-group, per-channel mean, biased variance and count of the grouped view ``xs``
     (already in the statistics dtype), differentiable: mu_B = (1/m) sum x_i and sigma2_B =
     (1/m) sum (x_i - mu_B)^2 (Algorithm 1), two passes (no E[x^2] - E[x]^2). With ``mask``
@@ -75,14 +75,14 @@ def forward(xv: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: f
     """The training-mode transform of a grouped view, statistics included, in the input's
     dtype (statistics in :func:`stat_dtype`)."""
     xs = xv.to(stat_dtype(xv.dtype))
-    mean, var, _ = stats(xs, mask)
+    mean, var, _ = moments(xs, mask)
     return normalize(xs, mean, var, eps, weight, bias, r, d).to(xv.dtype)
 
 
 def grads(dy: Tensor, xv: Tensor, weight: Optional[Tensor], mean: Tensor, invstd: Tensor, count: Tensor,
           mask: Optional[Tensor] = None, r: Optional[Tensor] = None, d: Optional[Tensor] = None,
           need_x: bool = True, need_w: bool = True, need_b: bool = True):
-    """The Section 3 gradients (see :mod:`batchnorm._autograd`), given the forward's
+    """The Section 3 gradients (see :mod:`batchnorm._operator`), given the forward's
     statistics as constants: (dx, dgamma, dbeta), None where not needed. With g = dL/dy *
     gamma * r and xhat = (x - mu_B) * s,
 
@@ -114,16 +114,3 @@ def grads(dy: Tensor, xv: Tensor, weight: Optional[Tensor], mean: Tensor, invstd
             corr = corr * mask.to(dt)
         gx = (dy * k - corr).to(xv.dtype)
     return gx, gw, gb
-
-
-def renorm_rd(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, r_max, d_max, eps: float):
-    """Batch Renormalization's corrections (Ioffe 2017) for batch statistics of shape
-    (G, 1, C, 1..): r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B -
-    running_mean) / sigma, -d_max, d_max), sigma_B = sqrt(sigma2_B + eps), sigma =
-    sqrt(running_var + eps). ``r_max``/``d_max``: floats, or 0-d tensors (under graph capture)."""
-    nd = mean.dim()
-    rm = channel(running_mean.to(mean.dtype), nd)
-    sigma = torch.sqrt(channel(running_var.to(mean.dtype), nd) + eps)
-    r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / r_max, r_max)
-    d = torch.clamp((mean - rm) / sigma, -d_max, d_max)
-    return r.to(mean.dtype), d.to(mean.dtype)

@@ -8,9 +8,10 @@ import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
-from .functional import affine_coefficients
+from ._stats import affine_coefficients
 from .modules import _BatchNormBase
 from .population import is_batchnorm
 
@@ -138,8 +139,6 @@ def _drop(root: nn.Module, name: str) -> None:
 def _signature(gm) -> list:
     """A traced graph as comparable data: per node its op, target and arguments (earlier
     nodes by position), with FoldedAway pass-throughs removed."""
-    import torch.fx as fx
-
     modules = dict(gm.named_modules())
     position: Dict = {}
     through: Dict = {}
@@ -156,8 +155,6 @@ def _signature(gm) -> list:
 
 
 def _trace(model: nn.Module):
-    import torch.fx as fx
-
     class _Tracer(fx.Tracer):
         # Our BN modules are not in torch.nn, so fx would trace into them; keep them whole.
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

@@ -7,8 +7,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import _collectives
 from . import functional as F
-from ._autograd import FusedGroupedBatchNorm, FusedMaskedBatchNorm, kernel_layout
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -50,8 +50,10 @@ class _BatchNormBase(nn.Module):
             raise ValueError(f"{self._name}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
         if nonfinite not in ("warn", "raise", "ignore"):
             raise ValueError(f"{self._name}: nonfinite must be 'warn', 'raise' or 'ignore', got {nonfinite!r}")
-        if impl not in ("auto", "native", "paper"):
-            raise ValueError(f"{self._name}: impl must be 'auto', 'native' or 'paper', got {impl!r}")
+        F.check_impl(impl, self._name)
+        if impl == "torch" and virtual_batch_size is not None:
+            raise ValueError(f"{self._name}: impl='torch' runs torch's batch-norm kernel, which has no ghost "
+                             "batches; use impl='auto'")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -61,9 +63,12 @@ class _BatchNormBase(nn.Module):
         self.virtual_batch_size = virtual_batch_size
         self.nonfinite = nonfinite
         self.impl = impl
-        self.frozen = False  # set by batchnorm.freeze(): use and keep running stats in train() too
-        self._stat_sink = None  # set by batchnorm.population_statistics()
-        self.sync = False  # True: statistics over the global batch of process_group (SyncBatchNorm)
+        # A mode, like ``training``: batchnorm.freeze() sets it (running statistics used and
+        # kept in train() too).
+        self.frozen = False
+        # Synchronized statistics over the global batch of process_group (SyncBatchNorm, and
+        # the layers convert_sync_batchnorm makes).
+        self.sync = False
         self.process_group = None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -120,23 +125,17 @@ class _BatchNormBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    # -- hooks for the variants ------------------------------------------------------------
+    # -- what the variants override ---------------------------------------------------------
     def _process_group(self):
         """The group whose global batch the statistics span (SyncBatchNorm); None = local
         (not synchronized, no process group initialized, or a group of one process)."""
         if not self.sync:
             return None
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        if dist.get_world_size(group) == 1:
-            return None
-        return group
+        return _collectives.resolve_group(self.process_group)
 
-    def _renorm(self, mean: Tensor, var: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """Batch Renormalization's (r, d) for these batch statistics; (None, None) for BN."""
-        return None, None
+    def _limits(self):
+        """Batch Renormalization's (r_max, d_max) at this step; None for BN."""
+        return None
 
     # -- forward ----------------------------------------------------------------------------
     def _check_mask(self, input: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -148,6 +147,8 @@ class _BatchNormBase(nn.Module):
         if input.dim() != 3 or mask.shape != (input.size(0), input.size(2)):
             raise ValueError(f"{self._name}: mask needs (N, C, L) input and an (N, L) mask; got input "
                              f"{tuple(input.shape)} and mask {tuple(mask.shape)}")
+        if mask.device != input.device:
+            raise ValueError(f"{self._name}: mask is on {mask.device}, the input on {input.device}")
         return mask
 
     def _groups(self, input: Tensor) -> int:
@@ -162,9 +163,12 @@ class _BatchNormBase(nn.Module):
         return n // vbs
 
     def _forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        mode = F.capture_mode()
-        if mode is not None and mode != "compile":
-            return self._forward_special(input, mask, mode)
+        if torch._C._get_tracing_state() is not None:
+            with F.traced_checks():
+                return self._step(input, mask)
+        return self._step(input, mask)
+
+    def _step(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
         F.check_input(input, self.num_features, self._ranks, self._name)
         if mask is not None:
             self._check_mask(input, mask)
@@ -173,225 +177,26 @@ class _BatchNormBase(nn.Module):
         buffers, params = self._buffers, self._parameters
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         weight, bias = params["weight"], params["bias"]
-        if not ((self.training and not self.frozen) or running_mean is None):
+        training = self.training and not self.frozen
+        if not training and running_mean is not None:
             # Inference (Algorithm 2): the running statistics, one affine map per channel.
-            if self.impl == "paper":
-                return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps,
-                                    impl="paper")
-            try:
-                return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, self.eps,
-                                        torch.backends.cudnn.enabled)
-            except RuntimeError:
-                F.check_arguments(input, weight, bias, running_mean, running_var, self._name, training=False)
-                raise
-        update = self.training and not self.frozen and running_mean is not None
+            return F.evaluate(input, running_mean, running_var, weight, bias, self.eps, self.impl, self._name)
+        update = training and running_mean is not None
         nbt = buffers["num_batches_tracked"]
-        if (self.impl != "paper" and mask is None and self.virtual_batch_size is None and self._stat_sink is None
-                and not self.sync and not self._is_renorm()):
-            # Plain BN: Algorithm 1 and the unbiased update, on our fused kernels where they
-            # are faster, else on torch's kernel, which computes exactly the same. The
-            # arguments are checked where they are used (torch's kernel, the kernel boundary),
-            # before any state changes.
-            F.check_training_count(input, input.numel() // self.num_features, self._name)
-            if self.momentum is None and update and nbt is None:
-                raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
-            lay = F.fast_layout(input) if self.impl == "auto" else None
-            if lay is not None:
-                if not update:
-                    running_mean = running_var = None
-                return F._train_fused(input, running_mean, running_var, weight, bias, self.momentum, self.eps,
-                                      self.nonfinite, nbt, lay, self._name)
-            if not update:
-                try:
-                    return torch.batch_norm(input, weight, bias, None, None, True, 0.0, self.eps,
-                                            torch.backends.cudnn.enabled)
-                except RuntimeError:
-                    F.check_arguments(input, weight, bias, None, None, self._name)
-                    raise
-            return F._train_native(input, running_mean, running_var, weight, bias, self.momentum, self.eps,
-                                   self.nonfinite, nbt, self._name)
-        # Every other path: all checks first (its statistics and update take many steps).
-        F.check_arguments(input, weight, bias, running_mean, running_var, self._name, nbt, training=update)
         if self.momentum is None and update and nbt is None:
             raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
-        return self._forward_paper(input, mask, update)
-
-    def _is_renorm(self) -> bool:
-        return False
-
-    def _forward_special(self, input: Tensor, mask: Optional[Tensor], mode: str) -> Tensor:
-        """Under graph capture (jit.trace, export) or autograd transforms (forward AD,
-        torch.func): every check, then :func:`batchnorm.functional.special_train` in
-        training, torch's own (or the reference) transform in eval."""
-        weight, bias, running_mean, running_var = self.weight, self.bias, self.running_mean, self.running_var
-        nbt = self.num_batches_tracked
-        training = (self.training and not self.frozen) or running_mean is None
-        update = self.training and not self.frozen and running_mean is not None
-        with F.traced_checks():
-            F.check_input(input, self.num_features, self._ranks, self._name)
-            if mask is not None:
-                self._check_mask(input, mask)
-            F.check_arguments(input, weight, bias, running_mean, running_var, self._name, nbt, training=update)
-            if not training:
-                return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, self.eps,
-                                    impl="paper" if self.impl == "paper" else "native")
-            if self.momentum is None and update and nbt is None:
-                raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
-            groups = self._groups(input)
-            if self._process_group() is not None:
-                raise NotImplementedError(f"{self._name}: statistics synchronized across processes are not "
-                                          f"supported under {mode} (torch.jit.trace, torch.export, forward AD, "
-                                          "torch.func)")
-            if mask is None:
-                F.check_training_count(input, input.numel() // self.num_features // groups, self._name)
-        limits = self.current_limits() if self._is_renorm() else None
-        return F.special_train(input, weight, bias, running_mean, running_var, nbt, self.momentum, self.eps,
-                               self.nonfinite, mode, self._name, groups=groups, mask=mask, limits=limits,
-                               use_kernels=self.impl != "paper", update=update, sink=self._stat_sink)
-
-    def _local_stats(self, input: Tensor, mask: Optional[Tensor], groups: int):
-        """Grouped view, mask view and per-group local statistics (count, mean, biased var)."""
-        xv = F.grouped_view(input, groups)                            # (G, n, C, *S)
-        dims = F.reduce_dims(xv.dim())
-        mv = None
-        if mask is not None:
-            mv = F.grouped_view(mask.unsqueeze(1), groups)             # (G, n, 1, L)
-        with torch.no_grad():
-            mean, var, count, work, center = F.batch_stats_work(xv, dims, mv,  # (G, 1, C, 1..)
-                                                                use_kernels=self.impl != "paper")
-        return xv, mv, mean, var, count, work, center
-
-    def _forward_paper(self, input: Tensor, mask: Optional[Tensor], update: bool) -> Tensor:
-        groups = self._groups(input)
-        group = self._process_group()
-        if input.size(0) == 0 and group is None:
-            F.check_training_count(input, 0, self._name)
-        if mask is None and group is None and self.impl != "paper":
-            xv = F.grouped_view(input, groups)
-            lay = kernel_layout(xv)
-            if lay is not None:
-                return self._forward_grouped_fused(input, xv, lay, groups, update)
-        if (group is not None and mask is None and groups == 1 and self.impl != "paper" and not self._is_renorm()
-                and self._stat_sink is None):
-            lay = F.fast_layout(input)
-            if lay is not None:
-                return self._forward_sync_fused(input, lay, group, update)
-        if (mask is not None and groups == 1 and group is None and self.impl != "paper" and not self._is_renorm()
-                and input.is_contiguous() and kernel_layout(input.unsqueeze(0)) is not None):
-            return self._forward_masked_fused(input, mask, update)
-        xv, mv, mean, var, count, work, center = self._local_stats(input, mask, groups)
-        if group is not None:
-            mean, var, count = self._sync_stats(mean, var, count, group)
-        # All checks on the statistics happen before any state changes.
-        if mask is None and group is None:
-            min_count = input.numel() // self.num_features // groups     # known from the shape
-        elif torch.compiler.is_compiling():
-            min_count = None  # data-dependent (mask, other ranks): not checkable without a graph break
-        else:
-            min_count = int(count.min()) if count.numel() else 0
-        if min_count is not None and min_count <= 1:
-            if mask is not None and min_count == 0:
-                raise ValueError(f"{self._name}: the mask has no valid position "
-                                 f"{'in some ghost batch ' if groups > 1 else ''}in training mode; "
-                                 "statistics need at least two valid values per channel")
-            F.check_training_count(input, min_count, self._name)
-        with torch.no_grad():
-            invstd = torch.rsqrt(var + self.eps)
-            r, d = self._renorm(mean, var)
-            if r is not None:
-                # Constants of the backward. Explicitly detached: under torch.compile's
-                # AOTAutograd, values computed from the running buffers inside this no_grad
-                # block were otherwise differentiated through (tests/test_compile.py).
-                r, d = r.detach(), d.detach()
-        out = F.transform(xv, self.weight, self.bias, mean, invstd, count, mv, r, d, group, work, center,
-                          use_kernels=self.impl != "paper", eps=self.eps)
-        out = out.view(input.shape)
-        with torch.no_grad():
-            # Algorithm 2's estimate over the groups: mean of mu_B and of m/(m-1) sigma2_B.
-            batch_mean = mean.mean(dim=0).reshape(-1)                  # (C,)
-            batch_var = F.unbiased(var, count).mean(dim=0).reshape(-1)  # (C,)
-        if self._stat_sink is not None:
-            self._stat_sink.append((mean.reshape(groups, -1), F.unbiased(var, count).reshape(groups, -1)))
-        elif update:
-            accepted = F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
-                                              batch_mean, batch_var, self.momentum, self.nonfinite, self._name)
-            if accepted:
-                self._after_update()
-        return out
-
-    def _forward_grouped_fused(self, input: Tensor, xv: Tensor, lay, groups: int, update: bool) -> Tensor:
-        """Ghost batches and/or Batch Renormalization on the fused CPU kernels (the same
-        mathematics as the rest of :meth:`_forward_paper`, one kernel call per group)."""
-        F.check_training_count(input, input.numel() // self.num_features // groups, self._name)
-        renorm = None
-        if self._is_renorm():
-            r_max, d_max = self.current_limits()
-            renorm = (self.running_mean, self.running_var, r_max, d_max)
-        result = []
-        out = FusedGroupedBatchNorm.apply(xv, self.weight, self.bias, lay, self.eps, renorm, result)
-        st, finite = result
-        m = input.numel() // self.num_features // groups
-        with torch.no_grad():
-            mean = st[:, 0]                                             # (G, C)
-            var_u = st[:, 2] * (m / max(m - 1, 1))                      # (G, C), unbiased
-        if self._stat_sink is not None:
-            self._stat_sink.append((mean.clone(), var_u.clone()))
-        elif update:
-            accepted = F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
-                                              mean.mean(dim=0), var_u.mean(dim=0), self.momentum, self.nonfinite,
-                                              self._name)
-            if accepted:
-                self._after_update()
-        return out.view(input.shape)
-
-    def _forward_masked_fused(self, input: Tensor, mask: Tensor, update: bool) -> Tensor:
-        """Masked statistics on the fused CPU kernels (same mathematics as the rest of
-        :meth:`_forward_paper`)."""
-        result = []
-        out = FusedMaskedBatchNorm.apply(input, mask, self.weight, self.bias, self.eps, result)
-        st, count = result  # the kernel counted the valid positions; no state has changed yet
-        if count <= 1:
-            if count == 0:
-                raise ValueError(f"{self._name}: the mask has no valid position in training mode; "
-                                 "statistics need at least two valid values per channel")
-            F.check_training_count(input, count, self._name)
-        if self._stat_sink is not None:
-            with torch.no_grad():
-                self._stat_sink.append((st[0].view(1, -1).clone(), (st[2] * (count / (count - 1))).view(1, -1)))
-        elif update:
-            self._update_from_kernel(st[0], st[1], st[2], count)
-        return out
-
-    def _forward_sync_fused(self, input: Tensor, lay, group, update: bool) -> Tensor:
-        """Synchronized plain BN on the fused CPU kernels (the same mathematics and wire
-        format as the rest of :meth:`_forward_paper`, far fewer small operations)."""
-        from .distributed import FusedSyncBatchNorm, check_channels
-        check_channels(self, group, self.num_features, self._name, input.device)
-        result = []
-        out = FusedSyncBatchNorm.apply(input, self.weight, self.bias, lay, self.eps, group, self._name, result)
-        mean, invstd, var, count = result
-        if update:
-            self._update_from_kernel(mean, invstd, var, count)
-        return out
-
-    def _update_from_kernel(self, mean: Tensor, invstd: Tensor, var: Tensor, count: int) -> None:
-        """Fold statistics from the fused kernels (``count`` values per channel; ``var`` the
-        biased variance) into the running buffers; a non-finite batch updates nothing and
-        is reported (:func:`batchnorm.functional.update_running_stats`)."""
-        with torch.no_grad():
-            var_u = var * (count / max(count - 1, 1))
-        F.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mean, var_u,
-                               self.momentum, self.nonfinite, self._name)
-
-    def _after_update(self) -> None:
-        """Called after an accepted running-statistics update (Batch Renorm counts steps)."""
-
-    def _sync_stats(self, mean, var, count, group):
-        from .distributed import sync_stats
-        if self.virtual_batch_size is not None:
+        groups = self._groups(input) if self.virtual_batch_size is not None else 1
+        group = self._process_group() if self.sync else None
+        if group is not None and groups != 1:
             raise ValueError(f"{self._name}: ghost batches (virtual_batch_size) are per-replica chunks and "
                              "do not combine with synchronized statistics; use one or the other")
-        return sync_stats(mean, var, count, group, self.num_features, self._name, self)
+        if mask is None and group is None:
+            F.check_training_count(input, input.numel() // self.num_features // groups, self._name)
+        elif input.size(0) == 0 and group is None:
+            F.check_training_count(input, 0, self._name)
+        return F.train(input, weight, bias, running_mean, running_var, nbt, self.momentum, self.eps, self.nonfinite,
+                       self._name, impl=self.impl, groups=groups, mask=mask, limits=self._limits(),
+                       process_group=group, update=update, owner=self)
 
 
 class BatchNorm1d(_BatchNormBase):

@@ -7,7 +7,8 @@ from typing import Any, Callable, Iterable, List, Optional
 import torch
 from torch import nn
 
-from . import functional as F
+from . import _stats
+from .functional import statistics_sinks
 from .modules import _BatchNormBase
 
 __all__ = ["population_statistics", "is_batchnorm"]
@@ -33,10 +34,9 @@ class _TorchSink:
 
     def __call__(self, module, args):
         x = args[0]
-        xv = F.grouped_view(x, 1)
         with torch.no_grad():
-            mean, var, count = F.batch_stats(xv, F.reduce_dims(xv.dim()))
-        self.records.append((mean.reshape(1, -1), F.unbiased(var, count).reshape(1, -1)))
+            mean, var, count, _, _ = _stats.batch_stats(_stats.grouped_view(x, 1))
+        self.records.append((mean.reshape(1, -1), _stats.unbiased(var, count).reshape(1, -1)))
 
 
 @torch.no_grad()
@@ -75,8 +75,7 @@ def population_statistics(model: nn.Module, batches: Iterable[Any], *,
             m.train()
             if isinstance(m, _BatchNormBase):
                 m.frozen = False
-                m._stat_sink = []
-                sinks[m] = m._stat_sink
+                sinks[m] = statistics_sinks[m] = []
             else:
                 sink = _TorchSink(m)
                 hooks.append(m.register_forward_pre_hook(sink))
@@ -99,7 +98,7 @@ def population_statistics(model: nn.Module, batches: Iterable[Any], *,
             if nbt is not None:
                 m.num_batches_tracked.copy_(nbt)
             if isinstance(m, _BatchNormBase):
-                m._stat_sink = None
+                statistics_sinks.pop(m, None)
                 m.frozen = frozen[m]
     results = []
     for name, m in bns:

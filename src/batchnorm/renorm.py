@@ -8,7 +8,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _reference
+from . import functional as F
 from .modules import _BatchNormBase
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "default_r_max", "default_d_max"]
@@ -43,8 +43,8 @@ class _BatchRenorm(_BatchNormBase):
     BatchNorm's, so a checkpoint loads into BatchNorm. ``r_max``/``d_max`` are floats or
     callables of the number of training steps taken (num_batches_tracked); the defaults
     follow the paper's schedule (:func:`default_r_max`, :func:`default_d_max`). ``impl``:
-    "auto" runs the fused CPU kernels where they apply, "paper" always the torch-operation
-    path of :class:`batchnorm._autograd.BatchNormTransform` (the same mathematics).
+    "auto" or "kernels" run the fused CPU kernels where they apply, "reference" always
+    torch operations (the same mathematics, :mod:`batchnorm._operator`).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -61,13 +61,14 @@ class _BatchRenorm(_BatchNormBase):
             raise ValueError(f"{self._name}: r_max must be >= 1, got {r_max}")
         if not callable(d_max) and d_max < 0:
             raise ValueError(f"{self._name}: d_max must be >= 0, got {d_max}")
+        F.check_impl(impl, self._name)
+        if impl == "torch":
+            raise ValueError(f"{self._name}: impl='torch' runs torch's batch-norm kernel, which has no Batch "
+                             "Renormalization; use impl='auto'")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias, virtual_batch_size=virtual_batch_size, nonfinite=nonfinite, impl=impl)
         self.r_max = r_max
         self.d_max = d_max
-
-    def _is_renorm(self) -> bool:
-        return True
 
     def current_limits(self) -> Tuple[float, float]:
         """(r_max, d_max) at the current step count.
@@ -87,9 +88,8 @@ class _BatchRenorm(_BatchNormBase):
                              f"r_max={r_max}, d_max={d_max} at step {step}")
         return r_max, d_max
 
-    def _renorm(self, mean: Tensor, var: Tensor):
-        r_max, d_max = self.current_limits()
-        return _reference.renorm_rd(mean, var, self.running_mean, self.running_var, r_max, d_max, self.eps)
+    def _limits(self):
+        return self.current_limits()
 
     def extra_repr(self) -> str:
         def show(v):
