@@ -59,6 +59,20 @@ class SyncBatchNorm(_BatchNormBase):
     :data:`batchnorm.distributed.poll_ms` milliseconds (default 20, or
     ``$BATCHNORM_SYNC_POLL_MS``) before it sleeps on it as usual; set 0 to always sleep
     (e.g. when ranks share cores with other busy work).
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
+            nonfinite: as :class:`batchnorm.BatchNorm1d`'s.
+        process_group: the group whose global batch the statistics span; None: the world.
+
+    Shape:
+        Input: (N, C, *), N may differ between ranks (even 0 on some). Output: the input's.
+
+    Example::
+
+        >>> # in each process, after torch.distributed.init_process_group("gloo", ...)
+        >>> model = convert_sync_batchnorm(model)  # doctest: +SKIP
+        >>> y = SyncBatchNorm(64)(torch.randn(8, 64, 16, 16))
     """
 
     _ranks = (2, 3, 4, 5, 6, 7, 8)

@@ -199,27 +199,53 @@ class _BatchNormBase(nn.Module):
                        process_group=group, update=update, owner=self)
 
 
+_ARGS = """
+    Args:
+        num_features: C, the number of channels (dimension 1 of the input).
+        eps: added to the variance inside the square root. Default: 1e-5.
+        momentum: weight of the new batch in the running statistics, ``running = (1 -
+            momentum) * running + momentum * batch``; None: cumulative average. Default: 0.1.
+        affine: learnable per-channel gamma (``weight``) and beta (``bias``). Default: True.
+        track_running_stats: keep running_mean, running_var and num_batches_tracked, used in
+            eval mode; False: batch statistics in eval mode too. Default: True.
+        device, dtype: of the parameters and buffers.
+        bias: (keyword-only) False drops beta, as in torch 2.13. Default: True.
+        virtual_batch_size: (keyword-only) ghost batches: statistics per consecutive chunk
+            of that many examples; the batch size must be a multiple of it. Default: None.
+        nonfinite: (keyword-only) a training batch with NaN/Inf statistics updates nothing
+            and is reported: "warn", "raise" or "ignore". Default: "warn".
+        impl: (keyword-only) "auto", "kernels", "torch" or "reference"
+            (:mod:`batchnorm.functional`); every one computes the same function.
+            Default: "auto".
+
+    Conventions: normalization uses the biased batch variance, running_var stores the
+    unbiased m/(m-1) one (m = values per channel); float16/bfloat16 inputs get float32
+    statistics and the output keeps the input's dtype.
+"""
+
+
 class BatchNorm1d(_BatchNormBase):
-    """Batch Normalization over (N, C) or (N, C, L) input (per activation; Algorithm 1).
+    __doc__ = """Batch Normalization over (N, C) or (N, C, L) input, per activation (Algorithm 1).
 
-    Same constructor and state as torch.nn.BatchNorm1d.
-    ``momentum`` is the weight of the new batch: running = (1 - momentum) * running + momentum * batch; None = cumulative average.
-    Normalization uses the biased batch variance; running_var stores the unbiased m/(m-1) one (m = values per channel).
-    ``eps`` sits inside the square root: (x - mu) / sqrt(var + eps).
-    Half-precision inputs get float32 statistics; the output keeps the input's dtype.
-    A training batch with NaN/Inf statistics updates nothing (``nonfinite``: "warn", "raise" or "ignore").
-
-    Extra keyword-only options (``bias=False``, as in torch 2.13, drops beta): ``virtual_batch_size`` (ghost batches: statistics per
-    consecutive chunk of that many examples; the batch size must be a multiple of it),
-    ``impl``: "auto" trains on this package's fused CPU kernels where they apply (CPU
-    float32/float64, NCHW or channels_last; see :func:`batchnorm.kernels_status`) and on
-    torch's kernel elsewhere; "native" always uses torch's kernel for plain BN; "paper"
-    always uses the hand-written Function on torch operations (the reference path).
+    A drop-in torch.nn.BatchNorm1d: the same constructor, parameters, buffers and
+    state_dict, plus the keyword-only extras below.
+""" + _ARGS + """
     ``forward(input, mask=None)``: for (N, C, L) input an (N, L) bool mask restricts the
     statistics (and their gradients and the running-stat count) to the valid positions;
     every position is still normalized. Values outside the mask never reach the statistics
     (not even NaN), but being normalized they take part in the backward: keep them finite
     (e.g. zero padding) when training.
+
+    Shape:
+        Input: (N, C) or (N, C, L); mask (N, L). Output: the input's shape.
+
+    Example::
+
+        >>> m = BatchNorm1d(100)
+        >>> y = m(torch.randn(20, 100))
+        >>> lengths = torch.tensor([7, 5])
+        >>> mask = torch.arange(8) < lengths[:, None]          # (N, L) valid positions
+        >>> y = BatchNorm1d(16)(torch.randn(2, 16, 8), mask)
     """
 
     _ranks = (2, 3)
@@ -230,9 +256,21 @@ class BatchNorm1d(_BatchNormBase):
 
 
 class BatchNorm2d(_BatchNormBase):
-    """Batch Normalization over (N, C, H, W) input, per feature map (Section 3.2: m' = N*H*W).
+    __doc__ = """Batch Normalization over (N, C, H, W) input, per feature map (Section 3.2: statistics
+    over m = N*H*W values per channel).
 
-    Same constructor and state as torch.nn.BatchNorm2d; conventions as in :class:`BatchNorm1d`.
+    A drop-in torch.nn.BatchNorm2d: the same constructor, parameters, buffers and
+    state_dict, plus the keyword-only extras below.
+""" + _ARGS + """
+    Shape:
+        Input: (N, C, H, W), any memory format. Output: the input's shape and memory format.
+
+    Example::
+
+        >>> m = BatchNorm2d(64)
+        >>> y = m(torch.randn(8, 64, 32, 32))
+        >>> ghost = BatchNorm2d(64, virtual_batch_size=4)     # statistics per 4 examples
+        >>> y = ghost(torch.randn(8, 64, 32, 32))
     """
 
     _ranks = (4,)
@@ -243,9 +281,18 @@ class BatchNorm2d(_BatchNormBase):
 
 
 class BatchNorm3d(_BatchNormBase):
-    """Batch Normalization over (N, C, D, H, W) input, per feature map (m' = N*D*H*W).
+    __doc__ = """Batch Normalization over (N, C, D, H, W) input, per feature map (m = N*D*H*W).
 
-    Same constructor and state as torch.nn.BatchNorm3d; conventions as in :class:`BatchNorm1d`.
+    A drop-in torch.nn.BatchNorm3d: the same constructor, parameters, buffers and
+    state_dict, plus the keyword-only extras below.
+""" + _ARGS + """
+    Shape:
+        Input: (N, C, D, H, W). Output: the input's shape and memory format.
+
+    Example::
+
+        >>> m = BatchNorm3d(16)
+        >>> y = m(torch.randn(4, 16, 8, 8, 8))
     """
 
     _ranks = (5,)

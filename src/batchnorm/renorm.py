@@ -98,9 +98,24 @@ class _BatchRenorm(_BatchNormBase):
 
 
 class BatchRenorm1d(_BatchRenorm):
-    """Batch Renormalization over (N, C) or (N, C, L) input; see :class:`_BatchRenorm`.
+    """Batch Renormalization (Ioffe 2017) over (N, C) or (N, C, L) input; the mathematics,
+    arguments and state are :class:`_BatchRenorm`'s (and ``forward(input, mask=None)`` accepts an (N, L) bool mask like BatchNorm1d).
 
-    ``forward(input, mask=None)`` accepts an (N, L) bool mask like BatchNorm1d.
+    Args:
+        num_features, eps, momentum, affine, device, dtype, bias, virtual_batch_size,
+            nonfinite, impl: as :class:`batchnorm.BatchNorm1d`'s (``track_running_stats``
+            must stay True; ``impl="torch"`` is refused: torch has no such kernel).
+        r_max: bound of r, a float >= 1 or a callable of the step count. Default: the
+            paper's schedule, :func:`default_r_max`.
+        d_max: bound of d, a float >= 0 or a callable of the step count. Default:
+            :func:`default_d_max`.
+
+    Shape:
+        Input: (N, C) or (N, C, L); mask (N, L). Output: the input's shape.
+
+    Example::
+
+        >>> y = BatchRenorm1d(100)(torch.randn(20, 100))
     """
 
     _ranks = (2, 3)
@@ -111,7 +126,25 @@ class BatchRenorm1d(_BatchRenorm):
 
 
 class BatchRenorm2d(_BatchRenorm):
-    """Batch Renormalization over (N, C, H, W) input, per feature map."""
+    """Batch Renormalization (Ioffe 2017) over (N, C, H, W) input; the mathematics,
+    arguments and state are :class:`_BatchRenorm`'s.
+
+    Args:
+        num_features, eps, momentum, affine, device, dtype, bias, virtual_batch_size,
+            nonfinite, impl: as :class:`batchnorm.BatchNorm1d`'s (``track_running_stats``
+            must stay True; ``impl="torch"`` is refused: torch has no such kernel).
+        r_max: bound of r, a float >= 1 or a callable of the step count. Default: the
+            paper's schedule, :func:`default_r_max`.
+        d_max: bound of d, a float >= 0 or a callable of the step count. Default:
+            :func:`default_d_max`.
+
+    Shape:
+        Input: (N, C, H, W). Output: the input's shape.
+
+    Example::
+
+        >>> y = BatchRenorm2d(64, r_max=3.0, d_max=5.0)(torch.randn(8, 64, 16, 16))
+    """
 
     _ranks = (4,)
     _name = "BatchRenorm2d"
@@ -121,7 +154,25 @@ class BatchRenorm2d(_BatchRenorm):
 
 
 class BatchRenorm3d(_BatchRenorm):
-    """Batch Renormalization over (N, C, D, H, W) input, per feature map."""
+    """Batch Renormalization (Ioffe 2017) over (N, C, D, H, W) input; the mathematics,
+    arguments and state are :class:`_BatchRenorm`'s.
+
+    Args:
+        num_features, eps, momentum, affine, device, dtype, bias, virtual_batch_size,
+            nonfinite, impl: as :class:`batchnorm.BatchNorm1d`'s (``track_running_stats``
+            must stay True; ``impl="torch"`` is refused: torch has no such kernel).
+        r_max: bound of r, a float >= 1 or a callable of the step count. Default: the
+            paper's schedule, :func:`default_r_max`.
+        d_max: bound of d, a float >= 0 or a callable of the step count. Default:
+            :func:`default_d_max`.
+
+    Shape:
+        Input: (N, C, D, H, W). Output: the input's shape.
+
+    Example::
+
+        >>> y = BatchRenorm3d(16)(torch.randn(4, 16, 4, 8, 8))
+    """
 
     _ranks = (5,)
     _name = "BatchRenorm3d"
