@@ -227,21 +227,19 @@ def _param_dtype(dw, db, weight):
 
 
 class FusedBatchNorm(torch.autograd.Function):
-    """Plain BN training step on the fused CPU kernels: statistics, output and running
-    update in one call forward, the Section 3 gradients in one call backward (the same
-    formulas as :class:`BatchNormTransform`, in C). ``result`` receives the (3, C)
-    statistics (mean, invstd, biased var), whether they were finite and whether the running
-    buffers were updated in the kernel."""
+    """Plain BN training step on the fused CPU kernels: statistics and output in one call
+    forward, the Section 3 gradients in one call backward (the same formulas as
+    :class:`BatchNormTransform`, in C). ``result`` receives the (3, C) statistics (mean,
+    invstd, var_scale * biased var) and whether they were finite."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lay, eps, running_mean, running_var, factor, nbt, result):
-        y, st, finite, direct = _fused.train_forward(x, lay, weight, bias, eps, running_mean, running_var, factor,
-                                                     nbt)
+    def forward(ctx, x, weight, bias, lay, eps, var_scale, result):
+        y, st, finite = _fused.train_forward(x, lay, weight, bias, eps, var_scale=var_scale)
         ctx.save_for_backward(x, weight, st)
         ctx.lay = lay
         ctx.has_bias = bias is not None
         ctx.eps = eps
-        result.extend((st, finite, direct))
+        result.extend((st, finite))
         return y
 
     @staticmethod
@@ -254,11 +252,11 @@ class FusedBatchNorm(torch.autograd.Function):
             gx, dw, db = special_grads(grad_out.unsqueeze(0), xv, weight, ctx.eps, mean, invstd, x.numel() // x.size(1),
                                        needs=(need[0], need[1], ctx.has_bias and need[2]))
             dw, db = _param_dtype(dw, db, weight)
-            return None if gx is None else gx.squeeze(0), dw, db, None, None, None, None, None, None, None
+            return None if gx is None else gx.squeeze(0), dw, db, None, None, None, None
         dx, dw, db = _fused.train_backward(grad_out, x, ctx.lay, weight, st, need[0],
                                            weight is not None and need[1], ctx.has_bias and need[2])
         dw, db = _param_dtype(dw, db, weight)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 class FusedGroupedBatchNorm(torch.autograd.Function):
@@ -279,7 +277,7 @@ class FusedGroupedBatchNorm(torch.autograd.Function):
         rd = torch.empty(G, 2, C, dtype=xv.dtype) if renorm is not None else None
         finite = True
         for g in range(G):
-            ok = _fused.train_forward(xv[g], lay, weight, bias, eps, None, None, 0.0, None, y[g], st[g],
+            ok = _fused.train_forward(xv[g], lay, weight, bias, eps, y[g], st[g],
                                       None if renorm is None else (*renorm, rd[g]))[2]
             finite = finite and ok
         ctx.save_for_backward(xv, weight, st, rd)

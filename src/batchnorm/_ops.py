@@ -64,7 +64,7 @@ def train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mask:
         for g in range(G):
             if limits is not None:
                 renorm = (running_mean, running_var, r_max, d_max, rd[g])
-            _fused.train_forward(xv[g], lay, weight, bias, eps, None, None, 0.0, None, y[g], st[g], renorm)
+            _fused.train_forward(xv[g], lay, weight, bias, eps, y[g], st[g], renorm)
         m = xv[0].numel() // C
         stats[:, 0:2] = st[:, 0:2]
         stats[:, 2] = st[:, 2] * (m / max(m - 1, 1))

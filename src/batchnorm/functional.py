@@ -534,30 +534,52 @@ def _train_fused(input, running_mean, running_var, weight, bias, momentum, eps, 
         if out is not None:
             return out
         # else: a large common offset; the stable kernels below recompute the batch
+    var_scale = m / max(m - 1, 1)  # the kernel's third statistics row: the unbiased variance
     try:
+        if running_mean is not None:
+            _check_running(running_mean, running_var, input)
+            if nbt is not None:
+                check_counter(nbt, input.device, name)
         if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)):
             result = []
-            out = FusedBatchNorm.apply(input, weight, bias, lay, eps, running_mean, running_var, factor, nbt, result)
-            st, finite, direct = result
+            out = FusedBatchNorm.apply(input, weight, bias, lay, eps, var_scale, result)
+            st, finite = result
         else:
-            out, st, finite, direct = _fused.train_forward(input, lay, weight, bias, eps, running_mean, running_var,
-                                                           factor, nbt)
+            out, st, finite = _fused.train_forward(input, lay, weight, bias, eps, var_scale=var_scale)
     except MismatchError:
         check_arguments(input, weight, bias, running_mean, running_var, name, nbt)
         raise
     if running_mean is not None:
         if not finite:
             _report_nonfinite(nonfinite, name)
-        elif not direct:
-            # The boundary checked that these buffers can be written in place (and nbt).
-            running_mean.data.lerp_(st[0].to(running_mean.dtype), factor)
-            running_var.data.lerp_((st[2] * (m / max(m - 1, 1))).to(running_var.dtype), factor)
+        else:
+            # _check_running made sure that these buffers can be written in place (and nbt).
+            if not _fused.lerp_(running_mean, running_var, st[0], st[2], factor):
+                running_mean.data.lerp_(st[0].to(running_mean.dtype), factor)
+                running_var.data.lerp_(st[2].to(running_var.dtype), factor)
             if nbt is not None:
                 nbt.add_(1)
-        elif nbt is not None and _fused._counter(nbt) is None:
-            nbt.add_(1)
     return out
+
+
+def _check_running(running_mean: Tensor, running_var: Tensor, x: Tensor) -> None:
+    """Raise :class:`MismatchError` if a running buffer does not fit ``x`` (size, dtype,
+    device) or cannot be written in place at all (an expanded view, an inference tensor)."""
+    c = x.size(1)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t.dtype is x.dtype and t.shape == (c,) and t.is_contiguous() and t.is_cpu and not t.is_inference():
+            continue
+        if t.numel() != c:
+            raise MismatchError(f"batch_norm: {name} should contain {c} elements not {t.numel()}")
+        if t.dtype != x.dtype:
+            raise MismatchError(f"batch_norm: mixed dtype: {name} is {t.dtype}, the input {x.dtype}; "
+                                "parameters and buffers must have the input's dtype")
+        if t.device != x.device:
+            raise MismatchError(f"batch_norm: {name} is on {t.device}, the input on {x.device}")
+        if t.dim() != 1 or (c > 1 and t.stride(0) == 0) or (t.is_inference() and not torch.is_inference_mode_enabled()):
+            raise MismatchError(f"batch_norm: {name} (shape {tuple(t.shape)}, strides {t.stride()}) cannot be "
+                                "updated in place")
 
 
 def _train_checked(input, running_mean, running_var, weight, bias, factor, eps, nonfinite, nbt, name="batch_norm"):
@@ -586,7 +608,9 @@ def _train_checked(input, running_mean, running_var, weight, bias, factor, eps, 
                 running_var.data.copy_(backup[1])
         check_arguments(input, weight, bias, running_mean, running_var, name, nbt)
         raise
-    code = _fused.check_stats(mean, invstd, m)
+    code = _fused.check_stats(mean, invstd, m, _OFFSET_RISK, _UNIT[mean.dtype])
+    if code is None:
+        code = _check_stats_torch(mean, invstd, m)
     if running_mean is None:
         return None if code == 2 else out
     if code:
@@ -605,6 +629,24 @@ def _train_checked(input, running_mean, running_var, weight, bias, factor, eps, 
             check_counter(nbt, input.device, name)
             raise
     return out
+
+
+# The offset-risk test of torch's statistics (see _fused.check_stats): at most 1e-3 of a
+# standard deviation lost to a large common offset; unit roundoff per statistics dtype.
+_OFFSET_RISK = 1e-3
+_UNIT = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def _check_stats_torch(mean: Tensor, invstd: Tensor, m: int) -> int:
+    """_fused.check_stats in torch operations (the same tests, one host read)."""
+    with torch.no_grad():
+        finite = torch.isfinite(mean).all() & torch.isfinite(invstd).all() & (invstd > 0).all()
+        unit = torch.finfo(mean.dtype).eps / 2  # unit roundoff
+        risky = (mean.abs() * invstd * (math.sqrt(m) * unit) > _OFFSET_RISK).any()
+        ok, risk = torch.stack((finite, risky)).tolist()
+    if not ok:
+        return 1
+    return 2 if risk else 0
 
 
 def _train_native(input, running_mean, running_var, weight, bias, momentum, eps, nonfinite, nbt,
