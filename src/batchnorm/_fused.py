@@ -290,11 +290,11 @@ def check_stats(mean: Tensor, invstd: Tensor, m: int, threshold: float, unit: fl
 
 def _in_place(t: Tensor, dt: torch.dtype, c: int) -> bool:
     """Whether the kernels may read or write ``t`` in place as C contiguous elements of
-    ``dt``: a plain (C,) CPU tensor with unit stride, not a negative view (for float32 and
-    float64 the conjugate bit cannot be set). Whether it has storage is asked by taking its
+    ``dt``: a plain contiguous (C,) CPU tensor, not a negative view (for float32 and float64
+    the conjugate bit cannot be set). Whether it has storage is asked by taking its
     data_ptr, which raises for a tensor without (a functorch wrapper, a sparse tensor)."""
-    return ((type(t) is Tensor or type(t) is Parameter) and t.dtype is dt and t.is_cpu and t.shape == (c,)
-            and t.stride() == (1,) and not t.is_neg())
+    return ((type(t) is Tensor or type(t) is Parameter) and t.dtype is dt and t.is_cpu and t.dim() == 1
+            and t.numel() == c and t.is_contiguous() and not t.is_neg())
 
 
 def _apart(p: int, q: int, nbytes: int) -> bool:
@@ -309,10 +309,10 @@ def lerp_(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, 
     to update, and the factor, are the caller's.
 
     Returns False, touching nothing, unless all four are contiguous (C,) plain CPU tensors
-    of one dtype (float32/float64) with real storage, not negative views; the running
-    buffers also must not require grad, be inference tensors outside inference mode or
-    overlap each other or the inputs (an input may be its own output). The caller then uses
-    torch's lerp_. ``mean``/``var`` may be rows of a (3, C) statistics tensor (st[0], st[2]).
+    of one dtype (float32/float64) with real storage, not negative views; the
+    running buffers also must not require grad, be inference tensors outside inference mode
+    or overlap each other or the inputs (an input may be its own output). The caller then
+    uses torch's lerp_. ``mean``/``var`` may be rows of a (3, C) statistics tensor (st[0], st[2]).
     Nothing is copied: every pointer is a given tensor's own memory. The running buffers'
     version counters are bumped, as by any in-place operation."""
     lib = _jit.kernels()
@@ -325,7 +325,7 @@ def lerp_(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, 
                 and _in_place(var, dt, c)):
             return False
         pm, pv, qm, qv = running_mean.data_ptr(), running_var.data_ptr(), mean.data_ptr(), var.data_ptr()
-    except RuntimeError:  # no storage (data_ptr), or a tensor kind without sizes or strides (nested)
+    except RuntimeError:  # no storage (data_ptr), or a tensor kind without these properties (nested, sparse)
         return False
     if running_mean.requires_grad or running_var.requires_grad:
         return False
