@@ -1435,16 +1435,20 @@ static inline __attribute__((always_inline)) int check_stats(const struct bn_che
  * running_var), per channel, in double. As torch.lerp does, the update is taken from the far
  * end for factor >= 0.5, so that factor 1 gives the batch's value exactly. Each channel's
  * inputs are read before its outputs are written. */
-static inline double lerp_one(double from, double to, double f) {
-    return f < 0.5 ? from + f * (to - from) : to - (to - from) * (1.0 - f);
+static inline double lerp_one(double from, double to, double f, int far) {
+    return far ? to - (to - from) * (1.0 - f) : from + f * (to - from);
 }
 
+/* (omp simd: an input may be its own output, which leaves no dependence between channels.) */
 static inline __attribute__((always_inline)) void lerp(const struct bn_lerp_args *a, int f64) {
+    const double f = a->factor, vs = a->var_scale;
+    const int far = !(f < 0.5);
+#pragma omp simd
     for (int64_t c = 0; c < a->c; c++) {
         const double rm = load_at(a->running_mean, c, f64), rv = load_at(a->running_var, c, f64);
-        const double mu = load_at(a->mean, c, f64), v = a->var_scale * load_at(a->var, c, f64);
-        store_at(a->running_mean, c, lerp_one(rm, mu, a->factor), f64);
-        store_at(a->running_var, c, lerp_one(rv, v, a->factor), f64);
+        const double mu = load_at(a->mean, c, f64), v = vs * load_at(a->var, c, f64);
+        store_at(a->running_mean, c, lerp_one(rm, mu, f, far), f64);
+        store_at(a->running_var, c, lerp_one(rv, v, f, far), f64);
     }
 }
 
