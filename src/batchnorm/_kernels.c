@@ -1004,9 +1004,8 @@ static void channel_sums_f64(const double *x, const double *dy, int64_t N, int64
  * accumulators in registers (the first 15 vectors' two sums fill 30 of the 32 registers; a
  * 16th vector's go through an L1 scratch), so that a row of up to 256 channels is read
  * front to back in one go and the memory sees one sequential stream per tensor. Used for
- * C <= 256; float lanes over at most BLOCK rows, then double totals, as everywhere. Against
- * the portable loop that C % 16 != 0 took before (alternating builds): the statistics pass
- * took 0.18 to 0.76 of its time at C = 24, 72 and 120, the gradient sums 0.46 to 0.94. */
+ * C <= 256; float lanes over at most BLOCK rows, then double totals, as everywhere. (Timings
+ * of this and the other channels-innermost ways: benchmarks/RESULTS.md, "_kernels.c".) */
 #if defined(__AVX512F__)
 /* The row's last vector, masked to the channels that exist (tail = all ones when C % 16 ==
  * 0); `last` is a constant once the loops over v are unrolled. */
@@ -1060,8 +1059,7 @@ static inline __attribute__((always_inline)) void cl_rows_body##W(              
     }                                                                                            \
 }                                                                                                \
 /* Two functions: plain loads throughout for C % 16 == 0, the last vector masked otherwise \
- * (one function holding both made the statistics pass 7 to 30 % slower at C = 64 than   \
- * before masking existed; as two, 3 to 7 %, within this machine's noise). */                     \
+ * (one function holding both was slower on the unmasked widths). */                     \
 static void cl_rows##W(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi,       \
                        const float *k, double *s1, double *s2, __mmask16 tail) {                 \
     cl_rows_body##W(x, dy, C, lo, hi, k, s1, s2, 0, tail);                                       \
@@ -1092,11 +1090,8 @@ static const rows_fn cl_rows_m[17] = {NULL, cl_rows_m1, cl_rows_m2, cl_rows_m3, 
 static int cl_sums_avx2_f32(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,
                             double *s1, double *s2, float *scratch) {
     if (C % 8) return 0;
-    /* Groups of four rows help up to 48 channels with dy, 128 without. Alternating builds
-     * against the portable loop: the statistics pass took 0.33 to 0.66 of its time at C = 16
-     * to 64, 0.3 to 0.4 at 96, 0.7 to 1.0 at 128 and 1.3 at 256; the gradient sums 0.44 to
-     * 0.71 at C = 16, 32 and 48, 0.90 to 1.30 at 64 over five runs (no consistent gain),
-     * 1.2 to 1.4 at 128 and 1.6 at 256. */
+    /* Groups of four rows beat the portable loop up to 48 channels with dy, 128 without
+     * (benchmarks/RESULTS.md, "_kernels.c"). */
     if (C > (dy ? 48 : 128)) return 0;
     float *a1 = scratch, *a2 = scratch + C;
     for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
@@ -1142,21 +1137,16 @@ static int cl_sums_avx2_f32(const float *x, const float *dy, int64_t C, int64_t 
 }
 #endif
 
-/* Channels-innermost float sums (AVX-512), three ways, chosen by width (measured with
- * alternating builds in one process, channels_last float32, mostly 25.7 MB tensors):
- * - C <= 256: whole rows, cl_rows above. Against the two ways below it took, at C = 16, 32, 96,
- *   128, 160 and 256, 0.27 to 0.60 of the time of the statistics pass, 0.64 to 0.84 of the
- *   forward kernel's and 0.64 to 0.93 of the backward kernel's; the same at C = 64, which
- *   the blocked way below already read whole rows for. Those ways read a row of more than
- *   64 channels in strided pieces (or stream it through scratch accumulators), which the
- *   hardware prefetchers follow poorly.
+/* Channels-innermost float sums (AVX-512), three ways, chosen by width (the timings behind
+ * the choice: benchmarks/RESULTS.md, "_kernels.c"):
+ * - C <= 256: whole rows, cl_rows above, each row read front to back. The two ways below
+ *   read a row of more than 64 channels in strided pieces (or stream it through scratch
+ *   accumulators), which the hardware prefetchers follow poorly.
  * - C > 256, statistics (dy == NULL): accumulators in registers, 64 channels (four vectors)
  *   at a time, then 16 at a time, over blocks of rows that stay in L1/L2 while each column
- *   chunk re-reads them. Whole rows cut into 256-channel chunks were 1.1 to 1.7 times
- *   slower at C = 512 and 1024.
+ *   chunk re-reads them (faster than whole rows cut into 256-channel chunks).
  * - C > 256, gradient sums: each row streamed once, accumulators in an L1 scratch (2 C
- *   floats); the chunked ways were slower with two tensors to read (1.2 to 1.6 times at
- *   C = 512 and 1024).
+ *   floats); with two tensors to read, the chunked ways were slower.
  * Widths over 256 need C % 16 == 0; returns 0 (not handled) otherwise. */
 static int cl_sums_fast_f32(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,
                             double *s1, double *s2, float *scratch) {
