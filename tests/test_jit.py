@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -43,7 +44,9 @@ PROBE = textwrap.dedent(f"""
         rnd = random.Random(0)
         x = (ctypes.c_float * (n * c * s))(*[rnd.gauss(5.0, 3.0) for _ in range(n * c * s)])
         mean, var = (ctypes.c_double * c)(), (ctypes.c_double * c)()
-        works = lib.bn_stats_f32(x, n, c, s, 0, mean, var, 1) == 0
+        args = jit.StatsArgs(x=ctypes.addressof(x), mean=ctypes.addressof(mean), var=ctypes.addressof(var),
+                             n=n, c=c, s=s, cl=0, nt=1)
+        works = lib.bn_stats_f32(args) == 0
         for k in range(c):
             v = [x[(i * c + k) * s + j] for i in range(n) for j in range(s)]
             mu = sum(v) / len(v)
@@ -560,3 +563,30 @@ def test_each_load_maps_the_file_it_checked(tmp_path, monkeypatch):
     with open("/proc/self/maps") as f:
         maps = f.read()
     assert info_a["path"] in maps and info_b["path"] in maps
+
+
+def test_every_entry_point_is_spelled_out_in_the_source():
+    # grep bn_<kind>_f32 finds each exported kernel's definition: no name is token-pasted
+    source = Path(_jit._SOURCE).read_text()
+    for kind in _jit.ENTRY_POINTS:
+        for suf in ("f32", "f64"):
+            assert re.search(rf"^\w[\w ]* bn_{kind}_{suf}\(const struct bn_{kind}_args \*a\) \{{", source, re.M), \
+                (kind, suf)
+    assert "##SUF(" not in "".join(line for line in source.splitlines() if line.startswith(("int bn_", "void bn_")))
+
+
+def test_mismatched_argument_struct_is_refused(monkeypatch):
+    # A ctypes mirror that disagrees with the C struct (here one whose int64 field became an
+    # int32 that the padding hides: same size, same offsets) is found before any call, and
+    # the kernels are not used.
+    import ctypes
+    _cc()
+    if _jit.kernels() is None:
+        pytest.skip(_jit.status())
+    fields = [(n, ctypes.c_int32 if n == "m" else t) for n, t in _jit.CheckStatsArgs._fields_]
+    short = type("CheckStatsArgs", (ctypes.Structure,), {"_fields_": fields})
+    assert ctypes.sizeof(short) == ctypes.sizeof(_jit.CheckStatsArgs)
+    monkeypatch.setitem(_jit.ENTRY_POINTS, "check_stats", (short, ctypes.c_int))
+    lib = ctypes.CDLL(str(_jit._info["path"]))  # its own function objects: the loaded ones stay declared
+    with pytest.raises(_jit._Fallback, match="bn_check_stats .* does not match its mirror CheckStatsArgs"):
+        _jit._declare(lib)

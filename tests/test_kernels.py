@@ -3,6 +3,7 @@ choose them: parity with torch.nn on inputs large enough to take them, gradcheck
 stability in every layout, the non-finite guard, the small-input path, and the fallback
 when no kernels can be built."""
 
+import math
 import os
 import subprocess
 import sys
@@ -374,8 +375,7 @@ print("ok", worst, _jit._info["isa"])
 """
 
 
-@pytest.mark.parametrize("arch", ["x86-64", "x86-64-v3", "best level, no OpenMP"])
-def test_portable_builds_are_correct(arch, tmp_path):
+def test_portable_builds_are_correct(tmp_path):
     # This machine builds for its best x86-64 level with OpenMP (x86-64-v4, AVX-512, here);
     # the AVX2 and plain-SSE2 code paths and the pthread pool of _kernels.c are built (and
     # said so by the status) and checked too, against torch.nn and impl="reference". Shapes for
@@ -383,19 +383,267 @@ def test_portable_builds_are_correct(arch, tmp_path):
     # with leftover rows (C = 40, 1476 rows) and C = 16, statistics in groups but gradient
     # sums on the portable loop (C = 64, 96), wider (256) and odd (13) widths on the portable
     # loop, and 8 MB channels_last outputs (non-temporal stores; C = 72 through coefficient
-    # tapes).
+    # tapes). The three builds run at once, each in its own cache directory: most of their
+    # time is the compiler's, and on two cores that halves the wait.
     import platform
     _need_kernels()
     if platform.machine() != "x86_64":
         pytest.skip("x86-64 -march levels")
-    # a generous compiler timeout: on a loaded 2-core machine an -O3 build took over 120 s
-    env = dict(os.environ, BATCHNORM_CACHE=str(tmp_path), BATCHNORM_CC_TIMEOUT="900")
-    code = _ARCH_CHECK
-    if arch.startswith("best level"):
-        code = "from batchnorm import _jit\n_jit._VARIANTS = [[]]\n" + code
-    else:
-        env["BATCHNORM_MARCH"] = arch
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr
-    isa = {"x86-64": "portable loops, OpenMP", "x86-64-v3": "AVX2+FMA, OpenMP"}.get(arch, "pthread pool")
-    assert out.stdout.rstrip().endswith(isa), out.stdout
+    expected = {"x86-64": "portable loops, OpenMP", "x86-64-v3": "AVX2+FMA, OpenMP",
+                "best level, no OpenMP": "pthread pool"}
+    procs = {}
+    for arch in expected:
+        cache = tmp_path / arch.replace(" ", "_").replace(",", "")
+        cache.mkdir()
+        # a generous compiler timeout: on a loaded 2-core machine an -O3 build took over 120 s
+        env = dict(os.environ, BATCHNORM_CACHE=str(cache), BATCHNORM_CC_TIMEOUT="900")
+        code = _ARCH_CHECK
+        if arch.startswith("best level"):
+            code = "from batchnorm import _jit\n_jit._VARIANTS = [[]]\n" + code
+        else:
+            env["BATCHNORM_MARCH"] = arch
+        procs[arch] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    try:
+        results = {arch: p.communicate(timeout=600) for arch, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for arch, (stdout, stderr) in results.items():
+        assert procs[arch].returncode == 0 and stdout.startswith("ok"), f"{arch}: {stdout}{stderr}"
+        assert stdout.rstrip().endswith(expected[arch]), f"{arch}: {stdout}"
+
+
+# -- the kernel interface (batchnorm._fused) ----------------------------------------------
+
+DTYPES = [torch.float32, torch.float64]
+DT_IDS = ["f32", "f64"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape,cl", [((16, 8, 32, 32), False), ((16, 8, 32, 32), True), ((8192, 8), False)],
+                         ids=["rows", "channels_last", "matrix"])
+def test_train_forward_statistics_rows_and_buffers(dtype, shape, cl):
+    # 131,072 / 65,536 elements: the kernels run on every thread. The third row is
+    # var_scale times the biased variance, the scale the caller's (here m / (m - 1), the
+    # unbiased variance); invstd and y use the biased one (Algorithm 1).
+    _need_kernels()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g, dtype=dtype) * 3 + 2
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    w = torch.linspace(0.5, 1.5, c, dtype=dtype)
+    b = torch.linspace(-1, 1, c, dtype=dtype)
+    lay = _fused.layout(x)
+    m = x.numel() // c
+    dims = tuple(d for d in range(x.dim()) if d != 1)
+    x64 = x.double()
+    mean, var = x64.mean(dims), x64.var(dims, unbiased=False)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    y, st, finite = _fused.train_forward(x, lay, w, b, 1e-5, var_scale=m / (m - 1))
+    assert finite and st.shape == (3, c) and st.dtype == dtype
+    torch.testing.assert_close(st[0].double(), mean, **tol)
+    torch.testing.assert_close(st[1].double(), torch.rsqrt(var + 1e-5), **tol)
+    torch.testing.assert_close(st[2].double(), x64.var(dims, unbiased=True), **tol)
+    shape_c = (1, c) + (1,) * (x.dim() - 2)
+    ref = (x64 - mean.view(shape_c)) * torch.rsqrt(var + 1e-5).view(shape_c) * w.double().view(shape_c) \
+        + b.double().view(shape_c)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    # var_scale 1: the biased variance; the output does not depend on it
+    y1, st1, _ = _fused.train_forward(x, lay, w, b, 1e-5)
+    torch.testing.assert_close(st1[2].double(), var, **tol)
+    assert torch.equal(y1, y) and torch.equal(st1[:2], st[:2])
+    # caller buffers: a (1, 3, C) slice of a larger block, and a flat 3 * C tensor
+    block = torch.full((3, 3, c), float("nan"), dtype=dtype)
+    out = torch.empty_like(x)
+    y2, st2, _ = _fused.train_forward(x, lay, w, b, 1e-5, out=out, st=block[1:2], var_scale=m / (m - 1))
+    assert y2 is out and st2.data_ptr() == block[1].data_ptr()
+    assert torch.equal(block[1], st) and block[0].isnan().all() and block[2].isnan().all()
+    flat = torch.empty(3 * c, dtype=dtype)
+    _fused.train_forward(x, lay, w, b, 1e-5, st=flat, var_scale=m / (m - 1))
+    assert torch.equal(flat.view(3, c), st)
+    for bad in (torch.empty(3, c + 1, dtype=dtype), torch.empty(3, c, dtype=torch.float16 if dtype == torch.float64
+                                                                else torch.float64), torch.empty(c, 3, dtype=dtype).t()):
+        with pytest.raises(ValueError, match="statistics buffer"):
+            _fused.train_forward(x, lay, w, b, 1e-5, st=bad)
+    # the backward reads only rows 0 and 1: any third row gives the same gradients
+    dy = torch.randn(*shape, generator=g, dtype=dtype)
+    grads = _fused.train_backward(dy, x, lay, w, st, True, True, True)
+    for third in (st1[2], torch.full((c,), float("nan"), dtype=dtype)):
+        other = torch.stack((st[0], st[1], third))
+        for a, b_ in zip(grads, _fused.train_backward(dy, x, lay, w, other, True, True, True)):
+            assert torch.equal(a, b_)
+    _, _, db = _fused.train_backward(dy, x, lay, w, block[1:2], False, False, True)  # a (1, 3, C) block too
+    assert torch.equal(db, grads[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_train_forward_reports_nonfinite_statistics(dtype, bad):
+    _need_kernels()
+    x = torch.randn(64, 4, 16, 16, dtype=dtype)
+    x[3, 2, 5, 7] = bad
+    _, st, finite = _fused.train_forward(x, _fused.layout(x), None, None, 1e-5, var_scale=2.0)
+    assert not finite and not torch.isfinite(st[:, 2]).all() and torch.isfinite(st[:, [0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_train_forward_renorm_reads_running_buffers_only(dtype):
+    _need_kernels()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 8, 16, 16, generator=g, dtype=dtype) * 2 + 1
+    rm = torch.linspace(-1, 1, 8, dtype=dtype)
+    rv = torch.linspace(0.5, 4, 8, dtype=dtype)
+    before = (rm.clone(), rv.clone(), rm._version, rv._version)
+    rd = torch.empty(2, 8, dtype=dtype)
+    _, st, finite = _fused.train_forward(x, _fused.layout(x), None, None, 1e-5, renorm=(rm, rv, 1.5, 0.5, rd))
+    assert finite
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1]) and (rm._version, rv._version) == before[2:]
+    sigma = torch.sqrt(rv.double() + 1e-5)
+    var = 1 / st[1].double() ** 2 - 1e-5
+    r = (torch.sqrt(var + 1e-5) / sigma).clamp(1 / 1.5, 1.5)
+    d = ((st[0].double() - rm.double()) / sigma).clamp(-0.5, 0.5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rd[0].double(), r, **tol)
+    torch.testing.assert_close(rd[1].double(), d, **tol)
+
+
+def _threshold_case(dtype, c=1 << 16, m=4096):
+    unit = torch.finfo(dtype).eps / 2
+    mean = torch.linspace(-1, 1, c, dtype=dtype)
+    invstd = torch.full((c,), 2.0, dtype=dtype)
+    # channel 12345: offset risk sqrt(m) * unit * |mean| * invstd of exactly 2e-3
+    mean[12345] = 2e-3 / (math.sqrt(m) * unit * 2.0)
+    return mean, invstd, m, unit
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_check_stats_threshold(dtype):
+    _need_kernels()
+    mean, invstd, m, unit = _threshold_case(dtype)
+    kept = (mean.clone(), invstd.clone())
+    assert _fused.check_stats(mean, invstd, m, 1e-3, unit) == 2
+    assert _fused.check_stats(mean, invstd, m, 4e-3, unit) == 0        # the risk is below this threshold
+    assert _fused.check_stats(mean, invstd, m, 0.0, unit) == 0         # 0: the risk is not tested
+    assert _fused.check_stats(mean, invstd, m // 16, 1e-3, unit) == 0  # a quarter of the risk (sqrt(m))
+    assert _fused.check_stats(-mean, invstd, m, 1e-3, unit) == 2       # |mean|
+    assert _fused.check_stats(torch._neg_view(mean), invstd, m, 1e-3, unit) == 2  # a negative view, by value
+    assert _fused.check_stats(mean, torch.tensor(2.0, dtype=dtype).expand(1 << 16), m, 1e-3, unit) == 2
+    strided = torch.zeros(2 << 16, dtype=dtype)
+    strided[::2] = mean
+    assert _fused.check_stats(strided[::2], invstd, m, 1e-3, unit) == 2  # copied: read-only
+    assert torch.equal(mean, kept[0]) and torch.equal(invstd, kept[1])
+    # the same verdicts in torch operations
+    risk = math.sqrt(m) * unit * mean.double().abs() * invstd.double()
+    assert bool((risk > 1e-3).any()) and not bool((risk > 4e-3).any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("threshold", [1e-3, 0.0])
+def test_check_stats_nonfinite_whatever_the_threshold(dtype, threshold):
+    _need_kernels()
+    mean, invstd, m, unit = _threshold_case(dtype)
+    for which, value in (("mean", float("nan")), ("mean", float("inf")), ("invstd", float("nan")),
+                         ("invstd", float("inf")), ("invstd", 0.0), ("invstd", -1.0)):
+        mu, inv = mean.clone(), invstd.clone()
+        (mu if which == "mean" else inv)[40000] = value
+        assert _fused.check_stats(mu, inv, m, threshold, unit) == 1, (which, value)
+
+
+def test_check_stats_declines_what_it_cannot_read(monkeypatch):
+    _need_kernels()
+    mean, invstd, m, unit = _threshold_case(torch.float32)
+    assert _fused.check_stats(mean.half(), invstd.half(), m, 1e-3, unit) is None
+    assert _fused.check_stats(mean, invstd.double(), m, 1e-3, unit) is None
+    assert _fused.check_stats(mean, invstd[:-1], m, 1e-3, unit) is None
+    assert _fused.check_stats(mean.to("meta"), invstd.to("meta"), m, 1e-3, unit) is None
+    from batchnorm import _jit as jit
+    monkeypatch.setattr(jit, "_lib", None)
+    monkeypatch.setattr(jit, "_status", "disabled for this test")
+    assert _fused.check_stats(mean, invstd, m, 1e-3, unit) is None
+
+
+def _lerp_case(dtype, c=1 << 16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    rm = torch.randn(c, generator=g, dtype=dtype)
+    rv = torch.rand(c, generator=g, dtype=dtype) + 0.5
+    st = torch.randn(3, c, generator=g, dtype=dtype)
+    st[2] = st[2].abs()
+    return rm, rv, st
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("factor", [0.1, 1 / 3, 0.5, 0.9, 1.0, 0.0])
+def test_lerp_matches_torch(dtype, factor):
+    _need_kernels()
+    rm, rv, st = _lerp_case(dtype)
+    scale = 65536 / 65535
+    ref_m = rm.clone().lerp_(st[0], factor)
+    ref_v = rv.clone().lerp_(st[2] * scale, factor)
+    versions = rm._version, rv._version
+    assert _fused.lerp_(rm, rv, st[0], st[2], factor, scale)
+    tol = dict(rtol=2e-7, atol=2e-7) if dtype == torch.float32 else dict(rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(rm, ref_m, **tol)
+    torch.testing.assert_close(rv, ref_v, **tol)
+    # written as torch's batch-norm kernels write the buffers: no version bump (a graph that
+    # saved them stays differentiable)
+    assert (rm._version, rv._version) == versions
+    if factor == 1.0:  # the batch's values exactly (the cumulative average's first step)
+        assert torch.equal(rm, st[0]) and torch.equal(rv, (st[2].double() * scale).to(dtype))
+    if factor == 0.0:
+        assert torch.equal(rm, _lerp_case(dtype)[0]) and torch.equal(rv, _lerp_case(dtype)[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_lerp_inputs_may_be_their_own_outputs(dtype):
+    _need_kernels()
+    rm, rv, st = _lerp_case(dtype)
+    ref_v = rv.clone().lerp_(st[2], 0.25)
+    kept = rm.clone()
+    assert _fused.lerp_(rm, rv, rm, st[2], 0.25)
+    assert torch.equal(rm, kept)
+    torch.testing.assert_close(rv, ref_v, rtol=1e-6, atol=1e-7)
+
+
+def test_kernels_from_two_threads_at_once():
+    # ctypes releases the GIL during a call: two Python threads run kernels at the same
+    # time, each filling its own argument structs. Different channel counts per thread, so
+    # that arguments crossing between threads would show.
+    import threading
+    _need_kernels()
+    cases = []
+    for t, c in enumerate((3, 5)):
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(6, c, 7, generator=g)
+        dy = torch.randn(6, c, 7, generator=g)
+        rm, rv, st0 = _lerp_case(torch.float32, c, seed=t)
+        lay = _fused.layout(x)
+        y, st, _ = _fused.train_forward(x, lay, None, None, 1e-5, var_scale=1.5)
+        dx, _, _ = _fused.train_backward(dy, x, lay, None, st, True, False, False)
+        rm2, rv2 = rm.clone(), rv.clone()
+        _fused.lerp_(rm2, rv2, st[0], st[2], 0.1)
+        cases.append((x, dy, lay, rm, rv, y, st, dx, rm2, rv2))
+    errors = []
+
+    def work(case):
+        x, dy, lay, rm, rv, y, st, dx, rm2, rv2 = case
+        for _ in range(300):
+            y_, st_, ok = _fused.train_forward(x, lay, None, None, 1e-5, var_scale=1.5)
+            dx_, _, _ = _fused.train_backward(dy, x, lay, None, st_, True, False, False)
+            a, b = rm.clone(), rv.clone()
+            _fused.lerp_(a, b, st_[0], st_[2], 0.1)
+            code = _fused.check_stats(st_[0], st_[1], 42, 1e-3, 2.0 ** -24)
+            if not (ok and code == 0 and torch.equal(y_, y) and torch.equal(st_, st) and torch.equal(dx_, dx)
+                    and torch.equal(a, rm2) and torch.equal(b, rv2)):
+                errors.append(x.size(1))
+                return
+
+    threads = [threading.Thread(target=work, args=(case,)) for case in cases]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors

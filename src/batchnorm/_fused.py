@@ -3,13 +3,18 @@
 Each function takes one statistics group, a tensor ``(n, C, *S)`` laid out either as
 NCHW-contiguous rows or channels-innermost (channels_last, and plain ``(N, C)``), and
 returns new tensors or writes into the buffers it is given; :func:`layout` says whether a
-tensor qualifies. Statistics come back
-in the input's dtype (float32 or float64), accumulated in double inside the kernels.
+tensor qualifies. Statistics come back in the input's dtype (float32 or float64),
+accumulated in double inside the kernels. The running buffers are written only by
+:func:`lerp_`, and only where the caller asks.
+
+Each kernel call fills a fresh argument struct (the ctypes mirrors in :mod:`batchnorm._jit`)
+with the addresses of tensors that this module checked and that stay referenced by local
+variables until the call returns; a fresh struct per call also means that threads calling
+at once never share one.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -17,6 +22,8 @@ from torch import Tensor
 
 from . import _jit
 from ._errors import MismatchError
+from ._jit import (AffineArgs, CheckStatsArgs, DxArgs, LerpArgs, MaskedBwdArgs, MaskedFwdArgs, StatsArgs,
+                   SumsArgs, TrainBwdArgs, TrainFwdArgs)
 
 # Below this many elements a kernel runs on one thread: opening a parallel region costs more
 # than a second core saves on so little data.
@@ -91,13 +98,21 @@ def _vec(v: Optional[Tensor], like: Tensor, c: int, name: Optional[str] = None) 
 
 def _rows(t: Tensor, rows: int, c: int, dtype: torch.dtype, what: str) -> Tensor:
     """Check a (rows, C) buffer the kernels write or read by row: contiguous, CPU, dtype."""
-    if t.numel() == rows * c and t.dim() == 3 and t.size(0) == 1:
-        t = t[0]  # TEMPORARY shim: (1, rows, C)
     if (tuple(t.shape) != (rows, c) or t.dtype != dtype or not t.is_cpu or not t.is_contiguous() or t.is_neg()
             or not _has_storage(t)):
         _fail(f"{what} must be a contiguous ({rows}, {c}) {dtype} CPU tensor, got shape {tuple(t.shape)}, "
               f"dtype {t.dtype}, strides {t.stride()}")
     return t
+
+
+def _stats_buffer(st: Tensor, c: int, dtype: torch.dtype, what: str) -> Tensor:
+    """Check a statistics buffer: rows mean, invstd, variance of C each, in one contiguous
+    block of 3 * C elements ((3, C), (1, 3, C) or any other shape holding exactly that)."""
+    if (st.numel() != 3 * c or st.dtype != dtype or not st.is_cpu or not st.is_contiguous() or st.is_neg()
+            or st.layout != torch.strided or not _has_storage(st)):
+        _fail(f"{what} must be a contiguous {dtype} CPU tensor of 3 * {c} elements (rows mean, invstd, variance), "
+              f"got shape {tuple(st.shape)}, dtype {st.dtype}, strides {st.stride()}")
+    return st
 
 
 def _out(out: Optional[Tensor], x: Tensor) -> Tensor:
@@ -135,10 +150,12 @@ def stats(x: Tensor, lay: Layout, out: Optional[Tensor] = None) -> Tuple[Tensor,
     if not raw:
         out = torch.empty(2, c, dtype=torch.float64)
     elif (tuple(out.shape) != (2, c) or out.dtype != torch.float64 or not out.is_cpu or out.stride(1) != 1
-          or out.is_neg()):
+          or out.is_neg() or not _has_storage(out)):
         _fail(f"statistics buffer must be (2, {c}) float64 with contiguous rows")
-    if _fn(lib, "stats", x.dtype)(x.data_ptr(), n, c, s, cl, out[0].data_ptr(), out[1].data_ptr(),
-                                     _threads(lay)):
+    mean, var = out[0], out[1]
+    args = StatsArgs(x=x.data_ptr(), mean=mean.data_ptr(), var=var.data_ptr(), n=n, c=c, s=s, cl=cl,
+                     nt=_threads(lay))
+    if _fn(lib, "stats", x.dtype)(args):
         raise MemoryError("batchnorm: out of memory in the statistics kernel")
     if not raw:
         out = out.to(x.dtype)
@@ -151,8 +168,8 @@ def affine(x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, out: Tensor) ->
     _check_x(x, lay)
     n, c, s, cl = lay
     a, b, o = _vec(scale, x, c), _vec(shift, x, c), _out(out, x)
-    _fn(lib, "affine", x.dtype)(x.data_ptr(), o.data_ptr(), n, c, s, cl, a.data_ptr(), b.data_ptr(),
-                                   _threads(lay))
+    _fn(lib, "affine", x.dtype)(AffineArgs(x=x.data_ptr(), y=o.data_ptr(), scale=a.data_ptr(), shift=b.data_ptr(),
+                                           n=n, c=c, s=s, cl=cl, nt=_threads(lay)))
 
 
 def sums(dy: Tensor, x: Tensor, lay: Layout, mean: Tensor, raw: bool = False) -> Tuple[Tensor, Tensor]:
@@ -163,8 +180,10 @@ def sums(dy: Tensor, x: Tensor, lay: Layout, mean: Tensor, raw: bool = False) ->
     n, c, s, cl = lay
     g, mu = _like(dy, x), _vec(mean, x, c)
     out = torch.empty(2, c, dtype=torch.float64)
-    if _fn(lib, "sums", x.dtype)(g.data_ptr(), x.data_ptr(), n, c, s, cl, mu.data_ptr(),
-                                    out[0].data_ptr(), out[1].data_ptr(), _threads(lay)):
+    sdy, sdyx = out[0], out[1]
+    args = SumsArgs(dy=g.data_ptr(), x=x.data_ptr(), mean=mu.data_ptr(), sum_dy=sdy.data_ptr(),
+                    sum_dy_xmu=sdyx.data_ptr(), n=n, c=c, s=s, cl=cl, nt=_threads(lay))
+    if _fn(lib, "sums", x.dtype)(args):
         raise MemoryError("batchnorm: out of memory in the gradient-sums kernel")
     if not raw:
         out = out.to(x.dtype)
@@ -178,8 +197,8 @@ def grad_input(dy: Tensor, x: Tensor, lay: Layout, alpha: Tensor, beta: Tensor, 
     n, c, s, cl = lay
     g, o = _like(dy, x), _out(out, x)
     al, be, ga = _vec(alpha, x, c), _vec(beta, x, c), _vec(gamma, x, c)
-    _fn(lib, "dx", x.dtype)(g.data_ptr(), x.data_ptr(), o.data_ptr(), n, c, s, cl, al.data_ptr(),
-                               be.data_ptr(), ga.data_ptr(), _threads(lay))
+    _fn(lib, "dx", x.dtype)(DxArgs(dy=g.data_ptr(), x=x.data_ptr(), dx=o.data_ptr(), alpha=al.data_ptr(),
+                                   beta=be.data_ptr(), gamma=ga.data_ptr(), n=n, c=c, s=s, cl=cl, nt=_threads(lay)))
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -187,156 +206,138 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _direct(running_mean: Optional[Tensor], running_var: Optional[Tensor], x: Tensor) -> bool:
-    """Whether the kernels may update the running buffers in place (contiguous plain CPU
-    memory, not a negative view); else torch operations update them. Raises
-    :class:`~batchnorm.MismatchError` if a buffer does not fit ``x`` (size, dtype, device)
-    or cannot be written in place at all (an expanded view, an inference tensor)."""
-    if running_mean is None or running_var is None:
-        return False
-    c = x.size(1)
-    direct = True
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t.dtype is x.dtype and t.shape == (c,) and t.is_contiguous() and t.is_cpu and not t.is_neg():
-            continue
-        if t.numel() != c:
-            raise MismatchError(f"batch_norm: {name} should contain {c} elements not {t.numel()}")
-        if t.dtype != x.dtype:
-            raise MismatchError(f"batch_norm: mixed dtype: {name} is {t.dtype}, the input {x.dtype}; "
-                                "parameters and buffers must have the input's dtype")
-        if t.device != x.device:
-            raise MismatchError(f"batch_norm: {name} is on {t.device}, the input on {x.device}")
-        if t.dim() != 1 or (c > 1 and t.stride(0) == 0) or (t.is_inference() and not torch.is_inference_mode_enabled()):
-            raise MismatchError(f"batch_norm: {name} (shape {tuple(t.shape)}, strides {t.stride()}) cannot be "
-                                "updated in place")
-        direct = False
-    return direct
-
-
-def _counter(nbt: Optional[Tensor]) -> Optional[int]:
-    """num_batches_tracked's address if the kernels may increment it in place; None if torch
-    operations must (or there is none). Raises :class:`~batchnorm.MismatchError` if it
-    cannot be incremented at all."""
-    if nbt is None:
-        return None
-    if nbt.dtype is torch.int64 and nbt.is_cpu and nbt.numel() == 1 and not nbt.is_neg():
-        return nbt.data_ptr()
-    if (nbt.numel() != 1 or nbt.dtype == torch.bool or nbt.is_complex() or not nbt.is_cpu
-            or (nbt.is_inference() and not torch.is_inference_mode_enabled())):
-        raise MismatchError(f"batch_norm: num_batches_tracked must be a one-element integer CPU tensor, got shape "
-                            f"{tuple(nbt.shape)}, dtype {nbt.dtype}, device {nbt.device}")
-    return None
-
-
 def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   out: Optional[Tensor] = None, st: Optional[Tensor] = None, renorm=None,
                   var_scale: float = 1.0) -> Tuple[Tensor, Tensor, bool]:
-    # TEMPORARY shim over the old kernels (being replaced).
-    y, st2, finite, _ = _train_forward_old(x, lay, weight, bias, eps, None, None, 0.0, None, out, st, renorm)
-    st2[2].mul_(var_scale)
-    return y, st if st is not None else st2, finite
-
-
-def _train_forward_old(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  momentum: float, nbt: Optional[Tensor] = None, out: Optional[Tensor] = None,
-                  st: Optional[Tensor] = None, renorm=None) -> Tuple[Tensor, Tensor, bool, bool]:
-    """One plain-BN training forward: y; the batch statistics as one (3, C) tensor (mean,
-    invstd, biased var); whether they were finite; whether the kernel already updated the
-    running buffers and ``nbt`` (it does when :func:`_direct`; never for a non-finite batch).
-
-    ``out``/``st``: buffers to write y and the statistics into (one statistics group of a
-    larger tensor). ``renorm``: (running_mean, running_var, r_max, d_max, rd) for Batch
-    Renormalization, rd a (2, C) buffer that receives r and d."""
+    """One plain-BN training forward (Algorithm 1): y, the batch statistics and whether
+    they are all finite. The statistics are one block of rows (mean, invstd, var_scale *
+    biased variance): a fresh (3, C) tensor, or ``st``, a contiguous tensor of 3 * C
+    elements in ``x``'s dtype (a (1, 3, C) slice of a larger one, say). ``var_scale`` is
+    the caller's: m / (m - 1) there gives the unbiased variance. ``out``: a buffer for y
+    with ``x``'s layout. ``renorm``: (running_mean, running_var, r_max, d_max, rd) for
+    Batch Renormalization, rd a (2, C) buffer that receives r and d; the running buffers
+    are read, never written."""
     lib = _jit.kernels()
     _check_x(x, lay)
     n, c, s, cl = lay
     y = _out(out, x)
-    st = torch.empty(3, c, dtype=x.dtype) if st is None else _rows(st, 3, c, x.dtype, "statistics buffer")
+    st = torch.empty(3, c, dtype=x.dtype) if st is None else _stats_buffer(st, c, x.dtype, "statistics buffer")
     w, b = _vec(weight, x, c, "weight"), _vec(bias, x, c, "bias")
-    p = st.data_ptr()
-    step = c * st.element_size()
-    direct = _direct(running_mean, running_var, x)
-    counter = _counter(nbt)  # checked even when not direct: torch operations then increment it
-    if not direct:
-        counter = None
-    rm = rv = rd = None
-    r_max = d_max = 0.0
+    args = TrainFwdArgs(x=x.data_ptr(), y=y.data_ptr(), weight=_ptr(w), bias=_ptr(b), stats=st.data_ptr(), n=n,
+                        c=c, s=s, eps=eps, var_scale=var_scale, cl=cl, nt=_threads(lay))
     if renorm is not None:
         rm, rv, r_max, d_max, rd = renorm
-        rm, rv = _vec(rm, x, c, "running_mean"), _vec(rv, x, c, "running_var")
+        rm, rv = _vec(rm, x, c, "running_mean"), _vec(rv, x, c, "running_var")  # held until the call returns
         rd = _rows(rd, 2, c, x.dtype, "Batch Renormalization r, d buffer")
-        r_max, d_max = float(r_max), float(d_max)
-    rc = _fn(lib, "train_fwd", x.dtype)(
-        x.data_ptr(), y.data_ptr(), n, c, s, cl, _ptr(w), _ptr(b), eps,
-        p, p + step, p + 2 * step,
-        running_mean.data_ptr() if direct else None, running_var.data_ptr() if direct else None,
-        momentum, counter, _ptr(rm), _ptr(rv), r_max, d_max, _ptr(rd), _threads(lay))
+        args.ren_mean, args.ren_var, args.rd = rm.data_ptr(), rv.data_ptr(), rd.data_ptr()
+        args.r_max, args.d_max = float(r_max), float(d_max)
+    rc = _fn(lib, "train_fwd", x.dtype)(args)
     if rc < 0:
         raise MemoryError("batchnorm: out of memory in the forward kernel")
-    return y, st, rc == 0, direct
+    return y, st, rc == 0
 
 
 def train_backward(dy: Tensor, x: Tensor, lay: Layout, weight: Optional[Tensor], st: Tensor,
                    need_x: bool, need_w: bool, need_b: bool, out: Optional[Tensor] = None,
                    rd: Optional[Tensor] = None):
     """Gradients of plain BN (Section 3): (dx, dweight, dbias), None where not needed;
-    ``st`` is :func:`train_forward`'s statistics, ``rd`` its Batch Renormalization r and d;
-    ``out`` a buffer for dx."""
+    ``st`` is :func:`train_forward`'s statistics (only its mean and invstd rows are read),
+    ``rd`` its Batch Renormalization r and d; ``out`` a buffer for dx."""
     lib = _jit.kernels()
     _check_x(x, lay)
     n, c, s, cl = lay
     g = _like(dy, x)
-    st = _rows(st, 3, c, x.dtype, "statistics")
+    st = _stats_buffer(st, c, x.dtype, "statistics")
     if rd is not None:
         rd = _rows(rd, 2, c, x.dtype, "Batch Renormalization r, d")
     w = _vec(weight, x, c, "weight")
     dx = _out(out, x) if need_x else None
     dw = torch.empty(c, dtype=x.dtype) if need_w else None
     db = torch.empty(c, dtype=x.dtype) if need_b else None
-    p = st.data_ptr()
-    if _fn(lib, "train_bwd", x.dtype)(g.data_ptr(), x.data_ptr(), _ptr(dx), n, c, s, cl, _ptr(w), p,
-                                   p + c * st.element_size(), _ptr(dw), _ptr(db), _ptr(rd), _threads(lay)) < 0:
+    args = TrainBwdArgs(dy=g.data_ptr(), x=x.data_ptr(), dx=_ptr(dx), weight=_ptr(w), stats=st.data_ptr(),
+                        rd=_ptr(rd), dweight=_ptr(dw), dbias=_ptr(db), n=n, c=c, s=s, cl=cl, nt=_threads(lay))
+    if _fn(lib, "train_bwd", x.dtype)(args) < 0:
         raise MemoryError("batchnorm: out of memory in the backward kernel")
     return dx, dw, db
 
 
-def lerp_(running_mean, running_var, mean, var, factor, var_scale=1.0) -> bool:
-    return False  # TEMPORARY
+def _plain(t: Tensor) -> bool:
+    """A dense CPU tensor with real storage, of torch's own type (see :func:`layout`)."""
+    return (t.is_cpu and t.layout == torch.strided and _has_storage(t)
+            and (type(t) is Tensor or type(t) is Parameter))
 
 
-def check_stats(mean: Tensor, invstd: Tensor, m: int, threshold: float, unit: float):
-    if _jit.kernels() is None:
-        return None
-    return _check_stats_old(mean, invstd, m, threshold > 0)
-
-
-def _check_stats_old(mean: Tensor, invstd: Tensor, m: int, check_offset: bool = True) -> int:
-    """Check batch statistics (mean, invstd) of ``m`` values per channel, one C call (or a
-    few torch operations without the kernels): 0 fine, 1 non-finite (NaN/Inf, or a variance
-    that overflowed), 2 possibly inexact (a large common offset that torch's naive sums may
-    have rounded away: ``sqrt(m) * unit roundoff * |mean| * invstd > 1e-3``; only tested
-    with ``check_offset``, for torch's statistics). Changes nothing."""
+def check_stats(mean: Tensor, invstd: Tensor, m: int, threshold: float, unit: float) -> Optional[int]:
+    """Check batch statistics (mean, invstd) of ``m`` values per channel in one C call: 0
+    fine, 1 non-finite (NaN/Inf mean or invstd, or invstd <= 0: a variance that
+    overflowed), 2 offset risk (some channel has ``sqrt(m) * unit * |mean| * invstd >
+    threshold``: a common offset large enough that sums without a shift may have rounded
+    part of the variance away; ``threshold`` 0: not tested). ``unit`` is the unit roundoff
+    of the arithmetic the statistics came from. Changes nothing. None when the kernels are
+    not loaded or the tensors are not plain CPU float32/float64 of one dtype and C elements
+    each (the caller then tests with torch operations)."""
     lib = _jit.kernels()
+    dt = mean.dtype
     c = mean.numel()
-    if (lib is None or mean.dtype not in _DTYPES or invstd.dtype != mean.dtype or invstd.numel() != c
-            or not mean.is_cpu or not invstd.is_cpu):
-        return _check_stats_torch(mean, invstd, m, check_offset)
-    mu, inv = _vec(mean, mean, c), _vec(invstd, mean, c)
-    return _fn(lib, "update_running", mean.dtype)(mu.data_ptr(), inv.data_ptr(), c, m, 0.0, None, None, 0.0, None,
-                                                   int(check_offset))
+    if (lib is None or dt not in _DTYPES or invstd.dtype is not dt or invstd.numel() != c or not _plain(mean)
+            or not _plain(invstd)):
+        return None
+    mu, inv = _vec(mean, mean, c), _vec(invstd, mean, c)  # read-only: copies are fine, held until the call returns
+    return _fn(lib, "check_stats", dt)(CheckStatsArgs(mean=mu.data_ptr(), invstd=inv.data_ptr(), c=c, m=m,
+                                                      threshold=threshold, unit=unit))
 
 
-def _check_stats_torch(mean: Tensor, invstd: Tensor, m: int, check_offset: bool) -> int:
-    """:func:`check_stats` in torch operations (the same tests, one host read)."""
-    with torch.no_grad():
-        finite = torch.isfinite(mean).all() & torch.isfinite(invstd).all() & (invstd > 0).all()
-        unit = torch.finfo(mean.dtype).eps / 2  # unit roundoff, as in the C kernels
-        risky = (mean.abs() * invstd * (math.sqrt(m) * unit) > 1e-3).any()
-        ok, risk = torch.stack((finite, risky)).tolist()
-    if not ok:
-        return 1
-    return 2 if check_offset and risk else 0
+def _in_place(t: Tensor, dt: torch.dtype, c: int) -> bool:
+    """Whether the kernels may read or write ``t`` in place as C contiguous elements of
+    ``dt``: a plain contiguous (C,) CPU tensor, not a negative view (for float32 and float64
+    the conjugate bit cannot be set). Whether it has storage is asked by taking its
+    data_ptr, which raises for a tensor without (a functorch wrapper, a sparse tensor)."""
+    return ((type(t) is Tensor or type(t) is Parameter) and t.dtype is dt and t.is_cpu and t.dim() == 1
+            and t.numel() == c and t.is_contiguous() and not t.is_neg())
+
+
+def _apart(p: int, q: int, nbytes: int) -> bool:
+    """Whether [p, p + nbytes) and [q, q + nbytes) do not overlap."""
+    return p + nbytes <= q or q + nbytes <= p
+
+
+def lerp_(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float,
+          var_scale: float = 1.0) -> bool:
+    """In one C call, per channel: running_mean += factor * (mean - running_mean) and
+    running_var += factor * (var_scale * var - running_var) (computed in double). Whether
+    to update, and the factor, are the caller's.
+
+    Returns False, touching nothing, unless all four are contiguous (C,) plain CPU tensors
+    of one dtype (float32/float64) with real storage, not negative views; the
+    running buffers also must not require grad, be inference tensors outside inference mode
+    or overlap each other or the inputs (an input may be its own output). The caller then
+    uses torch's lerp_. ``mean``/``var`` may be rows of a (3, C) statistics tensor (st[0], st[2]).
+    Nothing is copied: every pointer is a given tensor's own memory. The running buffers'
+    version counters are left alone, as torch's batch-norm kernels leave them (and
+    ``.data.lerp_`` does), so a graph that saved the buffers stays differentiable."""
+    lib = _jit.kernels()
+    dt = running_mean.dtype
+    if lib is None or (dt is not torch.float32 and dt is not torch.float64):
+        return False
+    try:
+        c = running_mean.numel()
+        if not (_in_place(running_mean, dt, c) and _in_place(running_var, dt, c) and _in_place(mean, dt, c)
+                and _in_place(var, dt, c)):
+            return False
+        pm, pv, qm, qv = running_mean.data_ptr(), running_var.data_ptr(), mean.data_ptr(), var.data_ptr()
+    except RuntimeError:  # no storage (data_ptr), or a tensor kind without these properties (nested, sparse)
+        return False
+    if running_mean.requires_grad or running_var.requires_grad:
+        return False
+    if (running_mean.is_inference() or running_var.is_inference()) and not torch.is_inference_mode_enabled():
+        return False
+    nb = c * (4 if dt is torch.float32 else 8)
+    if not (_apart(pm, pv, nb) and (qm == pm or _apart(qm, pm, nb)) and _apart(qm, pv, nb)
+            and (qv == pv or _apart(qv, pv, nb)) and _apart(qv, pm, nb)):
+        return False
+    _fn(lib, "lerp", dt)(LerpArgs(running_mean=pm, running_var=pv, mean=qm, var=qv, c=c, factor=factor,
+                                  var_scale=var_scale))
+    return True
 
 
 def masked_forward(x: Tensor, mask: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -348,11 +349,11 @@ def masked_forward(x: Tensor, mask: Tensor, weight: Optional[Tensor], bias: Opti
     n, c, length = _check_masked(x, mask)
     y = torch.empty_like(x)
     st = torch.empty(3, c, dtype=x.dtype)
-    p, step = st.data_ptr(), c * st.element_size()
     m8 = mask.contiguous().view(torch.uint8)
     w, b = _vec(weight, x, c, "weight"), _vec(bias, x, c, "bias")
-    count = _fn(lib, "masked_fwd", x.dtype)(x.data_ptr(), m8.data_ptr(), y.data_ptr(), n, c, length, _ptr(w),
-                                            _ptr(b), eps, p, p + step, p + 2 * step, _threads((n, c, length, 0)))
+    args = MaskedFwdArgs(x=x.data_ptr(), mask=m8.data_ptr(), y=y.data_ptr(), weight=_ptr(w), bias=_ptr(b),
+                         stats=st.data_ptr(), n=n, c=c, l=length, eps=eps, nt=_threads((n, c, length, 0)))
+    count = _fn(lib, "masked_fwd", x.dtype)(args)
     return y, st, int(count)
 
 
@@ -367,11 +368,11 @@ def masked_backward(dy: Tensor, x: Tensor, mask: Tensor, weight: Optional[Tensor
     dx = torch.empty_like(x) if need_x else None
     dw = torch.empty(c, dtype=x.dtype) if need_w else None
     db = torch.empty(c, dtype=x.dtype) if need_b else None
-    p = st.data_ptr()
     m8 = mask.contiguous().view(torch.uint8)
-    _fn(lib, "masked_bwd", x.dtype)(g.data_ptr(), x.data_ptr(), m8.data_ptr(), _ptr(dx), n, c, length, _ptr(w), p,
-                                    p + c * st.element_size(), count, _ptr(dw), _ptr(db),
-                                    _threads((n, c, length, 0)))
+    args = MaskedBwdArgs(dy=g.data_ptr(), x=x.data_ptr(), mask=m8.data_ptr(), dx=_ptr(dx), weight=_ptr(w),
+                         stats=st.data_ptr(), dweight=_ptr(dw), dbias=_ptr(db), n=n, c=c, l=length, count=count,
+                         nt=_threads((n, c, length, 0)))
+    _fn(lib, "masked_bwd", x.dtype)(args)
     return dx, dw, db
 
 
@@ -393,6 +394,4 @@ def _fn(lib, kind: str, dtype: torch.dtype):
 
 
 _NAMES = {(k, dt): f"bn_{k}_{'f32' if dt == torch.float32 else 'f64'}"
-          for k in ("stats", "affine", "sums", "dx", "train_fwd", "train_bwd", "update_running", "masked_fwd",
-                    "masked_bwd")
-          for dt in (torch.float32, torch.float64)}
+          for k in _jit.ENTRY_POINTS for dt in (torch.float32, torch.float64)}

@@ -464,31 +464,108 @@ def _lock_dir(dfd: int, deadline: float, where: str) -> None:
             time.sleep(0.05)
 
 
+# ---- the C interface ----------------------------------------------------------------------
+# One ctypes mirror per argument struct of _kernels.c (same fields, same order, same types;
+# `void *` pointers as c_void_p, which take an address or None). _declare checks each against
+# the layout the library reports before anything is called.
+
+_P, _I64, _I32, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_double
+_SHAPE = [("n", _I64), ("c", _I64), ("s", _I64)]
+_LAYOUT_THREADS = [("cl", _I32), ("nt", _I32)]
+
+
+class StatsArgs(ctypes.Structure):
+    _fields_ = [("x", _P), ("mean", _P), ("var", _P), *_SHAPE, *_LAYOUT_THREADS]
+
+
+class AffineArgs(ctypes.Structure):
+    _fields_ = [("x", _P), ("y", _P), ("scale", _P), ("shift", _P), *_SHAPE, *_LAYOUT_THREADS]
+
+
+class SumsArgs(ctypes.Structure):
+    _fields_ = [("dy", _P), ("x", _P), ("mean", _P), ("sum_dy", _P), ("sum_dy_xmu", _P), *_SHAPE, *_LAYOUT_THREADS]
+
+
+class DxArgs(ctypes.Structure):
+    _fields_ = [("dy", _P), ("x", _P), ("dx", _P), ("alpha", _P), ("beta", _P), ("gamma", _P), *_SHAPE,
+                *_LAYOUT_THREADS]
+
+
+class TrainFwdArgs(ctypes.Structure):
+    _fields_ = [("x", _P), ("y", _P), ("weight", _P), ("bias", _P), ("stats", _P), ("ren_mean", _P),
+                ("ren_var", _P), ("rd", _P), *_SHAPE, ("eps", _F64), ("var_scale", _F64), ("r_max", _F64),
+                ("d_max", _F64), *_LAYOUT_THREADS]
+
+
+class TrainBwdArgs(ctypes.Structure):
+    _fields_ = [("dy", _P), ("x", _P), ("dx", _P), ("weight", _P), ("stats", _P), ("rd", _P), ("dweight", _P),
+                ("dbias", _P), *_SHAPE, *_LAYOUT_THREADS]
+
+
+class CheckStatsArgs(ctypes.Structure):
+    _fields_ = [("mean", _P), ("invstd", _P), ("c", _I64), ("m", _I64), ("threshold", _F64), ("unit", _F64)]
+
+
+class LerpArgs(ctypes.Structure):
+    _fields_ = [("running_mean", _P), ("running_var", _P), ("mean", _P), ("var", _P), ("c", _I64),
+                ("factor", _F64), ("var_scale", _F64)]
+
+
+class MaskedFwdArgs(ctypes.Structure):
+    _fields_ = [("x", _P), ("mask", _P), ("y", _P), ("weight", _P), ("bias", _P), ("stats", _P), ("n", _I64),
+                ("c", _I64), ("l", _I64), ("eps", _F64), ("nt", _I32)]
+
+
+class MaskedBwdArgs(ctypes.Structure):
+    _fields_ = [("dy", _P), ("x", _P), ("mask", _P), ("dx", _P), ("weight", _P), ("stats", _P), ("dweight", _P),
+                ("dbias", _P), ("n", _I64), ("c", _I64), ("l", _I64), ("count", _I64), ("nt", _I32)]
+
+
+# Each entry point bn_<kind>_f32 / bn_<kind>_f64: its argument struct and its return type.
+ENTRY_POINTS = {
+    "stats": (StatsArgs, ctypes.c_int),
+    "affine": (AffineArgs, None),
+    "sums": (SumsArgs, ctypes.c_int),
+    "dx": (DxArgs, None),
+    "train_fwd": (TrainFwdArgs, ctypes.c_int),
+    "train_bwd": (TrainBwdArgs, ctypes.c_int),
+    "check_stats": (CheckStatsArgs, ctypes.c_int),
+    "lerp": (LerpArgs, None),
+    "masked_fwd": (MaskedFwdArgs, _I64),
+    "masked_bwd": (MaskedBwdArgs, None),
+}
+
+
+def _layout(struct) -> List[int]:
+    """sizeof, then (offset, size) of each field: what bn_args_layout reports for its twin."""
+    out = [ctypes.sizeof(struct)]
+    for name, _ in struct._fields_:
+        field = getattr(struct, name)
+        out += [field.offset, field.size]
+    return out
+
+
 def _declare(lib: ctypes.CDLL) -> None:
+    """Declare the entry points' signatures, after checking that every argument struct has the
+    layout the library was compiled with (a mismatch would have the kernels read arguments
+    from the wrong bytes): raises _Fallback naming the first that differs (the source and this
+    file disagree, which no rebuild mends)."""
     lib.bn_build_info.argtypes = []
     lib.bn_build_info.restype = ctypes.c_char_p
-    p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for suf in ("f32", "f64"):
-        getattr(lib, f"bn_stats_{suf}").argtypes = [p, i64, i64, i64, i, p, p, i]
-        getattr(lib, f"bn_stats_{suf}").restype = i
-        getattr(lib, f"bn_affine_{suf}").argtypes = [p, p, i64, i64, i64, i, p, p, i]
-        getattr(lib, f"bn_affine_{suf}").restype = None
-        getattr(lib, f"bn_sums_{suf}").argtypes = [p, p, i64, i64, i64, i, p, p, p, i]
-        getattr(lib, f"bn_sums_{suf}").restype = i
-        getattr(lib, f"bn_dx_{suf}").argtypes = [p, p, p, i64, i64, i64, i, p, p, p, i]
-        getattr(lib, f"bn_dx_{suf}").restype = None
-        d = ctypes.c_double
-        getattr(lib, f"bn_train_fwd_{suf}").argtypes = [p, p, i64, i64, i64, i, p, p, d, p, p, p, p, p, d, p,
-                                                        p, p, d, d, p, i]
-        getattr(lib, f"bn_train_fwd_{suf}").restype = i
-        getattr(lib, f"bn_train_bwd_{suf}").argtypes = [p, p, p, i64, i64, i64, i, p, p, p, p, p, p, i]
-        getattr(lib, f"bn_train_bwd_{suf}").restype = i
-        getattr(lib, f"bn_masked_fwd_{suf}").argtypes = [p, p, p, i64, i64, i64, p, p, d, p, p, p, i]
-        getattr(lib, f"bn_masked_fwd_{suf}").restype = i64
-        getattr(lib, f"bn_masked_bwd_{suf}").argtypes = [p, p, p, p, i64, i64, i64, p, p, p, i64, p, p, i]
-        getattr(lib, f"bn_masked_bwd_{suf}").restype = None
-        getattr(lib, f"bn_update_running_{suf}").argtypes = [p, p, i64, i64, d, p, p, d, p, i]
-        getattr(lib, f"bn_update_running_{suf}").restype = i
+    lib.bn_args_layout.argtypes = [ctypes.c_char_p, ctypes.POINTER(_I64), _I64]
+    lib.bn_args_layout.restype = _I64
+    for kind, (struct, restype) in ENTRY_POINTS.items():
+        want = _layout(struct)
+        got = (_I64 * len(want))()
+        count = lib.bn_args_layout(kind.encode(), got, len(want))
+        if count != len(want) or list(got) != want:
+            raise _Fallback(f"kernels not used: the argument struct of bn_{kind} in _kernels.c does not match "
+                            f"its mirror {struct.__name__} in batchnorm._jit (layout {list(got)[:max(count, 0)]}, "
+                            f"expected {want}): using torch operations")
+        for suf in ("f32", "f64"):
+            fn = getattr(lib, f"bn_{kind}_{suf}")
+            fn.argtypes = [ctypes.POINTER(struct)]
+            fn.restype = restype
 
 
 def _dlopen(fd: int, path: str) -> ctypes.CDLL:

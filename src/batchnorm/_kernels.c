@@ -15,8 +15,16 @@
  *   affine  one read, one write      -> y = a[c] * x + b[c]
  *   sums    one read of dy and x     -> sum dy and sum dy * (x - mean[c])
  *   dx      two reads, one write     -> dx = alpha[c] * dy + beta[c] * x + gamma[c]
- * bn_update_running checks statistics computed elsewhere (torch's kernel) and folds them into
- * the running buffers.
+ * Small per-channel helpers: bn_check_stats checks statistics computed elsewhere (torch's
+ * kernel), bn_lerp moves the running buffers towards a batch's statistics. The running
+ * buffers are written by bn_lerp alone; the decision to update, and by how much, is the
+ * caller's.
+ *
+ * Each entry point takes one argument struct (declared below, mirrored by ctypes Structures
+ * in batchnorm._jit) and exists as bn_<kind>_f32 and bn_<kind>_f64; the tensors' pointers
+ * are `void *` there, so that one struct serves both. The bodies are written once for both
+ * element types (the DEFINE_* macros below instantiate the static helpers for float and
+ * double); the exported functions are spelled out at the end of the file.
  *
  * Statistics are shifted sums: each channel's values minus one of its own samples (its first
  * value), accumulated in float lanes over at most about a thousand values each and in double
@@ -37,6 +45,7 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +70,103 @@ const char *bn_build_info(void) {
         ", pthread pool";
 #endif
 }
+
+/* ---------------------------------------------------------------------------------------
+ * Argument structs, one per entry point. A tensor is seen as (n, c, s) with layout cl (0:
+ * rows, 1: channels-innermost, see above); nt is the number of threads to run on. Per-channel
+ * vectors hold c elements of the input's type unless said otherwise; "stats" is one block of
+ * three rows of c: mean, invstd = 1 / sqrt(var + eps), and a variance. batchnorm._jit checks
+ * at load time that its ctypes mirrors have exactly these layouts (bn_layout_* below).
+ * ------------------------------------------------------------------------------------- */
+struct bn_stats_args {
+    const void *x;
+    void *mean, *var;          /* out: c doubles each (the biased variance) */
+    int64_t n, c, s;
+    int32_t cl, nt;
+};
+
+struct bn_affine_args {         /* y = scale[c] * x + shift[c] */
+    const void *x;
+    void *y;                   /* laid out like x */
+    const void *scale, *shift;
+    int64_t n, c, s;
+    int32_t cl, nt;
+};
+
+struct bn_sums_args {           /* sum dy and sum dy * (x - mean[c]), per channel */
+    const void *dy, *x;        /* dy laid out like x */
+    const void *mean;
+    void *sum_dy, *sum_dy_xmu; /* out: c doubles each */
+    int64_t n, c, s;
+    int32_t cl, nt;
+};
+
+struct bn_dx_args {             /* dx = alpha[c] * dy + beta[c] * x + gamma[c] */
+    const void *dy, *x;
+    void *dx;
+    const void *alpha, *beta, *gamma;
+    int64_t n, c, s;
+    int32_t cl, nt;
+};
+
+struct bn_train_fwd_args {
+    const void *x;
+    void *y;
+    const void *weight, *bias; /* or NULL (1 and 0) */
+    void *stats;               /* out: mean, invstd, var_scale * biased variance */
+    /* Batch Renormalization when rd != NULL: r and d from the running statistics ren_mean,
+     * ren_var (only read) and the limits r_max, d_max; rd receives r then d (c each). */
+    const void *ren_mean, *ren_var;
+    void *rd;
+    int64_t n, c, s;
+    double eps, var_scale, r_max, d_max;
+    int32_t cl, nt;
+};
+
+struct bn_train_bwd_args {
+    const void *dy, *x;
+    void *dx;                  /* or NULL: not needed */
+    const void *weight;        /* or NULL */
+    const void *stats;         /* rows mean and invstd (the third row is not read) */
+    const void *rd;            /* Batch Renormalization's r then d, or NULL */
+    void *dweight, *dbias;     /* or NULL: not needed */
+    int64_t n, c, s;
+    int32_t cl, nt;
+};
+
+struct bn_check_stats_args {
+    const void *mean, *invstd;
+    int64_t c, m;              /* channels; values per channel the statistics came from */
+    double threshold, unit;    /* the offset-risk test (threshold 0: not tested) */
+};
+
+struct bn_lerp_args {
+    void *running_mean, *running_var; /* updated in place */
+    const void *mean, *var;
+    int64_t c;
+    double factor, var_scale;
+};
+
+struct bn_masked_fwd_args {
+    const void *x;             /* (n, c, l) rows */
+    const void *mask;          /* (n, l) bytes, 0 or 1 */
+    void *y;
+    const void *weight, *bias;
+    void *stats;               /* out: mean, invstd, biased variance */
+    int64_t n, c, l;
+    double eps;
+    int32_t nt;
+};
+
+struct bn_masked_bwd_args {
+    const void *dy, *x, *mask;
+    void *dx;                  /* or NULL */
+    const void *weight;
+    const void *stats;         /* rows mean and invstd */
+    void *dweight, *dbias;     /* or NULL */
+    int64_t n, c, l, count;    /* count: the valid positions bn_masked_fwd_* returned */
+    int32_t nt;
+};
 
 #define BLOCK 256          /* rows per float block in the channels-innermost reductions */
 #define FLUSH 1024         /* values per float lane before it is added into a double */
@@ -486,9 +592,9 @@ struct job_##SUF {                                                              
     T *scratch;            /* 2 * C floats per thread (channels-innermost) */                   \
     const T *c0, *c1, *c2; /* per-channel coefficients of the elementwise pass */               \
     /* whole steps */                                                                            \
-    const T *w, *b; double eps; T *mean, *invstd, *var, *dw, *db;                                \
-    /* Batch Renormalization (rd != NULL): r and d from the running statistics ren_mean,     \
-     * ren_var (read before any update) and the limits; rd holds r then d (C each). */       \
+    const T *w, *b; double eps, var_scale; T *mean, *invstd, *var, *dw, *db;                     \
+    /* Batch Renormalization (rd != NULL): r and d from the running statistics ren_mean,        \
+     * ren_var (only read) and the limits; rd holds r then d (C each). */                        \
     const T *ren_mean, *ren_var; double r_max, d_max; T *rd;                                     \
 };                                                                                               \
                                                                                                  \
@@ -587,41 +693,11 @@ static void elementwise_##SUF(const T *dy, const T *x, T *out, int64_t N, int64_
     run_parallel(ew_task_##SUF, &j, nt);                                                         \
 }                                                                                                \
                                                                                                  \
-int bn_stats_##SUF(const T *x, int64_t N, int64_t C, int64_t S, int cl, double *mean,            \
-                   double *var, int nt) {                                                        \
-    double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                              \
-    if (!s) return -1;                                                                           \
-    if (totals_##SUF(x, NULL, N, C, S, cl, NULL, s, s + C, nt)) { free(s); return -1; }           \
-    const double m = (double)(N * S);                                                            \
-    for (int64_t c = 0; c < C; c++) {                                                            \
-        const double d = s[c] / m;                                                               \
-        mean[c] = (double)(cl ? x[c] : x[c * S]) + d;                                            \
-        var[c] = clamp_var(s[C + c] / m - d * d);                                                \
-    }                                                                                            \
-    free(s);                                                                                     \
-    return 0;                                                                                    \
-}                                                                                                \
-                                                                                                 \
-void bn_affine_##SUF(const T *x, T *y, int64_t N, int64_t C, int64_t S, int cl, const T *a,      \
-                     const T *b, int nt) {                                                       \
-    elementwise_##SUF(NULL, x, y, N, C, S, cl, NULL, a, b, nt);                                  \
-}                                                                                                \
-                                                                                                 \
-int bn_sums_##SUF(const T *dy, const T *x, int64_t N, int64_t C, int64_t S, int cl,              \
-                  const T *mean, double *sdy, double *sdyx, int nt) {                            \
-    return totals_##SUF(x, dy, N, C, S, cl, mean, sdy, sdyx, nt);                                \
-}                                                                                                \
-                                                                                                 \
-void bn_dx_##SUF(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S, int cl,        \
-                 const T *alpha, const T *beta, const T *gamma, int nt) {                        \
-    elementwise_##SUF(dy, x, dx, N, C, S, cl, alpha, beta, gamma, nt);                           \
-}                                                                                                \
-                                                                                                 \
-/* Per-channel forward coefficients from the totals of x - k: mean, invstd, var, and the     \
- * output's scale and shift; with Batch Renormalization (j->rd) also r and d:               \
- * y = w * (r * (x - mu) * invstd + d) + b, r = clip(sigma_B / sigma, 1/r_max, r_max),        \
- * d = clip((mu - running_mean) / sigma, -d_max, d_max), sigma = sqrt(running_var + eps). */  \
-static void fwd_coef_##SUF(const struct job_##SUF *j, double s1, double s2, double m, double k,    \
+/* Per-channel forward coefficients from the totals of x - k: mean, invstd, var_scale * var,     \
+ * and the output's scale and shift; with Batch Renormalization (j->rd) also r and d:            \
+ * y = w * (r * (x - mu) * invstd + d) + b, r = clip(sigma_B / sigma, 1/r_max, r_max),           \
+ * d = clip((mu - running_mean) / sigma, -d_max, d_max), sigma = sqrt(running_var + eps). */     \
+static void fwd_coef_##SUF(const struct job_##SUF *j, double s1, double s2, double m, double k,  \
                            int64_t c, T *scale, T *shift) {                                      \
     const double d = s1 / m, v = clamp_var(s2 / m - d * d), mu = k + d, is = 1.0 / sqrt(v + j->eps); \
     double r = 1.0, dd = 0.0;                                                                    \
@@ -635,13 +711,13 @@ static void fwd_coef_##SUF(const struct job_##SUF *j, double s1, double s2, doub
     }                                                                                            \
     const double w = j->w ? (double)j->w[c] : 1.0;                                               \
     const double sc = is * r * w;                                                                \
-    j->mean[c] = (T)mu; j->invstd[c] = (T)is; j->var[c] = (T)v;                                  \
+    j->mean[c] = (T)mu; j->invstd[c] = (T)is; j->var[c] = (T)(j->var_scale * v);                 \
     *scale = (T)sc;                                                                              \
     *shift = (T)((j->b ? (double)j->b[c] : 0.0) + w * dd - mu * sc);                             \
 }                                                                                                \
                                                                                                  \
-/* Per-channel backward: dweight, dbias, and dx = al * dy + be * x + ga (Section 3); rd:     \
- * Batch Renormalization's r then d (constants of the backward), or NULL. */                  \
+/* Per-channel backward: dweight, dbias, and dx = al * dy + be * x + ga (Section 3); rd:         \
+ * Batch Renormalization's r then d (constants of the backward), or NULL. */                     \
 static void bwd_coef_##SUF(double sdy, double sdyx, double m, const T *w, int64_t c, T mean,     \
                            T invstd, T *dw, T *db, T *al, T *be, T *ga, const T *rd, int64_t C) { \
     const double is = (double)invstd;                                                            \
@@ -680,7 +756,7 @@ static void bwd_rows_task_##SUF(void *p, int t, int nt) {                       
         double s1, s2;                                                                           \
         T al, be, ga;                                                                            \
         channel_sums_##SUF(j->x, j->dy, N, C, S, c, j->mean[c], &s1, &s2);                       \
-        bwd_coef_##SUF(s1, s2, (double)(N * S), j->w, c, j->mean[c], j->invstd[c], j->dw, j->db,  \
+        bwd_coef_##SUF(s1, s2, (double)(N * S), j->w, c, j->mean[c], j->invstd[c], j->dw, j->db, \
                        &al, &be, &ga, j->rd, C);                                                 \
         if (!j->out) continue;                                                                   \
         for (int64_t n = 0; n < N; n++)                                                          \
@@ -690,67 +766,100 @@ static void bwd_rows_task_##SUF(void *p, int t, int nt) {                       
     fence(j->stream);                                                                            \
 }                                                                                                \
                                                                                                  \
-/* Returns 1 if a statistic is NaN/Inf (running buffers untouched), 0 if not, -1 (memory).    \
- * rd != NULL: Batch Renormalization with ren_mean/ren_var/r_max/d_max (see fwd_coef). */      \
-int bn_train_fwd_##SUF(const T *x, T *y, int64_t N, int64_t C, int64_t S, int cl, const T *w,    \
-                       const T *b, double eps, T *mean, T *invstd, T *var, T *run_mean,          \
-                       T *run_var, double momentum, int64_t *nbt, const T *ren_mean,             \
-                       const T *ren_var, double r_max, double d_max, T *rd, int nt) {            \
-    const int64_t m = N * S;                                                                     \
+/* The bodies of the entry points (bn_<kind>_f32/_f64 at the end of the file call them). */      \
+                                                                                                 \
+/* 0, or -1 (out of memory). */                                                                  \
+static int stats_##SUF(const struct bn_stats_args *a) {                                          \
+    const T *x = (const T *)a->x;                                                                \
+    const int64_t C = a->c, S = a->s;                                                            \
+    double *mean = (double *)a->mean, *var = (double *)a->var;                                   \
+    double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                              \
+    if (!s) return -1;                                                                           \
+    if (totals_##SUF(x, NULL, a->n, C, S, a->cl, NULL, s, s + C, a->nt)) { free(s); return -1; } \
+    const double m = (double)(a->n * S);                                                         \
+    for (int64_t c = 0; c < C; c++) {                                                            \
+        const double d = s[c] / m;                                                               \
+        mean[c] = (double)(a->cl ? x[c] : x[c * S]) + d;                                         \
+        var[c] = clamp_var(s[C + c] / m - d * d);                                                \
+    }                                                                                            \
+    free(s);                                                                                     \
+    return 0;                                                                                    \
+}                                                                                                \
+                                                                                                 \
+static void affine_##SUF(const struct bn_affine_args *a) {                                       \
+    elementwise_##SUF(NULL, (const T *)a->x, (T *)a->y, a->n, a->c, a->s, a->cl, NULL,           \
+                      (const T *)a->scale, (const T *)a->shift, a->nt);                          \
+}                                                                                                \
+                                                                                                 \
+/* 0, or -1 (out of memory). */                                                                  \
+static int sums_##SUF(const struct bn_sums_args *a) {                                            \
+    return totals_##SUF((const T *)a->x, (const T *)a->dy, a->n, a->c, a->s, a->cl, (const T *)a->mean, \
+                        (double *)a->sum_dy, (double *)a->sum_dy_xmu, a->nt);                    \
+}                                                                                                \
+                                                                                                 \
+static void dx_##SUF(const struct bn_dx_args *a) {                                               \
+    elementwise_##SUF((const T *)a->dy, (const T *)a->x, (T *)a->dx, a->n, a->c, a->s, a->cl,    \
+                      (const T *)a->alpha, (const T *)a->beta, (const T *)a->gamma, a->nt);      \
+}                                                                                                \
+                                                                                                 \
+/* 1 if a statistic is NaN/Inf, 0 if not, -1 (out of memory). */                                 \
+static int train_fwd_##SUF(const struct bn_train_fwd_args *a) {                                  \
+    const T *x = (const T *)a->x;                                                                \
+    T *y = (T *)a->y, *st = (T *)a->stats;                                                       \
+    const int64_t N = a->n, C = a->c, S = a->s;                                                  \
     struct job_##SUF j;                                                                          \
     memset(&j, 0, sizeof j);                                                                     \
     j.x = x; j.out = y; j.N = N; j.C = C; j.S = S; j.stream = stream_ok_##SUF(N, C, S);          \
-    j.w = w; j.b = b; j.eps = eps; j.mean = mean; j.invstd = invstd; j.var = var;                \
-    j.ren_mean = ren_mean; j.ren_var = ren_var; j.r_max = r_max; j.d_max = d_max; j.rd = rd;     \
-    if (!cl) {                                                                                   \
-        run_parallel(fwd_rows_task_##SUF, &j, nt);                                               \
+    j.w = (const T *)a->weight; j.b = (const T *)a->bias; j.eps = a->eps; j.var_scale = a->var_scale; \
+    j.mean = st; j.invstd = st + C; j.var = st + 2 * C;                                          \
+    if (a->rd && a->ren_mean && a->ren_var) {                                                    \
+        j.ren_mean = (const T *)a->ren_mean; j.ren_var = (const T *)a->ren_var;                  \
+        j.r_max = a->r_max; j.d_max = a->d_max; j.rd = (T *)a->rd;                               \
+    }                                                                                            \
+    if (!a->cl) {                                                                                \
+        run_parallel(fwd_rows_task_##SUF, &j, a->nt);                                            \
     } else {                                                                                     \
         double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                          \
         T *co = (T *)malloc((size_t)(2 * C) * sizeof(T));                                        \
-        if (!s || !co || totals_##SUF(x, NULL, N, C, S, 1, NULL, s, s + C, nt)) {                \
+        if (!s || !co || totals_##SUF(x, NULL, N, C, S, 1, NULL, s, s + C, a->nt)) {             \
             free(s); free(co); return -1;                                                        \
         }                                                                                        \
         for (int64_t c = 0; c < C; c++)                                                          \
-            fwd_coef_##SUF(&j, s[c], s[C + c], (double)m, (double)x[c], c, &co[c], &co[C + c]);  \
-        elementwise_##SUF(NULL, x, y, N, C, S, 1, NULL, co, co + C, nt);                         \
+            fwd_coef_##SUF(&j, s[c], s[C + c], (double)(N * S), (double)x[c], c, &co[c], &co[C + c]); \
+        elementwise_##SUF(NULL, x, y, N, C, S, 1, NULL, co, co + C, a->nt);                      \
         free(s); free(co);                                                                       \
     }                                                                                            \
-    int bad = 0;                                                                                 \
-    for (int64_t c = 0; c < C; c++)                                                              \
-        if (!isfinite((double)mean[c]) || !isfinite((double)var[c])) bad = 1;                    \
-    if (!bad && run_mean) {                                                                      \
-        const double unb = m > 1 ? (double)m / (double)(m - 1) : 1.0;                            \
-        for (int64_t c = 0; c < C; c++) {                                                        \
-            run_mean[c] = (T)((1.0 - momentum) * (double)run_mean[c] + momentum * (double)mean[c]); \
-            run_var[c] = (T)((1.0 - momentum) * (double)run_var[c] + momentum * unb * (double)var[c]); \
-        }                                                                                        \
-        if (nbt) ++*nbt;                                                                         \
-    }                                                                                            \
-    return bad;                                                                                  \
+    for (int64_t i = 0; i < 3 * C; i++)                                                          \
+        if (!isfinite((double)st[i])) return 1;                                                  \
+    return 0;                                                                                    \
 }                                                                                                \
                                                                                                  \
-int bn_train_bwd_##SUF(const T *dy, const T *x, T *dx, int64_t N, int64_t C, int64_t S, int cl,  \
-                       const T *w, const T *mean, const T *invstd, T *dw, T *db, const T *rd,    \
-                       int nt) {                                                                 \
-    if (!cl) {                                                                                   \
+/* 0, or -1 (out of memory). */                                                                  \
+static int train_bwd_##SUF(const struct bn_train_bwd_args *a) {                                  \
+    const T *dy = (const T *)a->dy, *x = (const T *)a->x, *w = (const T *)a->weight;             \
+    const T *mean = (const T *)a->stats, *rd = (const T *)a->rd;                                 \
+    T *dx = (T *)a->dx, *dw = (T *)a->dweight, *db = (T *)a->dbias;                              \
+    const int64_t N = a->n, C = a->c, S = a->s;                                                  \
+    const T *invstd = mean + C;                                                                  \
+    if (!a->cl) {                                                                                \
         struct job_##SUF j;                                                                      \
         memset(&j, 0, sizeof j);                                                                 \
         j.x = x; j.dy = dy; j.out = dx; j.N = N; j.C = C; j.S = S;                               \
         j.stream = stream_ok_##SUF(N, C, S);                                                     \
-        j.w = w; j.mean = (T *)mean; j.invstd = (T *)invstd; j.dw = dw; j.db = db;             \
+        j.w = w; j.mean = (T *)mean; j.invstd = (T *)invstd; j.dw = dw; j.db = db;               \
         j.rd = (T *)rd;                                                                          \
-        run_parallel(bwd_rows_task_##SUF, &j, nt);                                               \
+        run_parallel(bwd_rows_task_##SUF, &j, a->nt);                                            \
         return 0;                                                                                \
     }                                                                                            \
-    double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                             \
+    double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                              \
     T *co = (T *)malloc((size_t)(3 * C) * sizeof(T));                                            \
-    if (!s || !co || totals_##SUF(x, dy, N, C, S, 1, mean, s, s + C, nt)) {                      \
+    if (!s || !co || totals_##SUF(x, dy, N, C, S, 1, mean, s, s + C, a->nt)) {                   \
         free(s); free(co); return -1;                                                            \
     }                                                                                            \
     for (int64_t c = 0; c < C; c++)                                                              \
         bwd_coef_##SUF(s[c], s[C + c], (double)(N * S), w, c, mean[c], invstd[c], dw, db, &co[c], \
                        &co[C + c], &co[2 * C + c], rd, C);                                       \
-    if (dx) elementwise_##SUF(dy, x, dx, N, C, S, 1, co, co + C, co + 2 * C, nt);                \
+    if (dx) elementwise_##SUF(dy, x, dx, N, C, S, 1, co, co + C, co + 2 * C, a->nt);             \
     free(s); free(co);                                                                           \
     return 0;                                                                                    \
 }
@@ -890,49 +999,13 @@ static void channel_sums_f64(const double *x, const double *dy, int64_t N, int64
     channel_sums_generic_f64(x, dy, N, C, S, c, k, s1, s2);
 }
 
-/* Check, then fold into the running buffers, a batch's mean and invstd = 1 / sqrt(var + eps)
- * as torch's own kernel returns them (var = 1 / invstd^2 - eps, unbiased by m / (m - 1)).
- * Returns 1 (and changes nothing) if a statistic is NaN/Inf or a variance overflowed
- * (invstd == 0); 2 (and changes nothing) if torch's naive float sums may have cost more
- * than 1e-3 of a standard deviation (sqrt(m) * eps_T * |mean| * invstd > 1e-3, a large
- * common offset): the caller then recomputes with the stable kernels; 0 otherwise. With
- * run_mean == NULL it only checks. A non-NULL nbt (num_batches_tracked) is incremented
- * with every update. check_offset == 0 skips the large-offset test (statistics that were
- * computed stably, by our own kernels). */
-#define DEFINE_UPDATE(T, SUF, EPS_T)                                                             \
-int bn_update_running_##SUF(const T *mean, const T *invstd, int64_t C, int64_t m, double eps,    \
-                            T *run_mean, T *run_var, double momentum, int64_t *nbt,              \
-                            int check_offset) {                                                  \
-    const double risk = check_offset ? sqrt((double)m) * (EPS_T) : 0.0;                          \
-    int code = 0;                                                                                \
-    for (int64_t c = 0; c < C; c++) {                                                            \
-        const double is = (double)invstd[c], mu = (double)mean[c];                               \
-        if (!isfinite(mu) || !isfinite(is) || !(is > 0.0)) return 1;                             \
-        if (risk * fabs(mu) * is > 1e-3) code = 2;                                               \
-    }                                                                                            \
-    if (code || !run_mean) return code;                                                          \
-    const double unb = m > 1 ? (double)m / (double)(m - 1) : 1.0;                                \
-    for (int64_t c = 0; c < C; c++) {                                                            \
-        const double is = (double)invstd[c];                                                     \
-        double v = 1.0 / (is * is) - eps;                                                        \
-        v = v > 0.0 ? v : 0.0;                                                                   \
-        run_mean[c] = (T)((1.0 - momentum) * (double)run_mean[c] + momentum * (double)mean[c]);  \
-        run_var[c] = (T)((1.0 - momentum) * (double)run_var[c] + momentum * unb * v);            \
-    }                                                                                            \
-    if (nbt) ++*nbt;                                                                             \
-    return 0;                                                                                    \
-}
-DEFINE_UPDATE(float, f32, 5.9604644775390625e-08)
-DEFINE_UPDATE(double, f64, 1.1102230246251565e-16)
-
 /* Channels-innermost float sums on AVX-512, row by row: each call covers W vectors (16 W
  * channels, the last one masked when C % 16 != 0) of every row in [lo, hi), with the row's
  * accumulators in registers (the first 15 vectors' two sums fill 30 of the 32 registers; a
  * 16th vector's go through an L1 scratch), so that a row of up to 256 channels is read
  * front to back in one go and the memory sees one sequential stream per tensor. Used for
- * C <= 256; float lanes over at most BLOCK rows, then double totals, as everywhere. Against
- * the portable loop that C % 16 != 0 took before (alternating builds): the statistics pass
- * took 0.18 to 0.76 of its time at C = 24, 72 and 120, the gradient sums 0.46 to 0.94. */
+ * C <= 256; float lanes over at most BLOCK rows, then double totals, as everywhere. (Timings
+ * of this and the other channels-innermost ways: benchmarks/RESULTS.md, "_kernels.c".) */
 #if defined(__AVX512F__)
 /* The row's last vector, masked to the channels that exist (tail = all ones when C % 16 ==
  * 0); `last` is a constant once the loops over v are unrolled. */
@@ -986,8 +1059,7 @@ static inline __attribute__((always_inline)) void cl_rows_body##W(              
     }                                                                                            \
 }                                                                                                \
 /* Two functions: plain loads throughout for C % 16 == 0, the last vector masked otherwise \
- * (one function holding both made the statistics pass 7 to 30 % slower at C = 64 than   \
- * before masking existed; as two, 3 to 7 %, within this machine's noise). */            \
+ * (one function holding both was slower on the unmasked widths). */                     \
 static void cl_rows##W(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi,       \
                        const float *k, double *s1, double *s2, __mmask16 tail) {                 \
     cl_rows_body##W(x, dy, C, lo, hi, k, s1, s2, 0, tail);                                       \
@@ -1018,11 +1090,8 @@ static const rows_fn cl_rows_m[17] = {NULL, cl_rows_m1, cl_rows_m2, cl_rows_m3, 
 static int cl_sums_avx2_f32(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,
                             double *s1, double *s2, float *scratch) {
     if (C % 8) return 0;
-    /* Groups of four rows help up to 48 channels with dy, 128 without. Alternating builds
-     * against the portable loop: the statistics pass took 0.33 to 0.66 of its time at C = 16
-     * to 64, 0.3 to 0.4 at 96, 0.7 to 1.0 at 128 and 1.3 at 256; the gradient sums 0.44 to
-     * 0.71 at C = 16, 32 and 48, 0.90 to 1.30 at 64 over five runs (no consistent gain),
-     * 1.2 to 1.4 at 128 and 1.6 at 256. */
+    /* Groups of four rows beat the portable loop up to 48 channels with dy, 128 without
+     * (benchmarks/RESULTS.md, "_kernels.c"). */
     if (C > (dy ? 48 : 128)) return 0;
     float *a1 = scratch, *a2 = scratch + C;
     for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
@@ -1068,21 +1137,16 @@ static int cl_sums_avx2_f32(const float *x, const float *dy, int64_t C, int64_t 
 }
 #endif
 
-/* Channels-innermost float sums (AVX-512), three ways, chosen by width (measured with
- * alternating builds in one process, channels_last float32, mostly 25.7 MB tensors):
- * - C <= 256: whole rows, cl_rows above. Against the two ways below it took, at C = 16, 32, 96,
- *   128, 160 and 256, 0.27 to 0.60 of the time of the statistics pass, 0.64 to 0.84 of the
- *   forward kernel's and 0.64 to 0.93 of the backward kernel's; the same at C = 64, which
- *   the blocked way below already read whole rows for. Those ways read a row of more than
- *   64 channels in strided pieces (or stream it through scratch accumulators), which the
- *   hardware prefetchers follow poorly.
+/* Channels-innermost float sums (AVX-512), three ways, chosen by width (the timings behind
+ * the choice: benchmarks/RESULTS.md, "_kernels.c"):
+ * - C <= 256: whole rows, cl_rows above, each row read front to back. The two ways below
+ *   read a row of more than 64 channels in strided pieces (or stream it through scratch
+ *   accumulators), which the hardware prefetchers follow poorly.
  * - C > 256, statistics (dy == NULL): accumulators in registers, 64 channels (four vectors)
  *   at a time, then 16 at a time, over blocks of rows that stay in L1/L2 while each column
- *   chunk re-reads them. Whole rows cut into 256-channel chunks were 1.1 to 1.7 times
- *   slower at C = 512 and 1024.
+ *   chunk re-reads them (faster than whole rows cut into 256-channel chunks).
  * - C > 256, gradient sums: each row streamed once, accumulators in an L1 scratch (2 C
- *   floats); the chunked ways were slower with two tensors to read (1.2 to 1.6 times at
- *   C = 512 and 1024).
+ *   floats); with two tensors to read, the chunked ways were slower.
  * Widths over 256 need C % 16 == 0; returns 0 (not handled) otherwise. */
 static int cl_sums_fast_f32(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,
                             double *s1, double *s2, float *scratch) {
@@ -1264,22 +1328,25 @@ static void masked_fwd_task_##SUF(void *p, int t, int nt) {                     
     fence(a->stream);                                                                            \
 }                                                                                                \
                                                                                                  \
-/* Returns the number of valid positions (the statistics' m); 0 leaves everything untouched. */ \
-int64_t bn_masked_fwd_##SUF(const T *x, const uint8_t *mask, T *y, int64_t N, int64_t C,        \
-                            int64_t L, const T *w, const T *b, double eps, T *mean, T *invstd,   \
-                            T *var, int nt) {                                                    \
+/* Returns the number of valid positions (the statistics' m); 0 leaves everything untouched. */  \
+static int64_t masked_fwd_##SUF(const struct bn_masked_fwd_args *a) {                            \
+    const uint8_t *mask = (const uint8_t *)a->mask;                                              \
+    const int64_t N = a->n, C = a->c, L = a->l;                                                  \
     int64_t count = 0, first = -1;                                                               \
     for (int64_t i = 0; i < N * L; i++)                                                          \
         if (mask[i]) { count++; if (first < 0) first = i; }                                      \
     if (count == 0) return 0;                                                                    \
-    struct masked_##SUF a;                                                                       \
-    memset(&a, 0, sizeof a);                                                                     \
-    a.x = x; a.out = y; a.w8 = mask; a.N = N; a.C = C; a.L = L; a.n0 = first / L;                \
-    a.l0 = first % L; a.m = (double)count; a.eps = eps; a.w = w; a.b = b;                        \
-    a.mean = mean; a.invstd = invstd; a.var = var; a.stream = stream_ok_##SUF(N, C, L);          \
-    run_parallel(masked_fwd_task_##SUF, &a, nt);                                                 \
+    T *st = (T *)a->stats;                                                                       \
+    struct masked_##SUF j;                                                                       \
+    memset(&j, 0, sizeof j);                                                                     \
+    j.x = (const T *)a->x; j.out = (T *)a->y; j.w8 = mask; j.N = N; j.C = C; j.L = L; j.n0 = first / L; \
+    j.l0 = first % L; j.m = (double)count; j.eps = a->eps; j.w = (const T *)a->weight;           \
+    j.b = (const T *)a->bias; j.mean = st; j.invstd = st + C; j.var = st + 2 * C;                \
+    j.stream = stream_ok_##SUF(N, C, L);                                                         \
+    run_parallel(masked_fwd_task_##SUF, &j, a->nt);                                              \
     return count;                                                                                \
 }                                                                                                \
+                                                                                                 \
                                                                                                  \
 static void masked_bwd_task_##SUF(void *p, int t, int nt) {                                      \
     struct masked_##SUF *a = (struct masked_##SUF *)p;                                           \
@@ -1310,15 +1377,174 @@ static void masked_bwd_task_##SUF(void *p, int t, int nt) {                     
     fence(a->stream);                                                                            \
 }                                                                                                \
                                                                                                  \
-void bn_masked_bwd_##SUF(const T *dy, const T *x, const uint8_t *mask, T *dx, int64_t N,         \
-                         int64_t C, int64_t L, const T *w, const T *mean, const T *invstd,       \
-                         int64_t count, T *dw, T *db, int nt) {                                  \
-    struct masked_##SUF a;                                                                       \
-    memset(&a, 0, sizeof a);                                                                     \
-    a.x = x; a.dy = dy; a.out = dx; a.w8 = mask; a.N = N; a.C = C; a.L = L; a.m = (double)count; \
-    a.w = w; a.mean = (T *)mean; a.invstd = (T *)invstd; a.dw = dw; a.db = db;                   \
-    a.stream = stream_ok_##SUF(N, C, L);                                                         \
-    run_parallel(masked_bwd_task_##SUF, &a, nt);                                                 \
+static void masked_bwd_##SUF(const struct bn_masked_bwd_args *a) {                               \
+    const T *st = (const T *)a->stats;                                                           \
+    struct masked_##SUF j;                                                                       \
+    memset(&j, 0, sizeof j);                                                                     \
+    j.x = (const T *)a->x; j.dy = (const T *)a->dy; j.out = (T *)a->dx; j.w8 = (const uint8_t *)a->mask; \
+    j.N = a->n; j.C = a->c; j.L = a->l; j.m = (double)a->count; j.w = (const T *)a->weight;      \
+    j.mean = (T *)st; j.invstd = (T *)(st + a->c); j.dw = (T *)a->dweight; j.db = (T *)a->dbias; \
+    j.stream = stream_ok_##SUF(a->n, a->c, a->l);                                                \
+    run_parallel(masked_bwd_task_##SUF, &j, a->nt);                                              \
 }
 DEFINE_MASKED(float, f32)
 DEFINE_MASKED(double, f64)
+
+/* ---------------------------------------------------------------------------------------
+ * Small per-channel helpers, written once for both element types: f64 selects the type,
+ * and each caller passes it as a constant, so the compiler specializes the loop.
+ * ------------------------------------------------------------------------------------- */
+static inline double load_at(const void *p, int64_t i, int f64) {
+    return f64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
+}
+
+static inline void store_at(void *p, int64_t i, double v, int f64) {
+    if (f64)
+        ((double *)p)[i] = v;
+    else
+        ((float *)p)[i] = (float)v;
+}
+
+/* 1 if a mean or invstd is NaN/Inf or an invstd is not positive (a variance that
+ * overflowed); else 2 if some channel has sqrt(m) * unit * |mean| * invstd > threshold
+ * (tested only for threshold > 0): a common offset large enough that float sums without a
+ * shift, as in torch's kernel, may have rounded away part of the variance; else 0. Reads
+ * only. */
+static inline __attribute__((always_inline)) int check_stats(const struct bn_check_stats_args *a, int f64) {
+    const double risk = a->threshold > 0.0 ? sqrt((double)a->m) * a->unit : 0.0;
+    int code = 0;
+    for (int64_t c = 0; c < a->c; c++) {
+        const double mu = load_at(a->mean, c, f64), is = load_at(a->invstd, c, f64);
+        if (!isfinite(mu) || !isfinite(is) || !(is > 0.0)) return 1;
+        if (risk * fabs(mu) * is > a->threshold) code = 2;
+    }
+    return code;
+}
+
+/* running_mean += factor * (mean - running_mean), running_var += factor * (var_scale * var -
+ * running_var), per channel, in double. As torch.lerp does, the update is taken from the far
+ * end for factor >= 0.5, so that factor 1 gives the batch's value exactly. Each channel's
+ * inputs are read before its outputs are written. */
+static inline double lerp_one(double from, double to, double f, int far) {
+    return far ? to - (to - from) * (1.0 - f) : from + f * (to - from);
+}
+
+/* (omp simd: an input may be its own output, which leaves no dependence between channels.) */
+static inline __attribute__((always_inline)) void lerp(const struct bn_lerp_args *a, int f64) {
+    const double f = a->factor, vs = a->var_scale;
+    const int far = !(f < 0.5);
+#pragma omp simd
+    for (int64_t c = 0; c < a->c; c++) {
+        const double rm = load_at(a->running_mean, c, f64), rv = load_at(a->running_var, c, f64);
+        const double mu = load_at(a->mean, c, f64), v = vs * load_at(a->var, c, f64);
+        store_at(a->running_mean, c, lerp_one(rm, mu, f, far), f64);
+        store_at(a->running_var, c, lerp_one(rv, v, f, far), f64);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The entry points. Return values: stats, sums, train_bwd: 0, or -1 (out of memory);
+ * train_fwd: 0, 1 (a statistic is NaN/Inf) or -1 (out of memory); masked_fwd: the number of
+ * valid positions; check_stats: 0, 1 or 2 (above).
+ * ------------------------------------------------------------------------------------- */
+int bn_stats_f32(const struct bn_stats_args *a) { return stats_f32(a); }
+int bn_stats_f64(const struct bn_stats_args *a) { return stats_f64(a); }
+
+void bn_affine_f32(const struct bn_affine_args *a) { affine_f32(a); }
+void bn_affine_f64(const struct bn_affine_args *a) { affine_f64(a); }
+
+int bn_sums_f32(const struct bn_sums_args *a) { return sums_f32(a); }
+int bn_sums_f64(const struct bn_sums_args *a) { return sums_f64(a); }
+
+void bn_dx_f32(const struct bn_dx_args *a) { dx_f32(a); }
+void bn_dx_f64(const struct bn_dx_args *a) { dx_f64(a); }
+
+int bn_train_fwd_f32(const struct bn_train_fwd_args *a) { return train_fwd_f32(a); }
+int bn_train_fwd_f64(const struct bn_train_fwd_args *a) { return train_fwd_f64(a); }
+
+int bn_train_bwd_f32(const struct bn_train_bwd_args *a) { return train_bwd_f32(a); }
+int bn_train_bwd_f64(const struct bn_train_bwd_args *a) { return train_bwd_f64(a); }
+
+int64_t bn_masked_fwd_f32(const struct bn_masked_fwd_args *a) { return masked_fwd_f32(a); }
+int64_t bn_masked_fwd_f64(const struct bn_masked_fwd_args *a) { return masked_fwd_f64(a); }
+
+void bn_masked_bwd_f32(const struct bn_masked_bwd_args *a) { masked_bwd_f32(a); }
+void bn_masked_bwd_f64(const struct bn_masked_bwd_args *a) { masked_bwd_f64(a); }
+
+int bn_check_stats_f32(const struct bn_check_stats_args *a) { return check_stats(a, 0); }
+int bn_check_stats_f64(const struct bn_check_stats_args *a) { return check_stats(a, 1); }
+
+void bn_lerp_f32(const struct bn_lerp_args *a) { lerp(a, 0); }
+void bn_lerp_f64(const struct bn_lerp_args *a) { lerp(a, 1); }
+
+/* Each struct's layout, for batchnorm._jit to compare with its ctypes mirror before any
+ * call: sizeof, then the offset and size of each field in declaration order. */
+#define FIELD(S, f) (int64_t)offsetof(struct S, f), (int64_t)sizeof(((struct S *)0)->f)
+static const int64_t layout_stats[] = {
+    sizeof(struct bn_stats_args), FIELD(bn_stats_args, x), FIELD(bn_stats_args, mean), FIELD(bn_stats_args, var),
+    FIELD(bn_stats_args, n), FIELD(bn_stats_args, c), FIELD(bn_stats_args, s), FIELD(bn_stats_args, cl),
+    FIELD(bn_stats_args, nt)};
+static const int64_t layout_affine[] = {
+    sizeof(struct bn_affine_args), FIELD(bn_affine_args, x), FIELD(bn_affine_args, y), FIELD(bn_affine_args, scale),
+    FIELD(bn_affine_args, shift), FIELD(bn_affine_args, n), FIELD(bn_affine_args, c), FIELD(bn_affine_args, s),
+    FIELD(bn_affine_args, cl), FIELD(bn_affine_args, nt)};
+static const int64_t layout_sums[] = {
+    sizeof(struct bn_sums_args), FIELD(bn_sums_args, dy), FIELD(bn_sums_args, x), FIELD(bn_sums_args, mean),
+    FIELD(bn_sums_args, sum_dy), FIELD(bn_sums_args, sum_dy_xmu), FIELD(bn_sums_args, n), FIELD(bn_sums_args, c),
+    FIELD(bn_sums_args, s), FIELD(bn_sums_args, cl), FIELD(bn_sums_args, nt)};
+static const int64_t layout_dx[] = {
+    sizeof(struct bn_dx_args), FIELD(bn_dx_args, dy), FIELD(bn_dx_args, x), FIELD(bn_dx_args, dx),
+    FIELD(bn_dx_args, alpha), FIELD(bn_dx_args, beta), FIELD(bn_dx_args, gamma), FIELD(bn_dx_args, n),
+    FIELD(bn_dx_args, c), FIELD(bn_dx_args, s), FIELD(bn_dx_args, cl), FIELD(bn_dx_args, nt)};
+static const int64_t layout_train_fwd[] = {
+    sizeof(struct bn_train_fwd_args), FIELD(bn_train_fwd_args, x), FIELD(bn_train_fwd_args, y),
+    FIELD(bn_train_fwd_args, weight), FIELD(bn_train_fwd_args, bias), FIELD(bn_train_fwd_args, stats),
+    FIELD(bn_train_fwd_args, ren_mean), FIELD(bn_train_fwd_args, ren_var), FIELD(bn_train_fwd_args, rd),
+    FIELD(bn_train_fwd_args, n), FIELD(bn_train_fwd_args, c), FIELD(bn_train_fwd_args, s),
+    FIELD(bn_train_fwd_args, eps), FIELD(bn_train_fwd_args, var_scale), FIELD(bn_train_fwd_args, r_max),
+    FIELD(bn_train_fwd_args, d_max), FIELD(bn_train_fwd_args, cl), FIELD(bn_train_fwd_args, nt)};
+static const int64_t layout_train_bwd[] = {
+    sizeof(struct bn_train_bwd_args), FIELD(bn_train_bwd_args, dy), FIELD(bn_train_bwd_args, x),
+    FIELD(bn_train_bwd_args, dx), FIELD(bn_train_bwd_args, weight), FIELD(bn_train_bwd_args, stats),
+    FIELD(bn_train_bwd_args, rd), FIELD(bn_train_bwd_args, dweight), FIELD(bn_train_bwd_args, dbias),
+    FIELD(bn_train_bwd_args, n), FIELD(bn_train_bwd_args, c), FIELD(bn_train_bwd_args, s),
+    FIELD(bn_train_bwd_args, cl), FIELD(bn_train_bwd_args, nt)};
+static const int64_t layout_check_stats[] = {
+    sizeof(struct bn_check_stats_args), FIELD(bn_check_stats_args, mean), FIELD(bn_check_stats_args, invstd),
+    FIELD(bn_check_stats_args, c), FIELD(bn_check_stats_args, m), FIELD(bn_check_stats_args, threshold),
+    FIELD(bn_check_stats_args, unit)};
+static const int64_t layout_lerp[] = {
+    sizeof(struct bn_lerp_args), FIELD(bn_lerp_args, running_mean), FIELD(bn_lerp_args, running_var),
+    FIELD(bn_lerp_args, mean), FIELD(bn_lerp_args, var), FIELD(bn_lerp_args, c), FIELD(bn_lerp_args, factor),
+    FIELD(bn_lerp_args, var_scale)};
+static const int64_t layout_masked_fwd[] = {
+    sizeof(struct bn_masked_fwd_args), FIELD(bn_masked_fwd_args, x), FIELD(bn_masked_fwd_args, mask),
+    FIELD(bn_masked_fwd_args, y), FIELD(bn_masked_fwd_args, weight), FIELD(bn_masked_fwd_args, bias),
+    FIELD(bn_masked_fwd_args, stats), FIELD(bn_masked_fwd_args, n), FIELD(bn_masked_fwd_args, c),
+    FIELD(bn_masked_fwd_args, l), FIELD(bn_masked_fwd_args, eps), FIELD(bn_masked_fwd_args, nt)};
+static const int64_t layout_masked_bwd[] = {
+    sizeof(struct bn_masked_bwd_args), FIELD(bn_masked_bwd_args, dy), FIELD(bn_masked_bwd_args, x),
+    FIELD(bn_masked_bwd_args, mask), FIELD(bn_masked_bwd_args, dx), FIELD(bn_masked_bwd_args, weight),
+    FIELD(bn_masked_bwd_args, stats), FIELD(bn_masked_bwd_args, dweight), FIELD(bn_masked_bwd_args, dbias),
+    FIELD(bn_masked_bwd_args, n), FIELD(bn_masked_bwd_args, c), FIELD(bn_masked_bwd_args, l),
+    FIELD(bn_masked_bwd_args, count), FIELD(bn_masked_bwd_args, nt)};
+#undef FIELD
+
+#define LAYOUT(kind, table) {kind, table, (int64_t)(sizeof table / sizeof table[0])}
+static const struct { const char *kind; const int64_t *values; int64_t count; } layouts[] = {
+    LAYOUT("stats", layout_stats), LAYOUT("affine", layout_affine), LAYOUT("sums", layout_sums),
+    LAYOUT("dx", layout_dx), LAYOUT("train_fwd", layout_train_fwd), LAYOUT("train_bwd", layout_train_bwd),
+    LAYOUT("check_stats", layout_check_stats), LAYOUT("lerp", layout_lerp),
+    LAYOUT("masked_fwd", layout_masked_fwd), LAYOUT("masked_bwd", layout_masked_bwd)};
+#undef LAYOUT
+
+/* Copies the layout of entry point `kind`'s struct into out (at most cap values); returns how
+ * many values it has (more than cap: only cap were copied), or -1 for an unknown kind. */
+int64_t bn_args_layout(const char *kind, int64_t *out, int64_t cap) {
+    for (size_t i = 0; i < sizeof layouts / sizeof layouts[0]; i++) {
+        if (strcmp(kind, layouts[i].kind)) continue;
+        for (int64_t k = 0; k < layouts[i].count && k < cap; k++) out[k] = layouts[i].values[k];
+        return layouts[i].count;
+    }
+    return -1;
+}
