@@ -291,12 +291,15 @@ def update_running_stats(
     factor = momentum_factor(momentum, num_batches_tracked)
     # Through .data, as torch's kernels update the buffers: without a version bump, so a
     # graph that saved them (torch's batch-norm node does) stays differentiable.
-    if running_mean is not None and not _fused.lerp_(running_mean, running_var, batch_mean, batch_var_unbiased,
-                                                     factor):
+    if running_mean is not None:
         dt = running_mean.dtype
-        running_mean.data.lerp_(batch_mean if batch_mean.dtype == dt else batch_mean.to(dt), factor)
-        running_var.data.lerp_(batch_var_unbiased if batch_var_unbiased.dtype == dt else batch_var_unbiased.to(dt),
-                               factor)
+        targets = (batch_mean if batch_mean.dtype == dt else batch_mean.to(dt),
+                   batch_var_unbiased if batch_var_unbiased.dtype == dt else batch_var_unbiased.to(dt))
+        if running_var.dtype == dt and running_mean.device == running_var.device == targets[0].device:
+            torch._foreach_lerp_((running_mean.data, running_var.data), targets, factor)  # one dispatch for both
+        else:
+            running_mean.data.lerp_(targets[0], factor)
+            running_var.data.lerp_(targets[1].to(running_var.dtype), factor)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     return True

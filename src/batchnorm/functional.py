@@ -303,7 +303,12 @@ def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentu
                     groups, mask, limits, process_group, update, sink, owner, lay=None):
     plan = Plan(groups, eps, impl != "reference", limits, process_group, name, owner, lay)
     try:
-        out = _operator.BatchNormFunction.apply(input, weight, bias, mask, running_mean, running_var, plan)
+        if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            out = _operator.BatchNormFunction.apply(input, weight, bias, mask, running_mean, running_var, plan)
+        else:  # nothing to differentiate: the operator's forward without autograd's bookkeeping
+            y, st, saved = _operator.forward(input, weight, bias, mask, running_mean, running_var, plan)
+            out = (y, st, saved[5])
     except MismatchError:
         check_arguments(input, weight, bias, running_mean, running_var, name, nbt, training=update)
         raise
@@ -312,11 +317,11 @@ def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentu
     if sink is not None:
         sink.append((st[:, 0].detach().clone(), st[:, 2].detach().clone()))       # (G, C) each
     elif update and running_mean is not None:
-        with torch.no_grad():
-            if groups == 1:
-                mean, var = st[0, 0], st[0, 2]
-            else:  # Algorithm 2's estimate over the groups: the mean of mu_B and of m/(m-1) sigma2_B
-                mean, var = st[:, 0].mean(dim=0), st[:, 2].mean(dim=0)
+        # (st is not differentiable: no autograd bookkeeping here)
+        if groups == 1:
+            mean, var = st[0, 0], st[0, 2]
+        else:  # Algorithm 2's estimate over the groups: the mean of mu_B and of m/(m-1) sigma2_B
+            mean, var = st[:, 0].mean(dim=0), st[:, 2].mean(dim=0)
         update_running_stats(running_mean, running_var, nbt, mean, var, momentum, nonfinite, name, finite)
     return y
 
