@@ -67,13 +67,10 @@ def main() -> None:
 
         def new_step():
             _, s, ok = new.train_forward(x, lay, w, b, 1e-5, var_scale=4 / 3)
-            if ok:
-                new.lerp_(rm, rv, s[0], s[2], 0.1)
+            if ok:  # the running update in torch operations, as batchnorm._stats does it
+                rm.lerp_(s[0], 0.1)
+                rv.lerp_(s[2], 0.1)
                 nbt.add_(1)
-
-        def torch_lerp():
-            rm.lerp_(st[0], 0.1)
-            rv.lerp_(st[2], 0.1)
 
         rows = []
         pairs = [
@@ -85,35 +82,15 @@ def main() -> None:
              lambda: new.check_stats(mean, invstd, 4, 1e-3, 2.0 ** -24)),
             ("train_forward + running update", lambda: old.train_forward(x, lay, w, b, 1e-5, rm, rv, 0.1, nbt),
              new_step),
-            ("running update: torch's 2 lerp_ / lerp_", torch_lerp, lambda: new.lerp_(rm, rv, st[0], st[2], 0.1)),
             ("stats", lambda: old.stats(x, lay), lambda: new.stats(x, lay)),
             ("sums", lambda: old.sums(dy, x, lay, mean), lambda: new.sums(dy, x, lay, mean)),
         ]
         for name, a, b_ in pairs:
             ta, tb = compare([a, b_], min_time=5e-3, repeats=args.repeats)
             rows.append((name, f"{ta * 1e6:.2f}", f"{tb * 1e6:.2f}", f"{(tb - ta) * 1e6:+.2f}"))
-    # The running update alone at several widths, this checkout only: torch's two lerp_ (the
-    # variance scaled by m / (m - 1) first, as a caller holding biased statistics must)
-    # against one lerp_ call with var_scale; the statistics rows prepared outside the loop.
-    wide = []
-    for c in (8, 256, 2048, 65536):
-        rm, rv, st = torch.zeros(c), torch.ones(c), torch.rand(3, c)
-        mu, var = st[0], st[2]
-
-        def two(rm=rm, rv=rv, mu=mu, var=var):
-            rm.lerp_(mu, 0.1)
-            rv.lerp_(var * (4 / 3), 0.1)
-
-        def one(rm=rm, rv=rv, mu=mu, var=var):
-            new.lerp_(rm, rv, mu, var, 0.1, 4 / 3)
-
-        ta, tb = compare([two, one], min_time=5e-3, repeats=args.repeats)
-        wide.append((c, f"{ta * 1e6:.2f}", f"{tb * 1e6:.2f}", f"{tb / ta:.2f}"))
     print(f"# benchmarks/calls.py, base {args.base}: {machine()}")
     print(f"# OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, tensors (4, 8) float32")
     print(table(["call", f"{args.base} us", "this checkout us", "difference us"], rows))
-    print()
-    print(table(["C", "torch: 2 lerp_ + scale, us", "lerp_, us", "lerp_ / torch"], wide))
 
 
 if __name__ == "__main__":

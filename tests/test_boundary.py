@@ -6,7 +6,6 @@ running variance keeps torch's precision. Each test is one of the issue's reprod
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -283,84 +282,3 @@ def test_running_var_precision_large_eps(name, factory, shape, kw):
         var = xd.transpose(0, 1).reshape(16, -1).var(dim=1)
     rel = ((m.running_var.double() - var) / var).abs().max()
     assert rel < 1e-5, float(rel)
-
-
-# -- the running update's kernel (_fused.lerp_) refuses what it cannot write in place ------
-
-def _lerp_refusals(dtype):
-    """(name, running_mean, running_var, mean, var) cases that _fused.lerp_ must refuse;
-    C = 65,536."""
-    c = 1 << 16
-    g = torch.Generator().manual_seed(5)
-    other = torch.float64 if dtype == torch.float32 else torch.float32
-
-    def fresh(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g).to(dt)
-
-    st = fresh(3, c)
-    shared = fresh(c + 8)
-    two = fresh(2, c)
-    big = fresh(2 * c)
-    with torch.inference_mode():
-        inference = fresh(c)
-    yield "strided running_mean", big[::2], fresh(c), st[0], st[2]
-    yield "strided var", fresh(c), fresh(c), st[0], big[::2]
-    yield "column of stats as mean", fresh(c), fresh(c), fresh(c, 3)[:, 0], st[2]
-    yield "mixed dtype", fresh(c), fresh(c, dt=other), st[0], st[2]
-    yield "mixed dtype input", fresh(c), fresh(c), st[0].to(other), st[2]
-    yield "float16", fresh(c, dt=torch.float16), fresh(c, dt=torch.float16), st[0].half(), st[2].half()
-    yield "wrong size", fresh(c), fresh(c - 1), st[0], st[2]
-    yield "wrong size input", fresh(c), fresh(c), st[0][:-1], st[2]
-    yield "two-dimensional", fresh(1, c), fresh(1, c), st[0:1], st[2:3]
-    yield "negative view", torch._neg_view(fresh(c)), fresh(c), st[0], st[2]
-    yield "negative view input", fresh(c), fresh(c), torch._neg_view(st[0].clone()), st[2]
-    yield "expanded", fresh(c), torch.ones(1, dtype=dtype).expand(c), st[0], st[2]
-    yield "meta", fresh(c), torch.empty(c, dtype=dtype, device="meta"), st[0], st[2]
-    yield "requires grad", fresh(c).requires_grad_(), fresh(c), st[0], st[2]
-    yield "inference tensor", inference, fresh(c), st[0], st[2]
-    yield "overlapping buffers", shared[:c], shared[8:], st[0], st[2]
-    yield "mean inside running_var", fresh(c), two.view(-1)[c // 2:c // 2 + c], two.view(-1)[:c], st[2]
-    yield "var is running_mean", two[0], two[1], st[0], two[0]
-    yield "mean partly running_mean", shared[:c], fresh(c), shared[4:c + 4], st[2]
-    yield "subclass", fresh(c).as_subclass(_Sub), fresh(c), st[0], st[2]
-    with warnings.catch_warnings():  # "nested tensors are a prototype"
-        warnings.simplefilter("ignore")
-        nested = torch.nested.nested_tensor([st[0].clone()])
-    yield "nested", fresh(c), fresh(c), nested, st[2]
-    yield "sparse", fresh(c), fresh(c), st[0].to_sparse(), st[2]
-
-
-class _Sub(torch.Tensor):
-    pass
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_lerp_refuses_bad_tensors_and_touches_nothing(dtype):
-    from batchnorm import _fused
-    if not _fused.available():
-        pytest.skip("no kernels on this machine")
-    names = []
-    for name, rm, rv, mean, var in _lerp_refusals(dtype):
-        tensors = (rm, rv, mean, var)
-        kept = [None if t.is_meta or t.is_nested or t.is_sparse else t.detach().clone() for t in tensors]
-        versions = [t._version for t in tensors if not t.is_inference()]
-        assert _fused.lerp_(rm, rv, mean, var, 0.1, 1.5) is False, name
-        for t, k in zip(tensors, kept):
-            assert k is None or torch.equal(t.detach(), k), name
-        assert [t._version for t in tensors if not t.is_inference()] == versions, name
-        names.append(name)
-    assert len(names) == 22
-    # a functorch wrapper (no storage) as the batch mean
-    rm, rv, st = torch.zeros(1 << 16, dtype=dtype), torch.ones(1 << 16, dtype=dtype), \
-        torch.ones(3, 1 << 16, dtype=dtype)
-    seen = []
-    torch.func.vmap(lambda t: seen.append(_fused.lerp_(rm, rv, t, st[2], 0.5)) or t)(st[:2].clone())
-    assert seen == [False] and not rm.any() and (rv == 1).all()
-    # and the same tensors, made plain, are accepted
-    rm, rv, st = torch.zeros(8, dtype=dtype), torch.ones(8, dtype=dtype), torch.ones(3, 8, dtype=dtype)
-    assert _fused.lerp_(rm, rv, st[0], st[2], 0.5, 3.0)
-    assert torch.equal(rm, torch.full((8,), 0.5, dtype=dtype)) and torch.equal(rv, torch.full((8,), 2.0, dtype=dtype))
-    with torch.inference_mode():  # inside inference mode an inference tensor may be written
-        rm = torch.zeros(8, dtype=dtype)
-        assert _fused.lerp_(rm, rv, st[0], st[2], 1.0)
-    assert torch.equal(rm, st[0])

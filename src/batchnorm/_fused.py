@@ -4,8 +4,8 @@ Each function takes one statistics group, a tensor ``(n, C, *S)`` laid out eithe
 NCHW-contiguous rows or channels-innermost (channels_last, and plain ``(N, C)``), and
 returns new tensors or writes into the buffers it is given; :func:`layout` says whether a
 tensor qualifies. Statistics come back in the input's dtype (float32 or float64),
-accumulated in double inside the kernels. The running buffers are written only by
-:func:`lerp_`, and only where the caller asks.
+accumulated in double inside the kernels. Nothing here writes the running buffers; torch
+operations do, in :func:`batchnorm._stats.update_running_stats`.
 
 Each kernel call fills a fresh argument struct (the ctypes mirrors in :mod:`batchnorm._jit`)
 with the addresses of tensors that this module checked and that stay referenced by local
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _jit
 from ._errors import MismatchError
-from ._jit import (AffineArgs, CheckStatsArgs, DxArgs, LerpArgs, MaskedBwdArgs, MaskedFwdArgs, StatsArgs,
+from ._jit import (AffineArgs, CheckStatsArgs, DxArgs, MaskedBwdArgs, MaskedFwdArgs, StatsArgs,
                    SumsArgs, TrainBwdArgs, TrainFwdArgs)
 
 # Below this many elements a kernel runs on one thread: opening a parallel region costs more
@@ -285,59 +285,6 @@ def check_stats(mean: Tensor, invstd: Tensor, m: int, threshold: float, unit: fl
     mu, inv = _vec(mean, mean, c), _vec(invstd, mean, c)  # read-only: copies are fine, held until the call returns
     return _fn(lib, "check_stats", dt)(CheckStatsArgs(mean=mu.data_ptr(), invstd=inv.data_ptr(), c=c, m=m,
                                                       threshold=threshold, unit=unit))
-
-
-def _in_place(t: Tensor, dt: torch.dtype, c: int) -> bool:
-    """Whether the kernels may read or write ``t`` in place as C contiguous elements of
-    ``dt``: a plain contiguous (C,) CPU tensor, not a negative view (for float32 and float64
-    the conjugate bit cannot be set). Whether it has storage is asked by taking its
-    data_ptr, which raises for a tensor without (a functorch wrapper, a sparse tensor)."""
-    return ((type(t) is Tensor or type(t) is Parameter) and t.dtype is dt and t.is_cpu and t.dim() == 1
-            and t.numel() == c and t.is_contiguous() and not t.is_neg())
-
-
-def _apart(p: int, q: int, nbytes: int) -> bool:
-    """Whether [p, p + nbytes) and [q, q + nbytes) do not overlap."""
-    return p + nbytes <= q or q + nbytes <= p
-
-
-def lerp_(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float,
-          var_scale: float = 1.0) -> bool:
-    """In one C call, per channel: running_mean += factor * (mean - running_mean) and
-    running_var += factor * (var_scale * var - running_var) (computed in double). Whether
-    to update, and the factor, are the caller's.
-
-    Returns False, touching nothing, unless all four are contiguous (C,) plain CPU tensors
-    of one dtype (float32/float64) with real storage, not negative views; the
-    running buffers also must not require grad, be inference tensors outside inference mode
-    or overlap each other or the inputs (an input may be its own output). The caller then
-    uses torch's lerp_. ``mean``/``var`` may be rows of a (3, C) statistics tensor (st[0], st[2]).
-    Nothing is copied: every pointer is a given tensor's own memory. The running buffers'
-    version counters are left alone, as torch's batch-norm kernels leave them (and
-    ``.data.lerp_`` does), so a graph that saved the buffers stays differentiable."""
-    lib = _jit.kernels()
-    dt = running_mean.dtype
-    if lib is None or (dt is not torch.float32 and dt is not torch.float64):
-        return False
-    try:
-        c = running_mean.numel()
-        if not (_in_place(running_mean, dt, c) and _in_place(running_var, dt, c) and _in_place(mean, dt, c)
-                and _in_place(var, dt, c)):
-            return False
-        pm, pv, qm, qv = running_mean.data_ptr(), running_var.data_ptr(), mean.data_ptr(), var.data_ptr()
-    except RuntimeError:  # no storage (data_ptr), or a tensor kind without these properties (nested, sparse)
-        return False
-    if running_mean.requires_grad or running_var.requires_grad:
-        return False
-    if (running_mean.is_inference() or running_var.is_inference()) and not torch.is_inference_mode_enabled():
-        return False
-    nb = c * (4 if dt is torch.float32 else 8)
-    if not (_apart(pm, pv, nb) and (qm == pm or _apart(qm, pm, nb)) and _apart(qm, pv, nb)
-            and (qv == pv or _apart(qv, pv, nb)) and _apart(qv, pm, nb)):
-        return False
-    _fn(lib, "lerp", dt)(LerpArgs(running_mean=pm, running_var=pv, mean=qm, var=qv, c=c, factor=factor,
-                                  var_scale=var_scale))
-    return True
 
 
 def masked_forward(x: Tensor, mask: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -506,11 +506,6 @@ class CheckStatsArgs(ctypes.Structure):
     _fields_ = [("mean", _P), ("invstd", _P), ("c", _I64), ("m", _I64), ("threshold", _F64), ("unit", _F64)]
 
 
-class LerpArgs(ctypes.Structure):
-    _fields_ = [("running_mean", _P), ("running_var", _P), ("mean", _P), ("var", _P), ("c", _I64),
-                ("factor", _F64), ("var_scale", _F64)]
-
-
 class MaskedFwdArgs(ctypes.Structure):
     _fields_ = [("x", _P), ("mask", _P), ("y", _P), ("weight", _P), ("bias", _P), ("stats", _P), ("n", _I64),
                 ("c", _I64), ("l", _I64), ("eps", _F64), ("nt", _I32)]
@@ -530,7 +525,6 @@ ENTRY_POINTS = {
     "train_fwd": (TrainFwdArgs, ctypes.c_int),
     "train_bwd": (TrainBwdArgs, ctypes.c_int),
     "check_stats": (CheckStatsArgs, ctypes.c_int),
-    "lerp": (LerpArgs, None),
     "masked_fwd": (MaskedFwdArgs, _I64),
     "masked_bwd": (MaskedBwdArgs, None),
 }

@@ -15,10 +15,9 @@
  *   affine  one read, one write      -> y = a[c] * x + b[c]
  *   sums    one read of dy and x     -> sum dy and sum dy * (x - mean[c])
  *   dx      two reads, one write     -> dx = alpha[c] * dy + beta[c] * x + gamma[c]
- * Small per-channel helpers: bn_check_stats checks statistics computed elsewhere (torch's
- * kernel), bn_lerp moves the running buffers towards a batch's statistics. The running
- * buffers are written by bn_lerp alone; the decision to update, and by how much, is the
- * caller's.
+ * A small per-channel helper: bn_check_stats checks statistics computed elsewhere (torch's
+ * kernel). No kernel writes the running buffers; torch operations do, in
+ * batchnorm._stats.update_running_stats.
  *
  * Each entry point takes one argument struct (declared below, mirrored by ctypes Structures
  * in batchnorm._jit) and exists as bn_<kind>_f32 and bn_<kind>_f64; the tensors' pointers
@@ -138,13 +137,6 @@ struct bn_check_stats_args {
     const void *mean, *invstd;
     int64_t c, m;              /* channels; values per channel the statistics came from */
     double threshold, unit;    /* the offset-risk test (threshold 0: not tested) */
-};
-
-struct bn_lerp_args {
-    void *running_mean, *running_var; /* updated in place */
-    const void *mean, *var;
-    int64_t c;
-    double factor, var_scale;
 };
 
 struct bn_masked_fwd_args {
@@ -1421,27 +1413,6 @@ static inline __attribute__((always_inline)) int check_stats(const struct bn_che
     return code;
 }
 
-/* running_mean += factor * (mean - running_mean), running_var += factor * (var_scale * var -
- * running_var), per channel, in double. As torch.lerp does, the update is taken from the far
- * end for factor >= 0.5, so that factor 1 gives the batch's value exactly. Each channel's
- * inputs are read before its outputs are written. */
-static inline double lerp_one(double from, double to, double f, int far) {
-    return far ? to - (to - from) * (1.0 - f) : from + f * (to - from);
-}
-
-/* (omp simd: an input may be its own output, which leaves no dependence between channels.) */
-static inline __attribute__((always_inline)) void lerp(const struct bn_lerp_args *a, int f64) {
-    const double f = a->factor, vs = a->var_scale;
-    const int far = !(f < 0.5);
-#pragma omp simd
-    for (int64_t c = 0; c < a->c; c++) {
-        const double rm = load_at(a->running_mean, c, f64), rv = load_at(a->running_var, c, f64);
-        const double mu = load_at(a->mean, c, f64), v = vs * load_at(a->var, c, f64);
-        store_at(a->running_mean, c, lerp_one(rm, mu, f, far), f64);
-        store_at(a->running_var, c, lerp_one(rv, v, f, far), f64);
-    }
-}
-
 /* ---------------------------------------------------------------------------------------
  * The entry points. Return values: stats, sums, train_bwd: 0, or -1 (out of memory);
  * train_fwd: 0, 1 (a statistic is NaN/Inf) or -1 (out of memory); masked_fwd: the number of
@@ -1473,9 +1444,6 @@ void bn_masked_bwd_f64(const struct bn_masked_bwd_args *a) { masked_bwd_f64(a); 
 
 int bn_check_stats_f32(const struct bn_check_stats_args *a) { return check_stats(a, 0); }
 int bn_check_stats_f64(const struct bn_check_stats_args *a) { return check_stats(a, 1); }
-
-void bn_lerp_f32(const struct bn_lerp_args *a) { lerp(a, 0); }
-void bn_lerp_f64(const struct bn_lerp_args *a) { lerp(a, 1); }
 
 /* Each struct's layout, for batchnorm._jit to compare with its ctypes mirror before any
  * call: sizeof, then the offset and size of each field in declaration order. */
@@ -1513,10 +1481,6 @@ static const int64_t layout_check_stats[] = {
     sizeof(struct bn_check_stats_args), FIELD(bn_check_stats_args, mean), FIELD(bn_check_stats_args, invstd),
     FIELD(bn_check_stats_args, c), FIELD(bn_check_stats_args, m), FIELD(bn_check_stats_args, threshold),
     FIELD(bn_check_stats_args, unit)};
-static const int64_t layout_lerp[] = {
-    sizeof(struct bn_lerp_args), FIELD(bn_lerp_args, running_mean), FIELD(bn_lerp_args, running_var),
-    FIELD(bn_lerp_args, mean), FIELD(bn_lerp_args, var), FIELD(bn_lerp_args, c), FIELD(bn_lerp_args, factor),
-    FIELD(bn_lerp_args, var_scale)};
 static const int64_t layout_masked_fwd[] = {
     sizeof(struct bn_masked_fwd_args), FIELD(bn_masked_fwd_args, x), FIELD(bn_masked_fwd_args, mask),
     FIELD(bn_masked_fwd_args, y), FIELD(bn_masked_fwd_args, weight), FIELD(bn_masked_fwd_args, bias),
@@ -1534,7 +1498,7 @@ static const int64_t layout_masked_bwd[] = {
 static const struct { const char *kind; const int64_t *values; int64_t count; } layouts[] = {
     LAYOUT("stats", layout_stats), LAYOUT("affine", layout_affine), LAYOUT("sums", layout_sums),
     LAYOUT("dx", layout_dx), LAYOUT("train_fwd", layout_train_fwd), LAYOUT("train_bwd", layout_train_bwd),
-    LAYOUT("check_stats", layout_check_stats), LAYOUT("lerp", layout_lerp),
+    LAYOUT("check_stats", layout_check_stats),
     LAYOUT("masked_fwd", layout_masked_fwd), LAYOUT("masked_bwd", layout_masked_bwd)};
 #undef LAYOUT
 
