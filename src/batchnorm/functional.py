@@ -273,7 +273,7 @@ def train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runni
         if lay is None:
             return _train_torch(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                 nonfinite, name, impl, checked)
-        if not checked and not _fits(input, weight, bias, running_mean, running_var, num_batches_tracked):
+        if not checked and not _fits(input, running_mean, running_var, num_batches_tracked):
             check_arguments(input, weight, bias, running_mean, running_var, name, num_batches_tracked)
         return _train_operator(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                nonfinite, name, impl, 1, None, None, None, update, None, owner, lay)
@@ -286,16 +286,15 @@ def train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runni
                            nonfinite, name, impl, groups, mask, limits, process_group, update, sink, owner)
 
 
-def _fits(input: Tensor, weight, bias, running_mean, running_var, nbt) -> bool:
-    """A quick check that the parameters and buffers fit the kernels' plain path (the
-    common case); where it fails, :func:`check_arguments` says why or accepts them."""
-    c = (input.size(1),)
-    dt = input.dtype
-    for t in (weight, bias, running_mean, running_var):
-        if t is not None and (t.dtype is not dt or t.shape != c or not t.is_cpu or t.is_inference()):
-            return False
-    if running_mean is not None and (not running_mean.is_contiguous() or not running_var.is_contiguous()):
-        return False
+def _fits(input: Tensor, running_mean, running_var, nbt) -> bool:
+    """A quick check that the running buffers fit the kernels' plain path (the common
+    case); where it fails, :func:`check_arguments` says why or accepts them. (weight and
+    bias are checked by the kernel boundary, whose error is then reworded the same way.)"""
+    if running_mean is not None:
+        c, dt = input.size(1), input.dtype
+        for t in (running_mean, running_var):
+            if t.dtype is not dt or t.numel() != c or t.dim() != 1 or not t.is_cpu or t.is_inference():
+                return False
     return nbt is None or (nbt.dtype is torch.int64 and nbt.numel() == 1 and nbt.is_cpu and not nbt.is_inference())
 
 
@@ -352,7 +351,7 @@ def _train_torch(input, weight, bias, running_mean, running_var, nbt, momentum, 
         backup = torch.stack((running_mean, running_var))               # (2, C), to undo a rejected batch
         # torch.batch_norm's own entry (it checks every size), returning the statistics too.
         out, mean, invstd, _, _ = torch._batch_norm_impl_index(input, weight, bias, running_mean, running_var, True,
-                                                               factor, eps, torch.backends.cudnn.enabled)
+                                                               factor, eps, input.is_cuda and torch.backends.cudnn.enabled)
     except RuntimeError:
         if backup is not None:  # torch's CPU kernel may have written running_mean when it rejected running_var
             _restore(running_mean, running_var, backup)
