@@ -75,8 +75,8 @@ def test_resume_refuses_other_config(tmp_path):
 
 def test_cli_resume_after_sigkill_matches(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    args = [sys.executable, "-m", "bnrepro", "figure1", "--steps", "1200", "--eval-every", "150",
-            "--checkpoint-every", "300", "--seeds", "1", "--workers", "1", "--quiet"]
+    args = [sys.executable, "-m", "bnrepro", "figure1", "--steps", "600", "--eval-every", "150",
+            "--checkpoint-every", "150", "--seeds", "1", "--workers", "1", "--quiet"]
     full = subprocess.run(args + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=240)
     assert full.returncode == 0, full.stderr
     killed = tmp_path / "killed"
