@@ -340,6 +340,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, mask, st, rd, count if isinstance(count, Tensor) else None)
         ctx.meta = (path, count if not isinstance(count, Tensor) else None, lay, plan, bias is not None)
         ctx.mark_non_differentiable(st)
+        ctx.set_materialize_grads(False)  # no zero gradient is made for the statistics
         if torch.compiler.is_compiling():
             return y, st  # a non-tensor output breaks torch.compile's tracing of the backward
         return y, st, finite
@@ -349,6 +350,8 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, mask, st, rd, count_t = ctx.saved_tensors
         path, count, lay, plan, has_bias = ctx.meta
         need = ctx.needs_input_grad
+        if grad_y is None:  # y took no part in the loss
+            return (None,) * 7
         saved = (path, st, rd, count_t if count_t is not None else count, lay, None)
         dx, dw, db = backward(grad_y, x, weight, mask, saved, plan, (need[0], need[1], has_bias and need[2]))
         return dx, dw, db, None, None, None, None
