@@ -20,14 +20,22 @@ PCT_TOL = 0.05
 def test_torchrun_two_processes_match_single_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     common = ["figure1", "--steps", "300", "--eval-every", "50", "--seeds", "1", "--quiet"]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--standalone", "-m", "bnrepro", *common,
-                          "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=240)
+    # The single-process run goes alongside the two ranks: its start-up overlaps theirs.
+    single = subprocess.Popen([sys.executable, "-m", "bnrepro", *common, "--workers", "1",
+                               "--out", str(tmp_path / "one")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              "--standalone", "-m", "bnrepro", *common,
+                              "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=240)
+        _, single_err = single.communicate(timeout=240)
+    finally:
+        if single.poll() is None:
+            single.kill()
+            single.wait()
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("bnrepro figure1: writing to") == 1  # only rank 0 prints
-    single = subprocess.run([sys.executable, "-m", "bnrepro", *common, "--workers", "1",
-                             "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, single_err[-3000:]
     a = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     b = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert a["provenance"]["processes"] == 2 and b["provenance"]["processes"] == 1

@@ -77,17 +77,27 @@ def test_cli_resume_after_sigkill_matches(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     args = [sys.executable, "-m", "bnrepro", "figure1", "--steps", "600", "--eval-every", "150",
             "--checkpoint-every", "150", "--seeds", "1", "--workers", "1", "--quiet"]
-    full = subprocess.run(args + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=240)
-    assert full.returncode == 0, full.stderr
+    # The uninterrupted run and the one to be killed run at once (two cores; most of each
+    # run is start-up), then the killed one resumes.
+    full = subprocess.Popen(args + ["--out", str(tmp_path / "full")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck = killed / "checkpoints" / "baseline-seed0.pt"
-    deadline = time.time() + 120
-    while not ck.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not (killed / "metrics.json").exists()
+    try:
+        ck = killed / "checkpoints" / "baseline-seed0.pt"
+        deadline = time.time() + 120
+        while not ck.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert not (killed / "metrics.json").exists()
+        _, full_err = full.communicate(timeout=240)
+        assert full.returncode == 0, full_err
+    finally:
+        for p in (full, proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     again = subprocess.run(args + ["--out", str(killed), "--resume"], env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr
     a = json.loads((tmp_path / "full" / "metrics.json").read_text())
