@@ -97,10 +97,7 @@ class _BatchRenorm(_BatchNormBase):
         return super().extra_repr() + f", r_max={show(self.r_max)}, d_max={show(self.d_max)}"
 
 
-class BatchRenorm1d(_BatchRenorm):
-    """Batch Renormalization (Ioffe 2017) over (N, C) or (N, C, L) input; the mathematics,
-    arguments and state are :class:`_BatchRenorm`'s (and ``forward(input, mask=None)`` accepts an (N, L) bool mask like BatchNorm1d).
-
+_ARGS = """
     Args:
         num_features, eps, momentum, affine, device, dtype, bias, virtual_batch_size,
             nonfinite, impl: as :class:`batchnorm.BatchNorm1d`'s (``track_running_stats``
@@ -109,7 +106,14 @@ class BatchRenorm1d(_BatchRenorm):
             paper's schedule, :func:`default_r_max`.
         d_max: bound of d, a float >= 0 or a callable of the step count. Default:
             :func:`default_d_max`.
+"""
 
+
+class BatchRenorm1d(_BatchRenorm):
+    __doc__ = """Batch Renormalization (Ioffe 2017) over (N, C) or (N, C, L) input; the mathematics,
+    arguments and state are :class:`_BatchRenorm`'s (and ``forward(input, mask=None)`` accepts an (N, L) bool mask like BatchNorm1d).
+
+""" + _ARGS + """
     Shape:
         Input: (N, C) or (N, C, L); mask (N, L). Output: the input's shape.
 
@@ -126,18 +130,10 @@ class BatchRenorm1d(_BatchRenorm):
 
 
 class BatchRenorm2d(_BatchRenorm):
-    """Batch Renormalization (Ioffe 2017) over (N, C, H, W) input; the mathematics,
+    __doc__ = """Batch Renormalization (Ioffe 2017) over (N, C, H, W) input; the mathematics,
     arguments and state are :class:`_BatchRenorm`'s.
 
-    Args:
-        num_features, eps, momentum, affine, device, dtype, bias, virtual_batch_size,
-            nonfinite, impl: as :class:`batchnorm.BatchNorm1d`'s (``track_running_stats``
-            must stay True; ``impl="torch"`` is refused: torch has no such kernel).
-        r_max: bound of r, a float >= 1 or a callable of the step count. Default: the
-            paper's schedule, :func:`default_r_max`.
-        d_max: bound of d, a float >= 0 or a callable of the step count. Default:
-            :func:`default_d_max`.
-
+""" + _ARGS + """
     Shape:
         Input: (N, C, H, W). Output: the input's shape.
 
@@ -154,18 +150,10 @@ class BatchRenorm2d(_BatchRenorm):
 
 
 class BatchRenorm3d(_BatchRenorm):
-    """Batch Renormalization (Ioffe 2017) over (N, C, D, H, W) input; the mathematics,
+    __doc__ = """Batch Renormalization (Ioffe 2017) over (N, C, D, H, W) input; the mathematics,
     arguments and state are :class:`_BatchRenorm`'s.
 
-    Args:
-        num_features, eps, momentum, affine, device, dtype, bias, virtual_batch_size,
-            nonfinite, impl: as :class:`batchnorm.BatchNorm1d`'s (``track_running_stats``
-            must stay True; ``impl="torch"`` is refused: torch has no such kernel).
-        r_max: bound of r, a float >= 1 or a callable of the step count. Default: the
-            paper's schedule, :func:`default_r_max`.
-        d_max: bound of d, a float >= 0 or a callable of the step count. Default:
-            :func:`default_d_max`.
-
+""" + _ARGS + """
     Shape:
         Input: (N, C, D, H, W). Output: the input's shape.
 
