@@ -33,6 +33,7 @@ clean:
 # and verifies it into ~/.cache/bnrepro.
 fashion-mnist:
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
 	  echo "dataset-fashion-mnist not installable here: bnrepro will download Fashion-MNIST instead"
 
 small-batch: $(STAMP) fashion-mnist
