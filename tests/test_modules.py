@@ -204,9 +204,11 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="num_features"):
         bn.BatchNorm1d(0)
     with pytest.raises(ValueError, match="momentum"):
-        bn.BatchNorm1d(3, momentum=1.5)
+        bn.BatchNorm1d(3, momentum="0.1")
+    with pytest.raises(ValueError, match="momentum"):
+        bn.BatchNorm1d(3, momentum=float("nan"))
     with pytest.raises(ValueError, match="eps"):
-        bn.BatchNorm1d(3, eps=0)
+        bn.BatchNorm1d(3, eps=-1e-5)
     with pytest.raises(ValueError, match="virtual_batch_size"):
         bn.BatchNorm1d(3, virtual_batch_size=0)
 

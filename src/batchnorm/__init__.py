@@ -9,9 +9,11 @@ from . import _jit, functional, monitor
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .fold import ChannelAffine, FoldedAway, FoldWarning, fold, freeze, unfreeze
 from ._errors import MismatchError, NonFiniteBatchError, NonFiniteBatchWarning
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d,
+                      added_behaviour)
 from .population import population_statistics
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .surgery import ConvertWarning, convert
 
 __version__ = "0.1.0"
 
@@ -36,12 +38,18 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "ChannelAffine",
+    "ConvertWarning",
     "FoldedAway",
     "FoldWarning",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "MismatchError",
     "NonFiniteBatchError",
     "NonFiniteBatchWarning",
     "SyncBatchNorm",
+    "added_behaviour",
+    "convert",
     "convert_sync_batchnorm",
     "fold",
     "freeze",

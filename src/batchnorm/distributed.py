@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import _collectives
 from ._collectives import all_sum, check_channels, gather_stats, run_collective, sync_stats
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase, added_behaviour
 from .renorm import _BatchRenorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "poll_ms", "sync_stats", "gather_stats", "check_channels",
@@ -47,6 +47,12 @@ sys.modules[__name__].__class__ = _Module
 
 class SyncBatchNorm(_BatchNormBase):
     """Batch Normalization with statistics over the global batch of a process group.
+
+    A subclass of torch.nn's ``_BatchNorm`` (what BN helpers look for), not of
+    torch.nn.SyncBatchNorm: DistributedDataParallel refuses any module holding a
+    torch.nn.SyncBatchNorm on CPU ("SyncBatchNorm layers only work with GPU modules"),
+    which would forbid exactly what this class adds. ``SyncBatchNorm.convert_sync_batchnorm``
+    is this module's :func:`convert_sync_batchnorm`, as torch's classmethod is torch's.
 
     Same arguments as torch.nn.SyncBatchNorm; accepts any input of rank >= 2 and works on
     CPU (gloo) as on CUDA (NCCL). With no initialized process group, or a group of one
@@ -91,25 +97,15 @@ class SyncBatchNorm(_BatchNormBase):
             raise ValueError(f"SyncBatchNorm: expected an input of rank >= 2 (N, C, ...), got shape {tuple(input.shape)}")
         return self._forward(input, mask)
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """:func:`batchnorm.distributed.convert_sync_batchnorm` (ours, not torch's: the layers
+        made are this class, which runs on CPU too)."""
+        return convert_sync_batchnorm(module, process_group)
 
-_NOTHING = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
-            "__firstlineno__", "__static_attributes__", "__parameters__", "__orig_bases__"}
+
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _OURS = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
-
-
-def _adds_behaviour(module: nn.Module, bases) -> Optional[str]:
-    """Name what a subclass adds beyond its known BN base, or None if it adds nothing."""
-    for klass in type(module).__mro__:
-        if klass in bases or klass in (nn.Module, object) or klass.__module__.startswith(("torch.", "batchnorm.")):
-            break
-        extra = sorted(set(vars(klass)) - _NOTHING)
-        if extra:
-            return f"class {klass.__name__} defines {', '.join(extra)}"
-    children = list(module.named_children())
-    if children:
-        return f"it has submodules {', '.join(n for n, _ in children)}"
-    return None
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
@@ -127,7 +123,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
                              f"(virtual_batch_size={m.virtual_batch_size}), which are per-replica chunks and do "
                              "not combine with synchronized statistics; drop one of the two")
         if isinstance(m, _BatchRenorm):
-            why = _adds_behaviour(m, (_BatchRenorm,) + tuple(_BatchRenorm.__subclasses__()))
+            why = added_behaviour(m)
             if why:
                 raise ValueError(f"convert_sync_batchnorm: {name or 'module'} ({type(m).__name__}): {why}; "
                                  "converting would drop it")
@@ -136,7 +132,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
             new.process_group = process_group
             return new
         if isinstance(m, _TORCH_BN + _OURS) and not isinstance(m, _BatchRenorm):
-            why = _adds_behaviour(m, _TORCH_BN + _OURS)
+            why = added_behaviour(m)
             if why:
                 raise ValueError(f"convert_sync_batchnorm: {name or 'module'} ({type(m).__name__}): {why}; "
                                  "converting would drop it")

@@ -10,9 +10,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from ._stats import affine_coefficients
-from .modules import _BatchNormBase
+from .modules import _BatchNormBase, added_behaviour
 from .population import is_batchnorm
 
 __all__ = ["fold", "freeze", "unfreeze", "ChannelAffine", "FoldedAway", "FoldWarning", "fold_into"]
@@ -103,7 +104,9 @@ def fold(model: nn.Module) -> nn.Module:
     folded torch.fx GraphModule is returned instead. If the model cannot be traced, only
     BNs following such a layer inside an nn.Sequential are folded (left as FoldedAway) and a
     :class:`FoldWarning` names those left as affine maps. BNs without running statistics
-    (track_running_stats=False) are left as they are, with a warning. ``model`` is untouched.
+    (track_running_stats=False) are left as they are, with a warning, and so are subclasses
+    that add behaviour to a BN class (an activation, say: :func:`batchnorm.added_behaviour`),
+    which folding as plain BN would drop. ``model`` is untouched.
     """
     model_copy = copy.deepcopy(model)
     _strip_freeze_hooks(model_copy)
@@ -156,7 +159,8 @@ def _signature(gm) -> list:
 
 def _trace(model: nn.Module):
     class _Tracer(fx.Tracer):
-        # Our BN modules are not in torch.nn, so fx would trace into them; keep them whole.
+        # Every BN layer whole, whatever package defines it (a subclass that adds behaviour
+        # too: fold keeps it as it is).
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return is_batchnorm(m) or isinstance(m, ChannelAffine) or super().is_leaf_module(m, qualname)
 
@@ -164,7 +168,12 @@ def _trace(model: nn.Module):
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
-def _skip_untracked(name: str, bn: nn.Module) -> bool:
+def _left_as_is(name: str, bn: nn.Module) -> bool:
+    why = added_behaviour(bn)
+    if why:
+        warnings.warn(f"fold: BN layer {name!r} ({type(bn).__name__}) is a subclass that adds behaviour ({why}); "
+                      "folding it as a plain BN would drop that, so it is left as it is", FoldWarning, stacklevel=3)
+        return True
     if bn.running_mean is None:
         warnings.warn(f"fold: BN layer {name!r} has no running statistics (track_running_stats=False) "
                       "and uses batch statistics even in eval mode; left unfolded", FoldWarning, stacklevel=3)
@@ -186,7 +195,7 @@ def _fold_graph(gm):
         if node.op != "call_module" or not is_batchnorm(modules[node.target]):
             continue
         bn = modules[node.target]
-        if _skip_untracked(node.target, bn):
+        if _left_as_is(node.target, bn):
             continue
         prev = node.args[0] if node.args else None
         prev_mod = modules.get(prev.target) if getattr(prev, "op", None) == "call_module" else None
@@ -222,14 +231,14 @@ def _fold_sequential(model: nn.Module, reason: str) -> nn.Module:
         for a, b in zip(names, names[1:]):
             layer, bn = parent._modules[a], parent._modules[b]
             if (isinstance(layer, _FOLDABLE) and is_batchnorm(bn) and bn.running_mean is not None
-                    and layer.weight.size(0) == bn.running_mean.numel()):
+                    and added_behaviour(bn) is None and layer.weight.size(0) == bn.running_mean.numel()):
                 fold_into(layer, bn)
                 parent._modules[b] = FoldedAway()
                 folded.add(id(bn))
     left: List[str] = []
     for name, m in list(model.named_modules()):
         if is_batchnorm(m) and id(m) not in folded:
-            if _skip_untracked(name, m):
+            if _left_as_is(name, m):
                 continue
             _set_submodule(model, name, _affine_of(m))
             left.append(name)
@@ -289,7 +298,8 @@ def freeze(model: nn.Module, *, requires_grad: Optional[bool] = None) -> nn.Modu
     if requires_grad is not None:
         for _, m in bns:
             for p in m.parameters(recurse=False):
-                p.requires_grad_(requires_grad)
+                if not is_lazy(p):
+                    p.requires_grad_(requires_grad)
     return model
 
 
@@ -305,5 +315,6 @@ def unfreeze(model: nn.Module) -> nn.Module:
             _remove_hook(m, state)
             m.training = model.training
         for n, p in m.named_parameters(recurse=False):
-            p.requires_grad_(state["requires_grad"].get(n, p.requires_grad))
+            if not is_lazy(p):  # a Lazy layer not yet run: its parameters have no requires_grad_
+                p.requires_grad_(state["requires_grad"].get(n, p.requires_grad))
     return model

@@ -260,6 +260,8 @@ def train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runni
     differentiable torch operations (:func:`capture_mode`). Every check runs before any
     state changes.
     """
+    if not eps > 0:  # as torch.nn.functional.batch_norm: a batch's variance can be 0
+        raise ValueError(f"{name}: eps must be positive in training, got {eps!r} (eps=0 works in eval only)")
     sink = statistics_sinks.get(owner) if statistics_sinks and owner is not None else None
     mode = capture_mode()
     if mode is not None and mode != "compile":

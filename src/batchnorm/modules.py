@@ -5,22 +5,29 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from . import _collectives
 from . import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+           "added_behaviour"]
 
 
-class _BatchNormBase(nn.Module):
+class _BatchNormBase(_BatchNorm):
     """Shared state and forward of every BN module in this package.
 
-    Parameters and buffers are named as in torch.nn (weight, bias, running_mean,
-    running_var, num_batches_tracked), so state_dicts load both ways.
+    A subclass of torch.nn's ``_BatchNorm``, so every helper that looks for BN layers by
+    isinstance (swa_utils.update_bn, convert_sync_batchnorm, torch.func's
+    replace_all_batch_norm_modules_, weight-decay splits, freezing utilities) finds ours.
+    Parameters and buffers are torch.nn's (weight, bias, running_mean, running_var,
+    num_batches_tracked, made by torch's own constructor), so state_dicts load both ways.
     """
 
-    _version = 2
     _ranks: Tuple[int, ...] = ()
     _name = "BatchNorm"
 
@@ -39,13 +46,13 @@ class _BatchNormBase(nn.Module):
         nonfinite: str = "warn",
         impl: str = "auto",
     ) -> None:
-        super().__init__()
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"{self._name}: num_features must be a positive int, got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"{self._name}: eps must be > 0, got {eps!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{self._name}: momentum must be in [0, 1] or None, got {momentum!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"{self._name}: eps must be a float >= 0, got {eps!r}")
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                     or momentum != momentum):
+            raise ValueError(f"{self._name}: momentum must be a float or None, got {momentum!r}")
         if virtual_batch_size is not None and (not isinstance(virtual_batch_size, int) or virtual_batch_size < 1):
             raise ValueError(f"{self._name}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
         if nonfinite not in ("warn", "raise", "ignore"):
@@ -54,12 +61,8 @@ class _BatchNormBase(nn.Module):
         if impl == "torch" and virtual_batch_size is not None:
             raise ValueError(f"{self._name}: impl='torch' runs torch's batch-norm kernel, which has no ghost "
                              "batches; use impl='auto'")
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        # torch's constructor makes the parameters and buffers (and calls reset_parameters).
+        _NormBase.__init__(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.virtual_batch_size = virtual_batch_size
         self.nonfinite = nonfinite
         self.impl = impl
@@ -70,37 +73,6 @@ class _BatchNormBase(nn.Module):
         # the layers convert_sync_batchnorm makes).
         self.sync = False
         self.process_group = None
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -115,15 +87,37 @@ class _BatchNormBase(nn.Module):
             s += ", frozen=True"
         return s
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # Checkpoints from torch < 0.4.1 (version < 2) lack num_batches_tracked, as in torch.nn.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What torch.jit.script compiles in place of this layer: torch.nn's own class of
+        the same rank, sharing this layer's parameters and buffers (a scripted model trains
+        and updates them in place), running torch's kernel. TorchScript cannot run this
+        package's Python paths, so a layer whose function torch's cannot compute (ghost
+        batches, synchronized statistics, Batch Renormalization, frozen) is refused, and a
+        scripted layer has no non-finite guard: a NaN batch reaches its running statistics
+        as it does torch.nn's."""
+        why = self._script_refusal()
+        if why:
+            raise RuntimeError(f"torch.jit.script: {self._name} {why}, which torch.nn's BatchNorm (what TorchScript "
+                               "compiles in this layer's place) cannot compute; use torch.jit.trace or "
+                               "torch.export, which keep this package's operators")
+        twin = self._torch_class(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats,
+                                 device="meta")
+        # The same parameter and buffer dicts: not copies.
+        twin._parameters = self._parameters
+        twin._buffers = self._buffers
+        twin.train(self.training)
+        return twin
+
+    _torch_class = nn.BatchNorm1d
+
+    def _script_refusal(self) -> Optional[str]:
+        if self.virtual_batch_size is not None:
+            return f"uses ghost batches (virtual_batch_size={self.virtual_batch_size})"
+        if self.sync:
+            return "synchronizes statistics across processes"
+        if self.frozen:
+            return "is frozen (running statistics used in training)"
+        return None
 
     # -- what the variants override ---------------------------------------------------------
     def _process_group(self):
@@ -163,6 +157,12 @@ class _BatchNormBase(nn.Module):
         return n // vbs
 
     def _forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            # torch.fx symbolic tracing (fx.symbolic_trace, feature extractors, fold): the
+            # layer is one call_module node, as torch.nn's BN layers are, not its internals.
+            tracer = input.tracer
+            args = (input,) if mask is None else (input, mask)
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
         if torch._C._get_tracing_state() is not None:
             with F.traced_checks():
                 return self._step(input, mask)
@@ -181,7 +181,9 @@ class _BatchNormBase(nn.Module):
         if not training and running_mean is not None:
             # Inference (Algorithm 2): the running statistics, one affine map per channel.
             return F.evaluate(input, running_mean, running_var, weight, bias, self.eps, self.impl, self._name)
-        update = training and running_mean is not None
+        # As torch.nn: running statistics are updated only while tracked (track_running_stats
+        # may be switched off after construction), and used in eval whenever they exist.
+        update = training and self.track_running_stats and running_mean is not None
         nbt = buffers["num_batches_tracked"]
         if self.momentum is None and update and nbt is None:
             raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
@@ -224,7 +226,7 @@ _ARGS = """
 """
 
 
-class BatchNorm1d(_BatchNormBase):
+class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
     __doc__ = """Batch Normalization over (N, C) or (N, C, L) input, per activation (Algorithm 1).
 
     A drop-in torch.nn.BatchNorm1d: the same constructor, parameters, buffers and
@@ -250,12 +252,13 @@ class BatchNorm1d(_BatchNormBase):
 
     _ranks = (2, 3)
     _name = "BatchNorm1d"
+    _torch_class = nn.BatchNorm1d
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return self._forward(input, mask)
 
 
-class BatchNorm2d(_BatchNormBase):
+class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
     __doc__ = """Batch Normalization over (N, C, H, W) input, per feature map (Section 3.2: statistics
     over m = N*H*W values per channel).
 
@@ -275,12 +278,13 @@ class BatchNorm2d(_BatchNormBase):
 
     _ranks = (4,)
     _name = "BatchNorm2d"
+    _torch_class = nn.BatchNorm2d
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input)
 
 
-class BatchNorm3d(_BatchNormBase):
+class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
     __doc__ = """Batch Normalization over (N, C, D, H, W) input, per feature map (m = N*D*H*W).
 
     A drop-in torch.nn.BatchNorm3d: the same constructor, parameters, buffers and
@@ -297,6 +301,106 @@ class BatchNorm3d(_BatchNormBase):
 
     _ranks = (5,)
     _name = "BatchNorm3d"
+    _torch_class = nn.BatchNorm3d
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input)
+
+
+class _LazyBatchNorm(LazyModuleMixin):
+    """num_features inferred from ``input.size(1)`` at the first forward, as torch.nn's
+    LazyBatchNorm layers do; the layer then becomes ``cls_to_become``."""
+
+    cls_to_become = None
+
+    def __init__(self, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, **kwargs) -> None:
+        super().__init__(1, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.num_features = 0
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = UninitializedParameter(**factory)
+            if self.bias is not None:
+                self.bias = UninitializedParameter(**factory)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory)
+            self.running_var = UninitializedBuffer(**factory)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input: Tensor, *args, **kwargs) -> None:
+        if not self.has_uninitialized_params():
+            # Materialized by loading a state_dict: the loaded tensors give the size.
+            loaded = [t for t in (self.weight, self.running_mean) if t is not None]
+            if loaded and self.num_features == 0:
+                self.num_features = loaded[0].numel()
+            return
+        F.check_input(input, None, self._ranks, self._name)
+        self.num_features = input.size(1)
+        for t in (self.weight, self.bias, self.running_mean, self.running_var):
+            if isinstance(t, (UninitializedParameter, UninitializedBuffer)):
+                t.materialize((self.num_features,))
+        self.reset_parameters()
+
+
+_LAZY = """{summary}
+
+    The arguments of :class:`batchnorm.{base}` but ``num_features``, which the first
+    input's size(1) sets; the layer then becomes a :class:`batchnorm.{base}`.
+
+    Args:
+        eps, momentum, affine, track_running_stats, device, dtype, bias,
+            virtual_batch_size, nonfinite, impl: as :class:`batchnorm.{base}`'s.
+
+    Shape:
+        Input and output: as :class:`batchnorm.{base}`'s.
+
+    Example::
+
+        >>> m = {name}()
+        >>> y = m(torch.randn({shape}))
+        >>> type(m).__name__, m.num_features
+        ('{base}', 16)
+    """
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+    __doc__ = _LAZY.format(summary="A BatchNorm1d whose num_features is inferred at the first forward.",
+                           base="BatchNorm1d", name="LazyBatchNorm1d", shape="4, 16")
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+    __doc__ = _LAZY.format(summary="A BatchNorm2d whose num_features is inferred at the first forward.",
+                           base="BatchNorm2d", name="LazyBatchNorm2d", shape="4, 16, 8, 8")
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+    __doc__ = _LAZY.format(summary="A BatchNorm3d whose num_features is inferred at the first forward.",
+                           base="BatchNorm3d", name="LazyBatchNorm3d", shape="2, 16, 4, 4, 4")
+    cls_to_become = BatchNorm3d
+
+
+# What a class body may hold without adding behaviour (the class machinery, docs).
+_NOTHING = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
+            "__firstlineno__", "__static_attributes__", "__parameters__", "__orig_bases__"}
+
+
+def added_behaviour(module: nn.Module) -> Optional[str]:
+    """What a BN layer's class adds beyond torch.nn's or this package's BN classes (methods,
+    attributes, submodules: e.g. timm's BatchNormAct2d and its activation), in words; None
+    if it adds nothing, so that replacing it by a plain BN layer keeps its function.
+    Model tools (convert, fold, convert_sync_batchnorm) leave or refuse such layers."""
+    for klass in type(module).__mro__:
+        if klass in (nn.Module, object) or klass.__module__.split(".")[0] in ("torch", "batchnorm"):
+            break
+        extra = sorted(set(vars(klass)) - _NOTHING)
+        if extra:
+            return f"class {klass.__name__} defines {', '.join(extra)}"
+    children = [n for n, _ in module.named_children()]
+    if children:
+        return f"it has submodules {', '.join(children)}"
+    return None

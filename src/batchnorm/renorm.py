@@ -91,6 +91,9 @@ class _BatchRenorm(_BatchNormBase):
     def _limits(self):
         return self.current_limits()
 
+    def _script_refusal(self):
+        return "is Batch Renormalization"
+
     def extra_repr(self) -> str:
         def show(v):
             return getattr(v, "__name__", repr(v)) if callable(v) else repr(v)
