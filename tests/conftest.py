@@ -1,5 +1,14 @@
+import warnings
+
 import pytest
 import torch
+
+with warnings.catch_warnings():
+    # torch scripts its forward-AD decompositions on first use (a torch-internal
+    # DeprecationWarning about torch.jit.script): load them once here, so that no test,
+    # whatever runs first, trips over it.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

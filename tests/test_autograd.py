@@ -18,12 +18,6 @@ from torch.autograd import gradcheck, gradgradcheck
 import batchnorm as bn
 from batchnorm import _fused
 
-with warnings.catch_warnings():
-    # torch scripts its forward-AD decompositions on first use (a torch-internal
-    # DeprecationWarning): load them here, so no test trips over it.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import torch._decomp.decompositions_for_jvp  # noqa: F401
-
 BIG = (16, 4, 32, 32)  # 65,536 elements: every kernel path runs on it
 
 # (name, factory, input shape, forward options). "mask": (N, L) mask for BatchNorm1d.

@@ -23,7 +23,7 @@ ORDER = [
     "_collectives",                            # collectives
     "_operator",                               # the one autograd operator
     "functional",                              # the one place that chooses a path
-    "modules", "renorm", "distributed",        # modules: state only
+    "modules", "renorm", "act", "distributed",  # modules: state only
     "population", "fold", "surgery", "monitor",  # model tools
     "__init__",
 ]

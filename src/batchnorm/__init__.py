@@ -1,13 +1,14 @@
 """Batch Normalization (Ioffe & Szegedy, ICML 2015) for PyTorch.
 
-Drop-in BatchNorm1d/2d/3d with the paper's hand-written backward, population statistics
+Drop-in BatchNorm1d/2d/3d (and BN + activation layers) with the paper's hand-written backward, population statistics
 (Algorithm 2), folding into the preceding layer, freezing, synchronized BN that also runs
 on CPU, Batch Renormalization, ghost batches and masked statistics.
 """
 
 from . import _jit, functional, monitor
+from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
-from .fold import ChannelAffine, FoldedAway, FoldWarning, fold, freeze, unfreeze
+from .fold import ChannelAffine, FoldedAct, FoldedAway, FoldWarning, fold, freeze, unfreeze
 from ._errors import MismatchError, NonFiniteBatchError, NonFiniteBatchWarning
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d,
                       added_behaviour)
@@ -32,6 +33,9 @@ def kernels_status() -> str:
 
 __all__ = [
     "BatchNorm1d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchRenorm1d",
@@ -39,6 +43,7 @@ __all__ = [
     "BatchRenorm3d",
     "ChannelAffine",
     "ConvertWarning",
+    "FoldedAct",
     "FoldedAway",
     "FoldWarning",
     "LazyBatchNorm1d",

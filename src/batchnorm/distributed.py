@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from . import _collectives
 from ._collectives import all_sum, check_channels, gather_stats, run_collective, sync_stats
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase, added_behaviour
+from .act import _BatchNormAct
 from .renorm import _BatchRenorm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "poll_ms", "sync_stats", "gather_stats", "check_channels",
@@ -83,6 +84,7 @@ class SyncBatchNorm(_BatchNormBase):
 
     _ranks = (2, 3, 4, 5, 6, 7, 8)
     _name = "SyncBatchNorm"
+    _plain_bn = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
@@ -122,8 +124,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
             raise ValueError(f"convert_sync_batchnorm: {name or 'module'} ({type(m).__name__}) uses ghost batches "
                              f"(virtual_batch_size={m.virtual_batch_size}), which are per-replica chunks and do "
                              "not combine with synchronized statistics; drop one of the two")
-        if isinstance(m, _BatchRenorm):
-            why = added_behaviour(m)
+        if isinstance(m, (_BatchRenorm, _BatchNormAct)):
+            # Ours keep their class (renormalization, activation) and synchronize.
+            why = added_behaviour(m) if type(m).__module__.split(".")[0] != "batchnorm" else None
             if why:
                 raise ValueError(f"convert_sync_batchnorm: {name or 'module'} ({type(m).__name__}): {why}; "
                                  "converting would drop it")
@@ -131,7 +134,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
             new.sync = True
             new.process_group = process_group
             return new
-        if isinstance(m, _TORCH_BN + _OURS) and not isinstance(m, _BatchRenorm):
+        if isinstance(m, _TORCH_BN + _OURS) and not isinstance(m, (_BatchRenorm, _BatchNormAct)):
             why = added_behaviour(m)
             if why:
                 raise ValueError(f"convert_sync_batchnorm: {name or 'module'} ({type(m).__name__}): {why}; "

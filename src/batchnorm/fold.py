@@ -13,10 +13,11 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from ._stats import affine_coefficients
+from .act import _BatchNormAct, _activate
 from .modules import _BatchNormBase, added_behaviour
 from .population import is_batchnorm
 
-__all__ = ["fold", "freeze", "unfreeze", "ChannelAffine", "FoldedAway", "FoldWarning", "fold_into"]
+__all__ = ["fold", "freeze", "unfreeze", "ChannelAffine", "FoldedAct", "FoldedAway", "FoldWarning", "fold_into"]
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -40,6 +41,27 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}"
+
+
+class FoldedAct(nn.Module):
+    """What is left of a BN + activation layer (:class:`batchnorm.BatchNormAct2d`) after
+    :func:`fold`: ``act(scale * x + shift + residual)``, with no scale and shift where the
+    BN part was folded into the layer before it."""
+
+    def __init__(self, act: str, act_kwargs: dict, scale: Optional[Tensor] = None,
+                 shift: Optional[Tensor] = None) -> None:
+        super().__init__()
+        self.act, self.act_kwargs = act, dict(act_kwargs)
+        self.affine = None if scale is None else ChannelAffine(scale, shift)
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        y = input if self.affine is None else self.affine(input)
+        if residual is not None:
+            y = y + residual
+        return _activate(y, self.act, self.act_kwargs, inplace=y is not input)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}" + ("" if self.affine is None else ", with the BN's affine map")
 
 
 def _coefficients(bn: nn.Module) -> Tuple[Tensor, Tensor]:
@@ -69,9 +91,12 @@ def fold_into(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias.copy_(new_bias)
 
 
-def _affine_of(bn: nn.Module) -> ChannelAffine:
+def _affine_of(bn: nn.Module) -> nn.Module:
+    """The fixed map an unfolded BN computes in eval mode (with its activation, if any)."""
     scale, shift = _coefficients(bn)
     dt = bn.running_mean.dtype
+    if isinstance(bn, _BatchNormAct):
+        return FoldedAct(bn.act, bn.act_kwargs, scale.to(dt), shift.to(dt))
     return ChannelAffine(scale.to(dt), shift.to(dt))
 
 
@@ -106,7 +131,8 @@ def fold(model: nn.Module) -> nn.Module:
     :class:`FoldWarning` names those left as affine maps. BNs without running statistics
     (track_running_stats=False) are left as they are, with a warning, and so are subclasses
     that add behaviour to a BN class (an activation, say: :func:`batchnorm.added_behaviour`),
-    which folding as plain BN would drop. ``model`` is untouched.
+    which folding as plain BN would drop; this package's BN + activation layers fold their BN
+    part and keep the rest (:class:`FoldedAct`). ``model`` is untouched.
     """
     model_copy = copy.deepcopy(model)
     _strip_freeze_hooks(model_copy)
@@ -162,14 +188,14 @@ def _trace(model: nn.Module):
         # Every BN layer whole, whatever package defines it (a subclass that adds behaviour
         # too: fold keeps it as it is).
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return is_batchnorm(m) or isinstance(m, ChannelAffine) or super().is_leaf_module(m, qualname)
+            return is_batchnorm(m) or isinstance(m, (ChannelAffine, FoldedAct)) or super().is_leaf_module(m, qualname)
 
     graph = _Tracer().trace(model)
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
 def _left_as_is(name: str, bn: nn.Module) -> bool:
-    why = added_behaviour(bn)
+    why = None if isinstance(bn, _BatchNormAct) and type(bn).__module__.startswith("batchnorm.") else added_behaviour(bn)
     if why:
         warnings.warn(f"fold: BN layer {name!r} ({type(bn).__name__}) is a subclass that adds behaviour ({why}); "
                       "folding it as a plain BN would drop that, so it is left as it is", FoldWarning, stacklevel=3)
@@ -199,15 +225,21 @@ def _fold_graph(gm):
             continue
         prev = node.args[0] if node.args else None
         prev_mod = modules.get(prev.target) if getattr(prev, "op", None) == "call_module" else None
+        act = isinstance(bn, _BatchNormAct)
         foldable = (
             isinstance(prev_mod, _FOLDABLE)
             and len(prev.users) == 1
             and calls.get(prev.target, 0) == 1
             and calls.get(node.target, 0) == 1
-            and len(node.args) == 1 and not node.kwargs
+            and (len(node.args) == 1 or act) and (not node.kwargs or act)
             and prev_mod.weight.size(0) == bn.running_mean.numel()
         )
-        if foldable:
+        if foldable and act:
+            # BN into the layer before; the residual add and the activation stay.
+            fold_into(prev_mod, bn)
+            affine[node.target] = FoldedAct(bn.act, bn.act_kwargs)
+            _set_submodule(gm, node.target, affine[node.target])
+        elif foldable:
             fold_into(prev_mod, bn)
             node.replace_all_uses_with(prev)
             gm.graph.erase_node(node)
@@ -231,9 +263,10 @@ def _fold_sequential(model: nn.Module, reason: str) -> nn.Module:
         for a, b in zip(names, names[1:]):
             layer, bn = parent._modules[a], parent._modules[b]
             if (isinstance(layer, _FOLDABLE) and is_batchnorm(bn) and bn.running_mean is not None
-                    and added_behaviour(bn) is None and layer.weight.size(0) == bn.running_mean.numel()):
+                    and (added_behaviour(bn) is None or isinstance(bn, _BatchNormAct))
+                    and layer.weight.size(0) == bn.running_mean.numel()):
                 fold_into(layer, bn)
-                parent._modules[b] = FoldedAway()
+                parent._modules[b] = FoldedAct(bn.act, bn.act_kwargs) if isinstance(bn, _BatchNormAct) else FoldedAway()
                 folded.add(id(bn))
     left: List[str] = []
     for name, m in list(model.named_modules()):

@@ -30,6 +30,7 @@ class _BatchNormBase(_BatchNorm):
 
     _ranks: Tuple[int, ...] = ()
     _name = "BatchNorm"
+    _plain_bn = True  # see added_behaviour
 
     def __init__(
         self,
@@ -86,6 +87,12 @@ class _BatchNormBase(_BatchNorm):
         if self.frozen:
             s += ", frozen=True"
         return s
+
+    def _fx_call(self, *args) -> fx.Proxy:
+        """Under torch.fx symbolic tracing (fx.symbolic_trace, feature extractors, fold) the
+        layer is one call_module node, as torch.nn's BN layers are, not its internals."""
+        tracer = args[0].tracer
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What torch.jit.script compiles in place of this layer: torch.nn's own class of
@@ -158,11 +165,7 @@ class _BatchNormBase(_BatchNorm):
 
     def _forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if isinstance(input, fx.Proxy):
-            # torch.fx symbolic tracing (fx.symbolic_trace, feature extractors, fold): the
-            # layer is one call_module node, as torch.nn's BN layers are, not its internals.
-            tracer = input.tracer
-            args = (input,) if mask is None else (input, mask)
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
+            return self._fx_call(input) if mask is None else self._fx_call(input, mask)
         if torch._C._get_tracing_state() is not None:
             with F.traced_checks():
                 return self._step(input, mask)
@@ -253,6 +256,7 @@ class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
     _ranks = (2, 3)
     _name = "BatchNorm1d"
     _torch_class = nn.BatchNorm1d
+    _plain_bn = True
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return self._forward(input, mask)
@@ -279,6 +283,7 @@ class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
     _ranks = (4,)
     _name = "BatchNorm2d"
     _torch_class = nn.BatchNorm2d
+    _plain_bn = True
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input)
@@ -302,6 +307,7 @@ class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
     _ranks = (5,)
     _name = "BatchNorm3d"
     _torch_class = nn.BatchNorm3d
+    _plain_bn = True
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input)
@@ -312,6 +318,7 @@ class _LazyBatchNorm(LazyModuleMixin):
     LazyBatchNorm layers do; the layer then becomes ``cls_to_become``."""
 
     cls_to_become = None
+    _plain_bn = True
 
     def __init__(self, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, **kwargs) -> None:
@@ -370,32 +377,37 @@ class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
     __doc__ = _LAZY.format(summary="A BatchNorm1d whose num_features is inferred at the first forward.",
                            base="BatchNorm1d", name="LazyBatchNorm1d", shape="4, 16")
     cls_to_become = BatchNorm1d
+    _plain_bn = True
 
 
 class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
     __doc__ = _LAZY.format(summary="A BatchNorm2d whose num_features is inferred at the first forward.",
                            base="BatchNorm2d", name="LazyBatchNorm2d", shape="4, 16, 8, 8")
     cls_to_become = BatchNorm2d
+    _plain_bn = True
 
 
 class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
     __doc__ = _LAZY.format(summary="A BatchNorm3d whose num_features is inferred at the first forward.",
                            base="BatchNorm3d", name="LazyBatchNorm3d", shape="2, 16, 4, 4, 4")
     cls_to_become = BatchNorm3d
+    _plain_bn = True
 
 
 # What a class body may hold without adding behaviour (the class machinery, docs).
 _NOTHING = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
-            "__firstlineno__", "__static_attributes__", "__parameters__", "__orig_bases__"}
+            "__firstlineno__", "__static_attributes__", "__parameters__", "__orig_bases__", "__abstractmethods__",
+            "_abc_impl", "_name", "_ranks", "_torch_class"}
 
 
 def added_behaviour(module: nn.Module) -> Optional[str]:
-    """What a BN layer's class adds beyond torch.nn's or this package's BN classes (methods,
-    attributes, submodules: e.g. timm's BatchNormAct2d and its activation), in words; None
-    if it adds nothing, so that replacing it by a plain BN layer keeps its function.
-    Model tools (convert, fold, convert_sync_batchnorm) leave or refuse such layers."""
+    """What a BN layer's class adds beyond torch.nn's or this package's plain BN classes
+    (methods, attributes, submodules: an activation, as timm's BatchNormAct2d and ours add),
+    in words; None if it adds nothing, so that replacing it by a plain BN layer keeps its
+    function. Model tools (convert, fold, convert_sync_batchnorm) treat such layers apart.
+    A plain class is one of torch's or one that sets ``_plain_bn = True`` in its body."""
     for klass in type(module).__mro__:
-        if klass in (nn.Module, object) or klass.__module__.split(".")[0] in ("torch", "batchnorm"):
+        if klass in (nn.Module, object) or klass.__module__.split(".")[0] == "torch" or vars(klass).get("_plain_bn"):
             break
         extra = sorted(set(vars(klass)) - _NOTHING)
         if extra:

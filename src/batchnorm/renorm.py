@@ -91,6 +91,8 @@ class _BatchRenorm(_BatchNormBase):
     def _limits(self):
         return self.current_limits()
 
+    _plain_bn = True
+
     def _script_refusal(self):
         return "is Batch Renormalization"
 
@@ -127,6 +129,7 @@ class BatchRenorm1d(_BatchRenorm):
 
     _ranks = (2, 3)
     _name = "BatchRenorm1d"
+    _plain_bn = True  # (a BN variant of this package: no added behaviour)
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return self._forward(input, mask)
@@ -147,6 +150,7 @@ class BatchRenorm2d(_BatchRenorm):
 
     _ranks = (4,)
     _name = "BatchRenorm2d"
+    _plain_bn = True  # (a BN variant of this package: no added behaviour)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input)
@@ -167,6 +171,7 @@ class BatchRenorm3d(_BatchRenorm):
 
     _ranks = (5,)
     _name = "BatchRenorm3d"
+    _plain_bn = True  # (a BN variant of this package: no added behaviour)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input)

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Tuple
 from torch import nn
 from torch.ao.quantization import fuser_method_mappings as _fusers
 
-from . import modules, renorm
+from . import act, modules, renorm
 from .distributed import SyncBatchNorm
 from .fold import _HOOK_ATTR
 from .modules import _BatchNormBase, added_behaviour
@@ -22,7 +22,7 @@ class ConvertWarning(UserWarning):
 
 # Known classes, most derived first: what each becomes.
 _TARGETS: Tuple[Tuple[type, type], ...] = tuple(
-    (k, k) for k in (renorm.BatchRenorm1d, renorm.BatchRenorm2d, renorm.BatchRenorm3d, modules.LazyBatchNorm1d,
+    (k, k) for k in (act.BatchNormAct1d, act.BatchNormAct2d, act.BatchNormAct3d, renorm.BatchRenorm1d, renorm.BatchRenorm2d, renorm.BatchRenorm3d, modules.LazyBatchNorm1d,
                      modules.LazyBatchNorm2d, modules.LazyBatchNorm3d, modules.BatchNorm1d, modules.BatchNorm2d,
                      modules.BatchNorm3d, SyncBatchNorm)
 ) + (
@@ -33,7 +33,7 @@ _TARGETS: Tuple[Tuple[type, type], ...] = tuple(
 
 # Options a converted layer takes (each class accepts those its constructor has).
 _OPTIONS = ("eps", "momentum", "virtual_batch_size", "nonfinite", "impl", "r_max", "d_max")
-_EXTRAS = ("virtual_batch_size", "nonfinite", "impl", "r_max", "d_max")
+_EXTRAS = ("virtual_batch_size", "nonfinite", "impl", "r_max", "d_max", "act", "act_kwargs", "inplace")
 
 
 def _target(m: nn.Module):
@@ -49,7 +49,7 @@ def _rebuild(m: nn.Module, target: type, options: Dict[str, Any]) -> nn.Module:
                           "track_running_stats": m.track_running_stats, "device": "meta",
                           "bias": not m.affine or m.bias is not None}
     for k in _EXTRAS:
-        if hasattr(m, k) and k in _accepted(target):
+        if hasattr(m, k) and (k in _accepted(target) or k.startswith(("act", "inplace"))):
             kw[k] = getattr(m, k)
     kw.update(options)
     if target is SyncBatchNorm:
@@ -131,7 +131,7 @@ def convert(model: nn.Module, **options) -> nn.Module:
         target = _target(m)
         if target is None:
             continue
-        why = added_behaviour(m)
+        why = added_behaviour(m) if type(m) is not target else None  # our own classes keep theirs
         if why:
             left.append(f"{name or 'model'} ({type(m).__name__}: {why})")
             continue

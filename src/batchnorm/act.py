@@ -1,0 +1,275 @@
+"""BN followed by an activation, after an optional residual add, as one layer:
+``act(BN(input) + residual)``, with an in-place mode that keeps one tensor for the backward.
+
+The in-place mode follows In-Place Activated BatchNorm (Rota Bulo et al., CVPR 2018): for
+an invertible activation the backward needs only the output, from which it recovers the
+pre-activation z = act^-1(y) and the normalized value xhat = (z - beta - residual) / gamma,
+so the layer overwrites its input and saves the output alone (and the residual, if any;
+in a residual network it is the block's input, which the network keeps anyway).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as torch_F
+from torch import Tensor
+
+from . import _stats
+from . import functional as F
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "ACTIVATIONS", "INPLACE_ACTIVATIONS"]
+
+#: The activations and their keyword arguments (defaults as torch.nn.functional's).
+ACTIVATIONS: Dict[str, Dict[str, Any]] = {
+    "identity": {},
+    "relu": {},
+    "leaky_relu": {"negative_slope": 0.01},
+    "elu": {"alpha": 1.0},
+    "silu": {},
+    "gelu": {"approximate": "none"},
+}
+
+#: The invertible ones, which inplace=True accepts (leaky_relu with a slope > 0, elu with
+#: alpha > 0). ReLU loses the value wherever it outputs 0; SiLU and GELU are not monotonic.
+INPLACE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
+
+
+def _activate(y: Tensor, act: str, kw: Dict[str, Any], inplace: bool) -> Tensor:
+    """act(y); in place on ``y`` where the activation's backward needs only its output."""
+    if act == "identity":
+        return y
+    if act == "relu":
+        return torch.relu_(y) if inplace else torch.relu(y)
+    if act == "leaky_relu":
+        return torch_F.leaky_relu(y, kw["negative_slope"], inplace=inplace)
+    if act == "elu":
+        return torch_F.elu(y, kw["alpha"], inplace=inplace)
+    if act == "silu":
+        return torch_F.silu(y)
+    return torch_F.gelu(y, approximate=kw["approximate"])
+
+
+def _invert(y: Tensor, act: str, kw: Dict[str, Any]):
+    """(z, act'(z)) from y = act(z), for the invertible activations."""
+    if act == "identity":
+        return y, torch.ones_like(y)
+    if act == "leaky_relu":
+        s = kw["negative_slope"]
+        pos = y >= 0
+        return torch.where(pos, y, y / s), pos.to(y.dtype) * (1.0 - s) + s  # 1 or s, in y's dtype
+    alpha = kw["alpha"]  # elu: y = alpha * (exp(z) - 1) for z <= 0
+    pos = y > 0
+    return torch.where(pos, y, torch.log1p(y / alpha)), torch.where(pos, torch.ones_like(y), y + alpha)
+
+
+class _InplaceBNAct(torch.autograd.Function):
+    """y = act(gamma * (x - mean) * invstd + beta + residual) written into x. ``mean`` and
+    ``invstd`` (C,) are the batch's (``batch``: their gradient is part of the backward, as
+    Section 3 derives it) or the running ones. Saves y (and the residual), not x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, mean, invstd, batch, act, kw):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+        shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
+        x.mul_(scale.view(shape).to(x.dtype)).add_(shift.view(shape).to(x.dtype))
+        if residual is not None:
+            x.add_(residual)
+        _activate(x, act, kw, inplace=True)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x, weight, bias, residual, invstd)
+        ctx.batch, ctx.act, ctx.kw = batch, act, kw
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            # A second derivative needs how invstd depends on x, and x is gone (that is the
+            # point). Refused loudly: a once-differentiable backward would give silent zeros.
+            raise RuntimeError("BatchNormAct with inplace=True has first derivatives only (its input was "
+                               "overwritten); for double backward (create_graph=True) use inplace=False")
+        y, weight, bias, residual, invstd = ctx.saved_tensors
+        dt = invstd.dtype
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        dims = [d for d in range(y.dim()) if d != 1]
+        z, slope = _invert(y.to(dt), ctx.act, ctx.kw)
+        dz = dy.to(dt) * slope
+        if residual is not None:
+            z = z - residual.to(dt)
+        if bias is not None:
+            z = z - bias.to(dt).view(shape)
+        gamma = None if weight is None else weight.to(dt).view(shape)
+        xhat = z if gamma is None else z / gamma
+        dbeta = dz.sum(dims)
+        dgamma = (dz * xhat).sum(dims)
+        g = invstd.view(shape) if gamma is None else gamma * invstd.view(shape)
+        if ctx.batch:
+            m = y.numel() // y.size(1)
+            dx = g * (dz - (dbeta / m).view(shape) - xhat * (dgamma / m).view(shape))
+        else:
+            dx = g * dz
+        need = ctx.needs_input_grad
+        return (dx.to(y.dtype) if need[0] else None,
+                dgamma.to(weight.dtype) if weight is not None and need[1] else None,
+                dbeta.to(bias.dtype) if bias is not None and need[2] else None,
+                dz.to(residual.dtype) if residual is not None and need[3] else None,
+                None, None, None, None, None)
+
+
+class _BatchNormAct:
+    """What BatchNormAct1d/2d/3d add to their BatchNorm class."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, act: str = "relu",
+                 act_kwargs: Optional[Dict[str, Any]] = None, inplace: bool = False, **kwargs) -> None:
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{self._name}: act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+        extra = sorted(set(act_kwargs or {}) - set(ACTIVATIONS[act]))
+        if extra:
+            raise TypeError(f"{self._name}: act={act!r} takes no {', '.join(extra)}; it takes "
+                            f"{', '.join(ACTIVATIONS[act]) or 'no arguments'}")
+        kw = {**ACTIVATIONS[act], **(act_kwargs or {})}
+        if inplace:
+            if act not in INPLACE_ACTIVATIONS:
+                raise ValueError(
+                    f"{self._name}: inplace=True needs an invertible activation (the backward recovers BN's "
+                    f"normalized value from the output), and {act} is not: use act='leaky_relu' (e.g. "
+                    "negative_slope=0.01), 'elu' or 'identity', or inplace=False")
+            if act == "leaky_relu" and not kw["negative_slope"] > 0:
+                raise ValueError(f"{self._name}: inplace=True with leaky_relu needs negative_slope > 0, got "
+                                 f"{kw['negative_slope']!r}")
+            if act == "elu" and not kw["alpha"] > 0:
+                raise ValueError(f"{self._name}: inplace=True with elu needs alpha > 0, got {kw['alpha']!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self.act = act
+        self.act_kwargs = kw
+        self.inplace = inplace
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", act={self.act!r}"
+        if self.act_kwargs:
+            s += ", act_kwargs=" + repr(self.act_kwargs)
+        return s + (", inplace=True" if self.inplace else "")
+
+    def _script_refusal(self) -> Optional[str]:
+        return f"adds an activation ({self.act})"
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):  # one call_module node, as for our BN layers
+            return self._fx_call(input) if residual is None else self._fx_call(input, residual)
+        if self.inplace and isinstance(input, Tensor) and self._inplace_applies():
+            return self._inplace_step(input, residual)
+        y = self._forward(input)
+        if residual is not None:
+            y = y + residual
+        # BN's output is a fresh tensor that autograd does not save: relu, leaky_relu and
+        # elu act on it in place (their backward needs only their output).
+        return _activate(y, self.act, self.act_kwargs, inplace=True)
+
+    def _inplace_applies(self) -> bool:
+        """The in-place path runs eagerly on plain batches; elsewhere (graph capture,
+        torch.func transforms, forward-mode AD, ghost batches, synchronized statistics,
+        population statistics being gathered) the layer runs out of place."""
+        return (F.capture_mode() is None and self.virtual_batch_size is None and not self.sync
+                and not (F.statistics_sinks and F.statistics_sinks.get(self) is not None))
+
+    def _inplace_step(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        F.check_input(input, self.num_features, self._ranks, self._name)
+        if input.requires_grad and input.is_leaf:
+            raise RuntimeError(f"{self._name}: inplace=True overwrites its input, but the input is a leaf tensor "
+                               "that requires grad (autograd needs it as it is); pass a computed tensor, or "
+                               "use inplace=False")
+        if residual is not None and (not isinstance(residual, Tensor) or residual.shape != input.shape
+                                     or residual.dtype != input.dtype or residual.device != input.device):
+            raise ValueError(f"{self._name}: residual must be a tensor of the input's shape, dtype and device "
+                             f"{tuple(input.shape)}, {input.dtype}, {input.device}; got "
+                             f"{tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__}")
+        weight, bias = self.weight, self.bias
+        running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
+        training = self.training and not self.frozen
+        batch = training or running_mean is None
+        update = training and self.track_running_stats and running_mean is not None
+        _stats.check_arguments(input, weight, bias, running_mean, running_var, self._name, nbt, training=update)
+        if batch:
+            F.check_training_count(input, input.numel() // self.num_features, self._name)
+            if not self.eps > 0:
+                raise ValueError(f"{self._name}: eps must be positive in training, got {self.eps!r}")
+        if weight is not None and bool((weight == 0).any()):
+            raise ValueError(f"{self._name}: inplace=True divides by gamma (weight) to recover the normalized "
+                             "value, and some channel's gamma is 0; use inplace=False for this layer")
+        if update and self.momentum is None and nbt is None:
+            raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
+        with torch.no_grad():
+            if batch:
+                mean, var, count, _, _ = _stats.batch_stats(_stats.grouped_view(input.detach(), 1))
+                mean, var = mean.flatten(), var.flatten()
+                if update:
+                    _stats.update_running_stats(running_mean, running_var, nbt, mean,
+                                                _stats.unbiased(var, count.flatten()), self.momentum,
+                                                self.nonfinite, self._name)
+            else:
+                dt = _stats.stat_dtype(input.dtype)
+                mean, var = running_mean.to(dt), running_var.to(dt)
+            invstd = torch.rsqrt(var + self.eps)
+        return _InplaceBNAct.apply(input, weight, bias, residual, mean, invstd, batch, self.act, self.act_kwargs)
+
+
+_DOC = """BN then an activation, after an optional residual add: ``act(BN(input) + residual)``,
+    over {shape} input.
+
+    A :class:`batchnorm.{base}` in every sense (its subclass: the same parameters, buffers
+    and state_dict, so a torch.nn.{base} checkpoint loads; ghost batches, the NaN guard,
+    freezing, population statistics, synchronized statistics through
+    ``convert_sync_batchnorm``), plus the activation.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
+            virtual_batch_size, nonfinite, impl: as :class:`batchnorm.{base}`'s.
+        act: "identity", "relu", "leaky_relu", "elu", "silu" or "gelu". Default: "relu".
+        act_kwargs: the activation's arguments: ``negative_slope`` (leaky_relu, default
+            0.01), ``alpha`` (elu, 1.0), ``approximate`` (gelu, "none" or "tanh").
+        inplace: overwrite the input with the output and save only the output for the
+            backward (and the residual, if given), recovering BN's normalized value from it
+            (In-Place ABN). Only for invertible activations: "identity", "leaky_relu" with
+            negative_slope > 0, "elu" with alpha > 0; every gamma must be nonzero; the
+            input must not be a leaf that requires grad. It runs eagerly on plain batches;
+            under graph capture, torch.func transforms, forward-mode AD, ghost batches or
+            synchronized statistics the layer runs out of place (the input is left as it
+            is). Its backward has first derivatives only (create_graph=True raises; inplace=False
+            layers differentiate to any order). Default: False.
+
+    What the backward keeps, per layer: out of place, the BN's input and output (relu,
+    leaky_relu, elu act on the output in place, so no third tensor) or, for silu and gelu,
+    the BN's input and the activation's input; in place, the output (and the residual).
+
+    Shape:
+        Input: {shape}; residual (optional): the input's shape. Output: the input's shape.
+
+    Example::
+
+        >>> m = {name}(16, act="leaky_relu", act_kwargs={{"negative_slope": 0.1}})
+        >>> y = m(torch.randn({example}), residual=torch.randn({example}))
+        >>> y.shape
+        torch.Size([{size}])
+    """
+
+
+class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
+    __doc__ = _DOC.format(shape="(N, C) or (N, C, L)", base="BatchNorm1d", name="BatchNormAct1d",
+                          example="8, 16", size="8, 16")
+    _name = "BatchNormAct1d"
+
+
+class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
+    __doc__ = _DOC.format(shape="(N, C, H, W)", base="BatchNorm2d", name="BatchNormAct2d",
+                          example="4, 16, 8, 8", size="4, 16, 8, 8")
+    _name = "BatchNormAct2d"
+
+
+class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
+    __doc__ = _DOC.format(shape="(N, C, D, H, W)", base="BatchNorm3d", name="BatchNormAct3d",
+                          example="2, 16, 4, 4, 4", size="2, 16, 4, 4, 4")
+    _name = "BatchNormAct3d"

@@ -1,0 +1,213 @@
+"""BatchNormAct1d/2d/3d: act(BN(x) + residual) against torch.nn's BN followed by the same
+activation; the in-place mode against the out-of-place one; model tools."""
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as tF
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+
+import batchnorm as bn
+
+ACTS = {"identity": ({}, lambda y: y), "relu": ({}, tF.relu),
+        "leaky_relu": ({"negative_slope": 0.2}, lambda y: tF.leaky_relu(y, 0.2)),
+        "elu": ({"alpha": 0.7}, lambda y: tF.elu(y, 0.7)), "silu": ({}, tF.silu),
+        "gelu": ({"approximate": "tanh"}, lambda y: tF.gelu(y, approximate="tanh"))}
+INPLACE = ["identity", "leaky_relu", "elu"]
+SHAPES = {"small": (4, 6, 5, 5), "fused": (16, 16, 16, 16)}  # 65,536 elements: the kernels' sizes
+
+
+def _pair(act, c, inplace=False, **kw):
+    ours = bn.BatchNormAct2d(c, act=act, act_kwargs=ACTS[act][0], inplace=inplace, **kw).double()
+    theirs = nn.BatchNorm2d(c).double()
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(theirs.state_dict())  # a torch.nn checkpoint loads
+    return ours, theirs
+
+
+@pytest.mark.parametrize("size,memory_format", [("small", torch.contiguous_format), ("fused", torch.contiguous_format),
+                                                ("fused", torch.channels_last)])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("act", ACTS)
+def test_matches_torch_bn_then_activation_over_steps(act, residual, size, memory_format):
+    shape = SHAPES[size]
+    ours, theirs = _pair(act, shape[1])
+    f = ACTS[act][1]
+    for step in range(2):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + step).to(memory_format=memory_format)
+        r = torch.randn(shape, dtype=torch.float64) if residual else None
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ra, rb = (r.clone().requires_grad_(), r.clone().requires_grad_()) if residual else (None, None)
+        ya = ours(xa, ra)
+        yb = f(theirs(xb) + rb) if residual else f(theirs(xb))
+        torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
+        g = torch.randn(shape, dtype=torch.float64)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-10)
+        if residual:
+            torch.testing.assert_close(ra.grad, rb.grad, rtol=1e-9, atol=1e-10)
+        for p, q in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-12, atol=1e-12)
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 2
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(ours.eval()(x), f(theirs.eval()(x)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("act", INPLACE)
+@pytest.mark.parametrize("training", [True, False])
+def test_inplace_equals_out_of_place(act, residual, size, training):
+    shape = SHAPES[size]
+    out, _ = _pair(act, shape[1])
+    inp = copy.deepcopy(out)
+    inp.inplace = True
+    out.train(training)
+    inp.train(training)
+    for _ in range(2):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        r = torch.randn(shape, dtype=torch.float64, requires_grad=True) if residual else None
+        ya = out(x * 1.5, r)
+        h = x * 1.5
+        yb = inp(h, r)
+        assert yb.data_ptr() == h.data_ptr()  # written over its input
+        torch.testing.assert_close(yb, ya, rtol=1e-10, atol=1e-10)
+        g = torch.randn(shape, dtype=torch.float64)
+        grads_a = torch.autograd.grad(ya, [x, out.weight, out.bias] + ([r] if residual else []), g)
+        grads_b = torch.autograd.grad(yb, [x, inp.weight, inp.bias] + ([r] if residual else []), g)
+        for a, b in zip(grads_a, grads_b):
+            torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(inp.running_mean, out.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inp.running_var, out.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_gradcheck_and_gradgradcheck(act, inplace, residual):
+    if inplace and act not in INPLACE:
+        pytest.skip("in place only for invertible activations")
+    m = bn.BatchNormAct1d(2, act=act, act_kwargs=ACTS[act][0], inplace=inplace).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b, r):
+        return _functional(m, x, w, b, r if residual else None)
+
+    args = (x, w, b, r)
+    # forward AD and batched gradients (the costly checks) with the residual (under forward
+    # AD the layer runs out of place)
+    assert gradcheck(f, args, check_forward_ad=residual, check_batched_grad=residual)
+    if inplace:  # the in-place backward has first derivatives only, and says so
+        with pytest.raises(RuntimeError, match="first derivatives only"):
+            gradgradcheck(f, args)
+    else:
+        assert gradgradcheck(f, args, check_batched_grad=residual)
+
+
+def _functional(m, x, w, b, r):
+    """The module's computation with w, b as differentiable inputs and x cloned first (the
+    in-place mode overwrites its input)."""
+    saved = m._parameters["weight"], m._parameters["bias"]
+    m._parameters["weight"], m._parameters["bias"] = w, b
+    try:
+        return m(x * 1.0, r)
+    finally:
+        m._parameters["weight"], m._parameters["bias"] = saved
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+def test_inplace_refuses_non_invertible_activations(act):
+    with pytest.raises(ValueError, match="leaky_relu"):
+        bn.BatchNormAct2d(4, act=act, inplace=True)
+
+
+def test_inplace_error_cases_change_nothing():
+    with pytest.raises(ValueError, match="negative_slope > 0"):
+        bn.BatchNormAct2d(4, act="leaky_relu", act_kwargs={"negative_slope": 0.0}, inplace=True)
+    with pytest.raises(TypeError, match="takes no alpha"):
+        bn.BatchNormAct2d(4, act="relu", act_kwargs={"alpha": 1.0})
+    with pytest.raises(ValueError, match="act must be one of"):
+        bn.BatchNormAct2d(4, act="tanh")
+    m = bn.BatchNormAct2d(4, act="leaky_relu", inplace=True)
+    leaf = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        m(leaf)
+    with torch.no_grad():
+        m.weight[1] = 0
+    x = torch.randn(2, 4, 3, 3)
+    before = x.clone()
+    with pytest.raises(ValueError, match="gamma"):
+        m(x)
+    torch.testing.assert_close(x, before)  # nothing overwritten
+    assert m.num_batches_tracked == 0
+    with pytest.raises(ValueError, match="residual"):
+        bn.BatchNormAct2d(4, act="elu", inplace=True)(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3))
+
+
+def test_inplace_saves_only_the_output():
+    m = bn.BatchNormAct2d(8, act="leaky_relu", inplace=True)
+    x = torch.randn(8, 8, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h = x * 2
+        m(h)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == h.data_ptr()  # the output, in the input's storage
+
+
+def test_fx_fold_convert_and_sync_keep_the_activation():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = bn.BatchNormAct2d(4, act="leaky_relu", act_kwargs={"negative_slope": 0.1})
+            self.other = bn.BatchNormAct2d(4, act="elu")
+
+        def forward(self, x):
+            return self.other(self.bn(self.conv(x), x), x)
+
+    model = Block()
+    model(torch.randn(8, 4, 6, 6))
+    gm = fx.symbolic_trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv", "bn", "other"]
+    model.eval()
+    x = torch.randn(2, 4, 6, 6)
+    folded = bn.fold(model)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    kinds = {type(m).__name__ for m in folded.modules()}
+    assert "FoldedAct" in kinds and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    converted = bn.convert(copy.deepcopy(model), nonfinite="raise")
+    assert type(converted.bn) is bn.BatchNormAct2d and converted.bn.act == "leaky_relu"
+    assert converted.bn.nonfinite == "raise"
+    torch.testing.assert_close(converted(x), model(x))
+    synced = bn.convert_sync_batchnorm(copy.deepcopy(model))
+    assert type(synced.bn) is bn.BatchNormAct2d and synced.bn.sync
+    torch.testing.assert_close(synced(x), model(x))
+
+
+def test_population_statistics_and_freeze_with_inplace():
+    m = bn.BatchNormAct2d(4, act="leaky_relu", inplace=True, momentum=0.3)
+    ref = nn.BatchNorm2d(4, momentum=None)
+    batches = [torch.randn(8, 4, 5, 5) + i for i in range(3)]
+    bn.population_statistics(m, [b.clone() for b in batches])
+    for b in batches:
+        ref(b)
+    torch.testing.assert_close(m.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    bn.freeze(m)
+    m.train()
+    x = torch.randn(8, 4, 5, 5)
+    expected = tF.leaky_relu(ref.eval()(x), 0.01)
+    torch.testing.assert_close(m(x.clone()), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
