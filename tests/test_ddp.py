@@ -1,5 +1,6 @@
 """torchrun smoke run of the harness: DDP + SyncBatchNorm on 2 gloo processes equals one process."""
 
+import datetime
 import json
 import os
 import subprocess
@@ -7,6 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+
+from bnrepro import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +77,31 @@ def test_bind_to_cores_gives_each_local_rank_its_own_share():
                          timeout=120, check=True, env=env)
     kept, now = json.loads(out.stdout)
     assert kept == now == allowed
+
+
+def test_process_group_gets_a_timeout(monkeypatch):
+    """bnrepro's process group times out after $BNREPRO_PG_TIMEOUT_S seconds (default 300),
+    not torch's 30 minutes: a rank whose peer died stops waiting. Checked on the keyword
+    arguments given to init_process_group (no process group is made, nothing waits)."""
+    monkeypatch.delenv("BNREPRO_PG_TIMEOUT_S", raising=False)
+    assert runtime.process_group_options(False) == {"backend": "gloo", "timeout": datetime.timedelta(seconds=300)}
+    assert runtime.process_group_options(True)["backend"] == "nccl"
+    monkeypatch.setenv("BNREPRO_PG_TIMEOUT_S", "42.5")
+    assert runtime.process_group_options(False)["timeout"] == datetime.timedelta(seconds=42.5)
+    for bad in ("soon", "0", "-3", "inf", "nan"):
+        monkeypatch.setenv("BNREPRO_PG_TIMEOUT_S", bad)
+        with pytest.raises(runtime.UsageError, match=f"BNREPRO_PG_TIMEOUT_S must be a positive number of seconds, "
+                                                     f"got '{bad}'"):
+            runtime.process_group_options(False)
+    # distributed() passes them on under torchrun (WORLD_SIZE > 1).
+    seen = {}
+    monkeypatch.setenv("BNREPRO_PG_TIMEOUT_S", "7")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("BNREPRO_BIND_CORES", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert runtime.distributed() == (1, 2)
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=7)}

@@ -250,6 +250,81 @@ def test_channel_mismatch_is_a_clear_error_not_a_hang():
         assert "ranks disagree on the number of channels: [3, 4]" in msg
 
 
+def two_layers():
+    return nn.Sequential(init_params(bn.BatchNorm1d(C)), init_params(bn.BatchNorm1d(C, momentum=0.3)))
+
+
+def order_worker(rank, world):
+    """Two same-width layers called in swapped order on the two ranks, then the same two
+    (converted) layers in the same order, on one process group."""
+    a, b = bn.SyncBatchNorm(C), bn.SyncBatchNorm(C)
+    x = torch.randn(4, C, 5)
+    out = {"numbers": (a._sync_layer, b._sync_layer)}
+    try:
+        for m in ((a, b) if rank == 0 else (b, a)):
+            m(x)
+        out["swapped"] = "no error"
+    except RuntimeError as exc:
+        out["swapped"] = str(exc)
+    out["untouched"] = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.item()) for m in (a, b)]
+    # The ranks stay in step after the error: the same order works, and equals one process.
+    net = bn.convert_sync_batchnorm(two_layers())
+    xf, gy = full_batch(8, (5,), seed=5)
+    xl = xf[4 * rank:4 * rank + 4].clone().requires_grad_()
+    y = net(xl)
+    y.backward(gy[4 * rank:4 * rank + 4])
+    out["same"] = {"y": y.detach(), "gx": xl.grad,
+                   "state": [(m.weight.grad, m.bias.grad, m.running_mean, m.running_var) for m in net]}
+    return out
+
+
+def test_layers_called_in_swapped_order_are_an_error_on_every_rank():
+    results = ok(run_ranks(order_worker, world=2, timeout=120))
+    for rank, r in enumerate(results):
+        msg = r["swapped"]
+        assert msg.startswith("SyncBatchNorm: rank 1 called a different synchronized layer than rank 0 at "
+                              "synchronized call #1 on this process group"), msg
+        na, nb = r["numbers"]  # creation order, the same on both ranks
+        assert nb == na + 1
+        assert f"rank 0 called its synchronized layer #{na} (call #1), rank 1 its #{nb} (call #1)" in msg, msg
+        assert "every rank must call the same synchronized layers in the same order" in msg, msg
+        assert f"this process's layer #{(na, nb)[rank]}: SyncBatchNorm(3" in msg, msg
+        for rm, rv, nbt in r["untouched"]:  # neither layer's running statistics changed
+            assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C)) and nbt == 0
+    xf, gy = full_batch(8, (5,), seed=5)
+    ref = two_layers()
+    xr = xf.clone().requires_grad_()
+    y = ref(xr)
+    y.backward(gy)
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r["same"]["y"] for r in results]), y.detach(), **close)
+    torch.testing.assert_close(torch.cat([r["same"]["gx"] for r in results]), xr.grad, **close)
+    for i, m in enumerate(ref):
+        gw, gb, rm, rv = zip(*(r["same"]["state"][i] for r in results))
+        torch.testing.assert_close(sum(gw), m.weight.grad, **close)
+        torch.testing.assert_close(sum(gb), m.bias.grad, **close)
+        for k in range(2):
+            torch.testing.assert_close(rm[k], m.running_mean, **close)
+            torch.testing.assert_close(rv[k], m.running_var, **close)
+
+
+def test_layer_check_names_what_differs():
+    """check_same_layer on gathered (call number, layer number) rows, without processes:
+    equal rows pass, -1 (a rank under torch.compile's tracing) matches anything, and a
+    call-number mismatch is named as such."""
+    check = _collectives.check_same_layer
+    check(torch.tensor([[3.0, 2.0], [3.0, 2.0]], dtype=torch.float64), None, "SyncBatchNorm")
+    check(torch.tensor([[3.0, 2.0], [-1.0, -1.0]], dtype=torch.float64), None, "SyncBatchNorm")
+    with pytest.raises(RuntimeError, match=r"^BatchRenorm2d: rank 2 is at synchronized call #4 where rank 0 is at #3 "
+                                           r"\(a rank made a training-mode call .*every rank must call the same "
+                                           r"synchronized layers in the same order"):
+        check(torch.tensor([[3.0, 2.0], [3.0, 2.0], [4.0, 2.0]], dtype=torch.float64), None, "BatchRenorm2d")
+    with pytest.raises(RuntimeError, match=r"rank 1 called a different synchronized layer than rank 0 at "
+                                           r"synchronized call #3 .*rank 0 called its synchronized layer #2 "
+                                           r"\(call #3\), rank 1 its #5 \(call #3\)"):
+        check(torch.tensor([[3.0, 2.0], [3.0, 5.0]], dtype=torch.float64), None, "SyncBatchNorm")
+
+
 # -- convert_sync_batchnorm (one process) --------------------------------------------------------
 
 class BatchNormAct2d(nn.BatchNorm2d):

@@ -3,14 +3,19 @@ layer between the statistics (:mod:`batchnorm._stats`) and the operator
 (:mod:`batchnorm._operator`).
 
 Each replica computes its local per-channel (count, mean, biased variance); one all_gather
-per layer in the forward merges them exactly and stably (:func:`gather_stats`, with
+per layer in the forward merges them exactly and stably (:func:`sync_stats`, with
 :func:`batchnorm._stats.merge_stats`), and one collective in the backward sums the two
 per-channel gradient sums of Section 3 (:func:`all_sum`). Waits on CPU collectives poll
 rather than sleep (:data:`poll_ms`).
+
+The forward's message also says which call it is (:func:`check_same_layer`): ranks that
+call synchronized layers in different orders would otherwise merge the statistics of
+different layers without any error.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import weakref
@@ -21,7 +26,8 @@ from torch import Tensor
 
 from ._stats import merge_stats
 
-__all__ = ["poll_ms", "run_collective", "resolve_group", "check_channels", "gather_stats", "sync_stats", "all_sum"]
+__all__ = ["poll_ms", "run_collective", "resolve_group", "check_channels", "number_layer", "check_same_layer",
+           "gather_stats", "sync_stats", "all_sum"]
 
 
 def resolve_group(process_group):
@@ -97,25 +103,113 @@ def check_channels(owner, group, num_features: int, name: str, device) -> None:
         _checked.setdefault(owner, set()).add(group)
 
 
-def gather_stats(local: Tensor, group):
-    """Merge every rank's (3, C) float64 (count, mean, biased var) with one all_gather:
-    the global (count, mean, biased var), each (1, C) float64.
+# -- which call: the layer identity in the forward's message ---------------------------------
 
-    The wire format (shape and dtype) is the same on every code path, so ranks taking
-    different paths (an empty batch, a layout the kernels do not read) still agree."""
+# This process's synchronized layers are numbered in the order it creates them
+# (:func:`number_layer`): ranks that build the same model number the same layer alike, with
+# no communication. (The order of first calls would not do: ranks calling two layers in
+# swapped order would number them swapped too, and agree.)
+_layer_numbers = itertools.count(1)
+
+# The synchronized calls this process has made per process group (weakly held groups: a
+# destroyed group leaves; a new one counts from 0).
+_calls: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def number_layer(module) -> int:
+    """Give ``module`` this process's next synchronized-layer number (SyncBatchNorm and
+    convert_sync_batchnorm call it when they make a layer; a synchronized layer without one
+    gets it at its first synchronized call). Returns the number."""
+    number = next(_layer_numbers)
+    module._sync_layer = number
+    return number
+
+
+def _identity(group, owner, device) -> Tensor:
+    """(call number on ``group``, layer number) of this synchronized call, as (2,) float64
+    (exact integers); (-1, -1), checked by no rank, under torch.compile's tracing, where the
+    Python counters would be baked into the graph as constants (a recompile per call) and
+    the comparison needs a host read of the gathered values."""
+    if torch.compiler.is_compiling():
+        return torch.full((2,), -1.0, dtype=torch.float64, device=device)
+    call = _calls.get(group, 0) + 1
+    _calls[group] = call
+    if owner is None:
+        layer = -1  # a caller without a module: only the call numbers are compared
+    else:
+        layer = owner.__dict__.get("_sync_layer")
+        if layer is None:
+            layer = number_layer(owner)
+    return torch.tensor((float(call), float(layer)), dtype=torch.float64, device=device)
+
+
+def check_same_layer(ident: Tensor, group, name: str, owner=None) -> None:
+    """Raise RuntimeError unless every rank of ``group`` sent the same (call number, layer
+    number): ``ident`` (W, 2), the gathered identities in group rank order, the same on every
+    rank, so every rank raises (naming the first rank that differs from the group's first).
+    -1 (not known to that rank) matches anything. One host read of 2W numbers; no work per
+    channel."""
+    rows = ident.tolist()
+    if rows.count(rows[0]) == len(rows):
+        return
+    first = rows[0]
+    for r, row in enumerate(rows):
+        calls_differ = row[0] != first[0] and min(row[0], first[0]) >= 0
+        layers_differ = row[1] != first[1] and min(row[1], first[1]) >= 0
+        if calls_differ or layers_differ:
+            break
+    else:
+        return
+    ranks = dist.get_process_group_ranks(group) if group is not None and dist.is_initialized() else range(len(rows))
+    me, them = ranks[0], ranks[r]
+    what = (f"rank {them} called a different synchronized layer than rank {me} at synchronized call #{int(first[0])}"
+            if layers_differ else f"rank {them} is at synchronized call #{int(row[0])} where rank {me} is at "
+            f"#{int(first[0])} (a rank made a training-mode call of a synchronized layer that another did not)")
+    mine = f"; this process's layer #{owner.__dict__.get('_sync_layer')}: {owner!r}" if owner is not None else ""
+    raise RuntimeError(
+        f"{name}: {what} on this process group: rank {me} called its synchronized layer #{int(first[1])} "
+        f"(call #{int(first[0])}), rank {them} its #{int(row[1])} (call #{int(row[0])}), so they would merge the "
+        f"statistics of different layers; every rank must call the same synchronized layers in the same order "
+        f"(layers are numbered in the order each process created them, calls in the order each process made "
+        f"them){mine}")
+
+
+def _all_gather(local: Tensor, group) -> Tensor:
+    """Every rank's ``local`` stacked in group rank order: (W, *local.shape)."""
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     run_collective(dist.all_gather, gathered, local, group=group, cpu=local.device.type == "cpu")
-    parts = torch.stack(gathered)                                         # (W, 3, C)
+    return torch.stack(gathered)
+
+
+def gather_stats(local: Tensor, group):
+    """Merge every rank's (3, C) float64 (count, mean, biased var) with one all_gather:
+    the global (count, mean, biased var), each (1, C) float64. (No layer identity travels
+    with it: :func:`sync_stats` adds one.)"""
+    parts = _all_gather(local, group)                                    # (W, 3, C)
     return merge_stats(parts[:, 0], parts[:, 1], parts[:, 2], dim=0)
 
 
 def sync_stats(mean: Tensor, var: Tensor, count: Tensor, group, num_features: int, name: str, owner=None):
     """Global (mean, biased var, count) from each rank's local ones, with one all_gather
-    (and, on the first call per module, the channel check of :func:`check_channels`)."""
+    (and, on the first call per module, the channel check of :func:`check_channels`).
+
+    The message is (3C + 2,) float64: count, mean and biased variance per channel, then this
+    call's number on ``group`` and the layer's number (:func:`check_same_layer`, run on the
+    gathered messages before anything is merged, so before any running statistic changes).
+    Its shape and dtype are the same on every code path, so ranks taking different paths
+    (an empty batch, a layout the kernels do not read) still agree."""
     check_channels(owner, group, num_features, name, mean.device)
-    # Why one collective: the three per-channel statistics travel together, in float64.
-    local = torch.stack([count.reshape(-1), mean.reshape(-1), var.reshape(-1)]).to(torch.float64)  # (3, C)
-    total, gmean, gvar = gather_stats(local, group)
+    # Why one collective: the three per-channel statistics and the call's identity travel
+    # together, in float64 (exact for the integers).
+    # (torch.cat promotes all four to the identity's float64.)
+    C = mean.numel()
+    local = torch.cat((count.expand_as(mean).reshape(-1), mean.reshape(-1), var.reshape(-1),
+                       _identity(group, owner, mean.device)))                               # (3C + 2,)
+    parts = _all_gather(local, group)                                    # (W, 3C + 2) float64
+    if not torch.compiler.is_compiling():  # see _identity
+        check_same_layer(parts[:, 3 * C:], group, name, owner)
+    stats = parts[:, :3 * C].view(-1, 3, C)                              # (W, 3, C)
+    total, gmean, gvar = merge_stats(stats[:, 0], stats[:, 1], stats[:, 2], dim=0)
     dt = mean.dtype
     return gmean.to(dt).view_as(mean), gvar.to(dt).view_as(var), total.to(count.dtype).view_as(count)
 

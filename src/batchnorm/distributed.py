@@ -67,6 +67,18 @@ class SyncBatchNorm(_BatchNormBase):
     ``$BATCHNORM_SYNC_POLL_MS``) before it sleeps on it as usual; set 0 to always sleep
     (e.g. when ranks share cores with other busy work).
 
+    Every rank must call the same synchronized layers in the same order, as running the
+    same model does. Each forward's all_gather also carries the call's number on the process
+    group and the layer's number (the order in which the process created its synchronized
+    layers), so ranks that call different layers get a RuntimeError on every rank, before any
+    running statistic changes, rather than statistics merged across layers (not checked in
+    code that torch.compile traces).
+
+    A rank whose peer died waits in its next collective until the process group's timeout:
+    30 minutes by default (10 on NCCL). A training script should set one that fits its
+    slowest step, e.g. ``torch.distributed.init_process_group(backend,
+    timeout=datetime.timedelta(minutes=5))``.
+
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
             nonfinite: as :class:`batchnorm.BatchNorm1d`'s.
@@ -93,6 +105,7 @@ class SyncBatchNorm(_BatchNormBase):
                          bias=bias, nonfinite=nonfinite)
         self.sync = True
         self.process_group = process_group
+        _collectives.number_layer(self)  # the ranks' check that they call the same layer
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if isinstance(input, Tensor) and input.dim() < 2:
@@ -133,6 +146,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
             new = copy.deepcopy(m)
             new.sync = True
             new.process_group = process_group
+            _collectives.number_layer(new)
             return new
         if isinstance(m, _TORCH_BN + _OURS) and not isinstance(m, (_BatchRenorm, _BatchNormAct)):
             why = added_behaviour(m)

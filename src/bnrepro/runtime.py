@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import datetime
 import hashlib
 import inspect
 import io
@@ -328,19 +329,45 @@ def bind_to_cores(local_rank: int, local_world: int) -> "list[int]":
     return mine
 
 
+#: Seconds a rank waits in a collective before its process group gives up, unless
+#: $BNREPRO_PG_TIMEOUT_S says otherwise. Why set one: a rank whose peer died waits in its
+#: next collective until the timeout, 30 minutes by torch's default (10 on NCCL). In these
+#: experiments a rank waits for its peers only while they load the data (before the first
+#: collective) or while rank 0 writes a checkpoint; 300 s leaves room for both on a slow
+#: machine.
+PG_TIMEOUT_S = 300.0
+
+
+def process_group_options(cuda: bool) -> Dict[str, Any]:
+    """The keyword arguments :func:`distributed` gives torch.distributed.init_process_group:
+    the backend (NCCL with CUDA, else gloo) and the timeout, ``$BNREPRO_PG_TIMEOUT_S``
+    seconds (default :data:`PG_TIMEOUT_S`); a value that is not a positive number is a
+    :class:`UsageError` naming the variable."""
+    raw = os.environ.get("BNREPRO_PG_TIMEOUT_S", str(PG_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not (0 < seconds < float("inf")):
+        raise UsageError(f"BNREPRO_PG_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+    return {"backend": "nccl" if cuda else "gloo", "timeout": datetime.timedelta(seconds=seconds)}
+
+
 def distributed() -> "tuple[int, int]":
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) this initializes the default
-    process group once: gloo on CPU, NCCL when CUDA is available. On CPU each local rank is
-    first bound to its own share of the cores (:func:`bind_to_cores`;
+    process group once (:func:`process_group_options`: gloo on CPU, NCCL when CUDA is
+    available; a timeout of ``$BNREPRO_PG_TIMEOUT_S`` seconds, default 300). On CPU each
+    local rank is first bound to its own share of the cores (:func:`bind_to_cores`;
     ``BNREPRO_BIND_CORES=0`` leaves placement to the scheduler)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
+        options = process_group_options(cuda)  # checked before anything else is done
         if not cuda and os.environ.get("BNREPRO_BIND_CORES", "1") != "0":
             bind_to_cores(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(**options)
     return dist.get_rank(), dist.get_world_size()
 
 
