@@ -157,6 +157,9 @@ def test_jit_script_refuses_what_torch_cannot_compute(layer):
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
         with pytest.raises(RuntimeError, match="torch.jit.trace or torch.export"):
             torch.jit.script(layer())
+        # a refusal leaves nothing half-compiled behind: the next script works
+        x = torch.randn(4, 4, 3, 3)
+        torch.testing.assert_close(torch.jit.script(bn.BatchNorm2d(4))(x), nn.BatchNorm2d(4)(x))
 
 
 @pytest.mark.parametrize("lazy,shape,eager", [(bn.LazyBatchNorm1d, (8, 5), bn.BatchNorm1d),
