@@ -211,3 +211,25 @@ def test_population_statistics_and_freeze_with_inplace():
     expected = tF.leaky_relu(ref.eval()(x), 0.01)
     torch.testing.assert_close(m(x.clone()), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_float32_at_fused_size(inplace, memory_format):
+    """float32 (the kernels' main dtype) at 65,536 elements, with a residual: ours against
+    torch's BN + leaky_relu, both modes."""
+    shape = SHAPES["fused"]
+    theirs = nn.BatchNorm2d(shape[1])
+    ours = bn.BatchNormAct2d(shape[1], act="leaky_relu", act_kwargs={"negative_slope": 0.2}, inplace=inplace)
+    ours.load_state_dict(theirs.state_dict())
+    x = (torch.randn(shape) * 3 + 1).to(memory_format=memory_format).requires_grad_()
+    r = torch.randn(shape, requires_grad=True)
+    y = ours(x * 1.0, r)
+    ref = tF.leaky_relu(theirs(x * 1.0) + r, 0.2)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(shape)
+    got = torch.autograd.grad(y, [x, r, ours.weight, ours.bias], g)
+    want = torch.autograd.grad(ref, [x, r, theirs.weight, theirs.bias], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
