@@ -49,7 +49,7 @@ def _rebuild(m: nn.Module, target: type, options: Dict[str, Any]) -> nn.Module:
                           "track_running_stats": m.track_running_stats, "device": "meta",
                           "bias": not m.affine or m.bias is not None}
     for k in _EXTRAS:
-        if hasattr(m, k) and (k in _accepted(target) or k.startswith(("act", "inplace"))):
+        if hasattr(m, k) and k in _carried(target):
             kw[k] = getattr(m, k)
     kw.update(options)
     if target is SyncBatchNorm:
@@ -73,6 +73,14 @@ def _rebuild(m: nn.Module, target: type, options: Dict[str, Any]) -> nn.Module:
     if hasattr(m, "qconfig"):
         new.qconfig = m.qconfig
     return new
+
+
+def _carried(target: type) -> Tuple[str, ...]:
+    """What a rebuilt layer keeps from the old one: its options and, for BN + activation
+    layers, the activation."""
+    if issubclass(target, act._BatchNormAct):
+        return _accepted(target) + ("act", "act_kwargs", "inplace")
+    return _accepted(target)
 
 
 def _accepted(target: type) -> Tuple[str, ...]:
