@@ -247,7 +247,7 @@ def inception(metrics: Dict[str, Any]) -> str:
         "scale (thousands of steps on one CPU), and so every absolute number. Step counts are in units of our "
         "steps.",
         f"- Our choices where the paper gives none: SGD momentum {cfg['momentum']}, base L2 {cfg['weight_decay']}, "
-        f"exponential decay halving the rate every {cfg['decay_every']:g} of the run (BN-x5/x30: 6x sooner), "
+        f"exponential decay halving the rate every {cfg['half_life']:,} steps (BN-x5/x30: 6x sooner), "
         f"dropout {100 * cfg['dropout']:g} %, 'light' shuffling = one fixed order reused every epoch, 'thorough' = "
         f"a fresh permutation per epoch, photometric distortion = per-image contrast and brightness jitter of "
         f"{cfg['jitter']:g} (BN-x5/x30: a quarter of it), plus 2-pixel translations for every variant.",

@@ -62,7 +62,7 @@ def recipe(cfg, variant: str, overrides: Optional[Dict[str, Any]] = None) -> Dic
         "dropout": getattr(cfg, "dropout", 0.4) if v["dropout"] else float(v.get("dropout_p", 0.0)),
         "lr": cfg.lr * v["lr_mult"],
         "weight_decay": cfg.weight_decay / v["wd_div"],
-        "half_life": max(1, int(cfg.decay_every * cfg.steps / v["decay_speed"])),
+        "half_life": max(1, int(cfg.half_life / v["decay_speed"])),
         "shuffle": v["shuffle"],
         "jitter": cfg.jitter / v["jitter_div"],
         "init_gain": float(v.get("init_gain", 1.0)),
