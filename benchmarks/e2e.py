@@ -10,6 +10,13 @@ Networks (bnrepro.models, built twice from one seed, differing only in the BN cl
 * A BN conv net: three 3x3 convs (16, 32, 64 channels) with BN and ReLU on 28x28 inputs,
   batch 64, in NCHW and in channels_last.
 * The small Inception network of the Inception experiment (27 BN layers), batch 64.
+* The ResNet-18-style network of ``_nets.py`` on 64x64 inputs, batch 32, NCHW and
+  channels_last: torch.nn's BatchNorm2d + ReLU(inplace=True) against ours, every BN +
+  ReLU (+ the block's residual add) one ``BatchNormAct2d`` (what
+  ``batchnorm.convert(model, fuse_activations=True)`` makes of it). The floor row is the
+  torch.nn network with every BN and ReLU replaced by nn.Identity: the step time if BN and
+  the activation cost nothing, so no BN layer can bring the ratio below floor / torch.
+  Fewer repeats (7): a step takes seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batchnorm as bn  # noqa: E402
 from _timing import bench_args, compare, machine, table  # noqa: E402
+from _nets import resnet18  # noqa: E402
 from bnrepro import models  # noqa: E402
 
 
@@ -81,6 +89,38 @@ def main(argv=None):
         rows.append((name, f"{t_ref * 1e3:.3f}", f"{t_ours * 1e3:.3f}", f"{t_ours / t_ref:.2f}"))
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print(table(["network", "torch.nn BN ms/step", "ours ms/step", "ours/torch"], rows))
+    print()
+    print(table(["ResNet-18-style, 64x64, batch 32", "torch.nn ms/step", "ours ms/step", "ours/torch",
+                 "floor ms/step", "floor/torch"], resnet_rows(min(repeats, 7))))
+
+
+def _strip_bn_and_relu(net: nn.Module) -> nn.Module:
+    for name, child in net.named_children():
+        if isinstance(child, (nn.BatchNorm2d, nn.ReLU)):
+            setattr(net, name, nn.Identity())
+        else:
+            _strip_bn_and_relu(child)
+    return net
+
+
+def resnet_rows(repeats):
+    rows = []
+    for cl in (False, True):
+        ref = resnet18().train()
+        ours = resnet18({"act": "relu"}).train()
+        ours.load_state_dict(ref.state_dict())
+        floor = _strip_bn_and_relu(resnet18()).train()
+        x = torch.randn(32, 3, 64, 64)
+        if cl:
+            ref, ours, floor = (m.to(memory_format=torch.channels_last) for m in (ref, ours, floor))
+            x = x.to(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (32,))
+        t_ours, t_ref, t_floor = compare([step_fn(ours, x, y), step_fn(ref, x, y), step_fn(floor, x, y)],
+                                         min_time=0.0, repeats=repeats, warmup=1)
+        rows.append(("channels_last" if cl else "NCHW", f"{t_ref * 1e3:.1f}", f"{t_ours * 1e3:.1f}",
+                     f"{t_ours / t_ref:.2f}", f"{t_floor * 1e3:.1f}", f"{t_floor / t_ref:.2f}"))
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    return rows
 
 
 if __name__ == "__main__":

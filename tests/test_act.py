@@ -233,3 +233,127 @@ def test_float32_at_fused_size(inplace, memory_format):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+
+
+# -- the fused kernels (identity, relu, leaky_relu on float32/float64 CPU tensors) ------------
+
+KERNEL_ACTS = ["identity", "relu", "leaky_relu"]
+
+
+@pytest.mark.parametrize("dtype,memory_format", [(torch.float64, torch.contiguous_format),
+                                                 (torch.float32, torch.channels_last),
+                                                 (torch.float32, torch.contiguous_format)])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("act", KERNEL_ACTS)
+def test_fused_kernels_run_and_match_torch(act, residual, memory_format, dtype):
+    """At the kernels' size the layer runs the fused kernels (its grad_fn says so) and equals
+    torch's BN + activation over train steps and in eval: outputs, every gradient, running
+    statistics."""
+    ours, theirs = _pair(act, 16)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-10}
+    for step, train in enumerate([True, True, False]):
+        ours.train(train)
+        theirs.train(train)
+        x = (torch.randn(SHAPES["fused"], dtype=dtype) * 2 + 0.5).to(memory_format=memory_format)
+        x.requires_grad_()
+        r = torch.randn(SHAPES["fused"], dtype=dtype, requires_grad=True) if residual else None
+        y = ours(x, r)
+        assert type(y.grad_fn).__name__ == "_FusedBNActBackward"
+        assert y.is_contiguous(memory_format=memory_format)
+        z = theirs(x) + (r if residual else 0)
+        want = ACTS[act][1](z)
+        torch.testing.assert_close(y, want, **tol)
+        g = torch.randn_like(y)
+        wrt = [x, ours.weight, ours.bias] + ([r] if residual else [])
+        wrt_t = [x, theirs.weight, theirs.bias] + ([r] if residual else [])
+        for a, b in zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(want, wrt_t, g)):
+            torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+
+@pytest.mark.parametrize("act,residual,memory_format", [
+    ("relu", True, torch.contiguous_format), ("relu", False, torch.channels_last),
+    ("leaky_relu", True, torch.channels_last), ("leaky_relu", False, torch.contiguous_format),
+    ("identity", True, torch.contiguous_format)])
+def test_fused_kernels_gradcheck_at_fused_size(act, residual, memory_format):
+    """gradcheck and gradgradcheck (fast mode: one random projection) at 65,536 elements, with
+    batched gradients and, for the first derivative, forward AD; train and eval."""
+    m = bn.BatchNormAct2d(16, act=act, act_kwargs=ACTS[act][0]).double()
+    x = (torch.randn(SHAPES["fused"], dtype=torch.float64) * 2).to(memory_format=memory_format).requires_grad_()
+    r = torch.randn(SHAPES["fused"], dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(16, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b, r):
+        return _functional(m, x, w, b, r if residual else None)
+
+    for train in (True, False):
+        m.train(train)
+        assert type(f(x, w, b, r).grad_fn).__name__ == "_FusedBNActBackward"
+        assert gradcheck(f, (x, w, b, r), fast_mode=True, check_forward_ad=True, check_batched_grad=True)
+        assert gradgradcheck(f, (x, w, b, r), fast_mode=True, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("act", KERNEL_ACTS)
+def test_reference_path_gradcheck(act):
+    """impl="reference" takes torch operations (no kernels) and differentiates alike."""
+    m = bn.BatchNormAct2d(3, act=act, act_kwargs=ACTS[act][0], impl="reference").double()
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    f = lambda x, w, b, r: _functional(m, x, w, b, r)
+    assert type(f(x, w, b, r).grad_fn).__name__ != "_FusedBNActBackward"
+    assert gradcheck(f, (x, w, b, r), fast_mode=True, check_batched_grad=True)
+    assert gradgradcheck(f, (x, w, b, r), fast_mode=True)
+
+
+def test_relu_gradient_is_zero_where_relu_cut_it_even_for_nan():
+    """As torch's threshold_backward: a NaN gradient where the pre-activation is <= 0 does not
+    reach BN's sums, so dx stays finite and equal to torch's."""
+    ours, theirs = _pair("relu", 16)
+    x = torch.randn(SHAPES["fused"], dtype=torch.float64, requires_grad=True)
+    y = ours(x)
+    want = torch.relu(theirs(x))
+    g = torch.randn_like(y)
+    g[want == 0] = float("nan")
+    got = torch.autograd.grad(y, x, g)[0]
+    expect = torch.autograd.grad(want, x, g)[0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-10)
+
+
+def test_residual_that_broadcasts_takes_torch_operations():
+    """A residual of another shape (broadcast) or dtype is not the kernels' case: torch
+    operations, with torch's broadcasting and type promotion."""
+    ours, theirs = _pair("relu", 16)
+    x = torch.randn(SHAPES["fused"], dtype=torch.float64)
+    for r in (torch.randn(1, 16, 1, 1, dtype=torch.float64), torch.randn(SHAPES["fused"], dtype=torch.float32)):
+        y = ours(x, r)
+        assert type(y.grad_fn).__name__ != "_FusedBNActBackward"
+        torch.testing.assert_close(y, torch.relu(theirs(x) + r))
+
+
+def test_kernel_boundary_refuses_bad_buffers():
+    """The kernels' Python boundary checks what the C code would read: a mask of the wrong
+    dtype or strides, a residual of the wrong shape, a non-finite slope."""
+    from batchnorm import _fused
+    if not _fused.available():
+        pytest.skip("kernels not built here")
+    x = torch.randn(4, 8, 6, 6)
+    lay = _fused.layout(x)
+    a, b, mu = torch.ones(8), torch.zeros(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="residual"):
+        _fused.act_forward(x, lay, a, b, 0.0, torch.randn(4, 8, 6))
+    with pytest.raises(ValueError, match="slope must be finite"):
+        _fused.act_forward(x, lay, a, b, float("nan"))
+    _, mask = _fused.act_forward(x, lay, a, b, 0.0, torch.randn_like(x), want_mask=True)
+    assert mask.dtype == torch.uint8 and mask.stride() == x.stride()
+    for bad in (mask.to(torch.int32), mask.t() if mask.dim() == 2 else mask.transpose(2, 3), mask[:2]):
+        with pytest.raises(ValueError, match="activation mask"):
+            _fused.act_sums(torch.randn_like(x), x, lay, a, b, 0.0, bad, mu)
+    with pytest.raises(ValueError, match="should contain 8 elements"):
+        _fused.act_grad(torch.randn_like(x), x, lay, torch.ones(3), b, 0.0, None, a, b, b, True, False)

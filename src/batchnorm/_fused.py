@@ -22,8 +22,8 @@ from torch import Tensor
 
 from . import _jit
 from ._errors import MismatchError
-from ._jit import (AffineArgs, CheckStatsArgs, DxArgs, MaskedBwdArgs, MaskedFwdArgs, StatsArgs,
-                   SumsArgs, TrainBwdArgs, TrainFwdArgs)
+from ._jit import (ActDxArgs, ActFwdArgs, ActSumsArgs, AffineArgs, CheckStatsArgs, DxArgs, MaskedBwdArgs, MaskedFwdArgs,
+                   StatsArgs, SumsArgs, TrainBwdArgs, TrainFwdArgs)
 
 # Below this many elements a kernel runs on one thread: opening a parallel region costs more
 # than a second core saves on so little data.
@@ -129,7 +129,7 @@ def _out(out: Optional[Tensor], x: Tensor) -> Tensor:
 def _like(dy: Tensor, x: Tensor) -> Tensor:
     """``dy`` with ``x``'s shape, strides and dtype in plain memory (copied if not)."""
     if dy.shape != x.shape:
-        _fail(f"gradient of shape {tuple(dy.shape)} for an input of shape {tuple(x.shape)}")
+        _fail(f"tensor of shape {tuple(dy.shape)} (a gradient or residual) for an input of shape {tuple(x.shape)}")
     if (dy.stride() != x.stride() or dy.dtype != x.dtype or not dy.is_cpu or dy.is_neg() or dy.is_conj()
             or not _has_storage(dy) or dy.layout != torch.strided):
         dy = torch.empty_like(x).copy_(dy)  # the kernels read both tensors with one layout
@@ -259,6 +259,78 @@ def train_backward(dy: Tensor, x: Tensor, lay: Layout, weight: Optional[Tensor],
     if _fn(lib, "train_bwd", x.dtype)(args) < 0:
         raise MemoryError("batchnorm: out of memory in the backward kernel")
     return dx, dw, db
+
+
+def _act_mask(mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """Check the forward's sign mask: uint8 bytes laid out exactly like ``x``."""
+    if mask is not None and (mask.dtype != torch.uint8 or mask.shape != x.shape or mask.stride() != x.stride()
+                             or not mask.is_cpu or not _has_storage(mask) or mask.layout != torch.strided):
+        _fail(f"activation mask of shape {tuple(mask.shape)}, strides {mask.stride()}, dtype {mask.dtype} does "
+              f"not match the input's {tuple(x.shape)}, {x.stride()} (expected uint8)")
+    return mask
+
+
+def _slope(slope: float) -> float:
+    slope = float(slope)
+    if slope != slope or slope in (float("inf"), float("-inf")):
+        _fail(f"activation slope must be finite, got {slope}")
+    return slope
+
+
+def act_forward(x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: float,
+                residual: Optional[Tensor] = None, want_mask: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """y = act(scale[c] * x + shift[c] + residual) for act(z) = z (z > 0), slope * z
+    (else; ReLU at slope 0), and with ``want_mask`` the bytes (z > 0) for the backward."""
+    lib = _jit.kernels()
+    _check_x(x, lay)
+    n, c, s, cl = lay
+    a, b = _vec(scale, x, c), _vec(shift, x, c)
+    r = None if residual is None else _like(residual, x)
+    y = torch.empty_like(x)
+    mask = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
+    _fn(lib, "act_fwd", x.dtype)(ActFwdArgs(x=x.data_ptr(), r=_ptr(r), y=y.data_ptr(), mask=_ptr(mask),
+                                            scale=a.data_ptr(), shift=b.data_ptr(), n=n, c=c, s=s,
+                                            slope=_slope(slope), cl=cl, nt=_threads(lay)))
+    return y, mask
+
+
+def act_sums(dy: Tensor, x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: float,
+             mask: Optional[Tensor], mean: Tensor) -> Tensor:
+    """(2, C) float64: per channel sum dz and sum dz * (x - mean), dz = dy * act'(z), z's
+    sign from ``mask`` or, without one, from scale * x + shift as :func:`act_forward` made it."""
+    lib = _jit.kernels()
+    _check_x(x, lay)
+    n, c, s, cl = lay
+    g, m = _like(dy, x), _act_mask(mask, x)
+    a, b, mu = _vec(scale, x, c), _vec(shift, x, c), _vec(mean, x, c)
+    out = torch.empty(2, c, dtype=torch.float64)
+    s1, s2 = out[0], out[1]
+    args = ActSumsArgs(dy=g.data_ptr(), x=x.data_ptr(), mask=_ptr(m), scale=a.data_ptr(), shift=b.data_ptr(),
+                       mean=mu.data_ptr(), sum_dz=s1.data_ptr(), sum_dzx=s2.data_ptr(), n=n, c=c, s=s,
+                       slope=_slope(slope), cl=cl, nt=_threads(lay))
+    if _fn(lib, "act_sums", x.dtype)(args):
+        raise MemoryError("batchnorm: out of memory in the activation gradient-sums kernel")
+    return out
+
+
+def act_grad(dy: Tensor, x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: float,
+             mask: Optional[Tensor], alpha: Tensor, beta: Tensor, gamma: Tensor, need_dx: bool,
+             need_dz: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """dx = alpha[c] * dz + beta[c] * x + gamma[c] and dz = dy * act'(z) (the residual's
+    gradient), each where asked, in one pass."""
+    lib = _jit.kernels()
+    _check_x(x, lay)
+    n, c, s, cl = lay
+    g, m = _like(dy, x), _act_mask(mask, x)
+    a, b = _vec(scale, x, c), _vec(shift, x, c)
+    al, be, ga = _vec(alpha, x, c), _vec(beta, x, c), _vec(gamma, x, c)
+    dx = torch.empty_like(x) if need_dx else None
+    dz = torch.empty_like(x) if need_dz else None
+    _fn(lib, "act_dx", x.dtype)(ActDxArgs(dy=g.data_ptr(), x=x.data_ptr(), mask=_ptr(m), scale=a.data_ptr(),
+                                          shift=b.data_ptr(), alpha=al.data_ptr(), beta=be.data_ptr(),
+                                          gamma=ga.data_ptr(), dx=_ptr(dx), dz=_ptr(dz), n=n, c=c, s=s,
+                                          slope=_slope(slope), cl=cl, nt=_threads(lay)))
+    return dx, dz
 
 
 def _plain(t: Tensor) -> bool:

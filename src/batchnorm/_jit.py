@@ -516,6 +516,21 @@ class MaskedBwdArgs(ctypes.Structure):
                 ("dbias", _P), ("n", _I64), ("c", _I64), ("l", _I64), ("count", _I64), ("nt", _I32)]
 
 
+class ActFwdArgs(ctypes.Structure):
+    _fields_ = [("x", _P), ("r", _P), ("y", _P), ("mask", _P), ("scale", _P), ("shift", _P), *_SHAPE,
+                ("slope", _F64), *_LAYOUT_THREADS]
+
+
+class ActSumsArgs(ctypes.Structure):
+    _fields_ = [("dy", _P), ("x", _P), ("mask", _P), ("scale", _P), ("shift", _P), ("mean", _P), ("sum_dz", _P),
+                ("sum_dzx", _P), *_SHAPE, ("slope", _F64), *_LAYOUT_THREADS]
+
+
+class ActDxArgs(ctypes.Structure):
+    _fields_ = [("dy", _P), ("x", _P), ("mask", _P), ("scale", _P), ("shift", _P), ("alpha", _P), ("beta", _P),
+                ("gamma", _P), ("dx", _P), ("dz", _P), *_SHAPE, ("slope", _F64), *_LAYOUT_THREADS]
+
+
 # Each entry point bn_<kind>_f32 / bn_<kind>_f64: its argument struct and its return type.
 ENTRY_POINTS = {
     "stats": (StatsArgs, ctypes.c_int),
@@ -527,6 +542,9 @@ ENTRY_POINTS = {
     "check_stats": (CheckStatsArgs, ctypes.c_int),
     "masked_fwd": (MaskedFwdArgs, _I64),
     "masked_bwd": (MaskedBwdArgs, None),
+    "act_fwd": (ActFwdArgs, None),
+    "act_sums": (ActSumsArgs, ctypes.c_int),
+    "act_dx": (ActDxArgs, None),
 }
 
 

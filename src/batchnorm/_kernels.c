@@ -15,6 +15,8 @@
  *   affine  one read, one write      -> y = a[c] * x + b[c]
  *   sums    one read of dy and x     -> sum dy and sum dy * (x - mean[c])
  *   dx      two reads, one write     -> dx = alpha[c] * dy + beta[c] * x + gamma[c]
+ * BN + a piecewise-linear activation (+ a residual), for batchnorm.act: bn_act_fwd,
+ * bn_act_sums, bn_act_dx (their section below says what each reads and writes).
  * A small per-channel helper: bn_check_stats checks statistics computed elsewhere (torch's
  * kernel). No kernel writes the running buffers; torch operations do, in
  * batchnorm._stats.update_running_stats.
@@ -1414,7 +1416,277 @@ static inline __attribute__((always_inline)) int check_stats(const struct bn_che
 }
 
 /* ---------------------------------------------------------------------------------------
+ * BN + a piecewise-linear activation, after an optional residual add (batchnorm.act):
+ * act(z) = z for z > 0, slope * z otherwise (identity: slope 1; leaky ReLU; ReLU: slope 0,
+ * where act(z) is 0 for z <= 0 and NaN stays NaN, as torch.relu; its derivative is 0 there,
+ * so a NaN gradient is not spread where ReLU cut it off, as torch's threshold_backward).
+ *   act_fwd   reads x (and r), writes y = act(z) with z = fma(a[c], x, b[c]) (+ r), and
+ *             where asked the bytes mask = (z > 0)
+ *   act_sums  reads dy and x (and the mask) -> sum dz and sum dz * (x - mean[c]) per
+ *             channel, dz = dy * act'(z)
+ *   act_dx    reads dy and x (and the mask) -> dx = al[c] * dz + be[c] * x + ga[c], and
+ *             dz itself (the residual's gradient) where asked
+ * Without a mask act'(z) is recomputed from x: z = fma(a, x, b) is one rounding in both
+ * directions (the same value from a vector or a scalar instruction), so the backward finds
+ * the forward's sign exactly. With a residual the forward writes the mask instead (a byte
+ * per value: cheaper than reading the residual again twice).
+ * ------------------------------------------------------------------------------------- */
+struct bn_act_fwd_args {
+    const void *x, *r;         /* r: laid out like x, or NULL */
+    void *y;                   /* laid out like x */
+    void *mask;                /* uint8 laid out like x, or NULL: not written */
+    const void *scale, *shift; /* a, b: c each */
+    int64_t n, c, s;
+    double slope;
+    int32_t cl, nt;
+};
+
+struct bn_act_sums_args {
+    const void *dy, *x;        /* dy laid out like x */
+    const void *mask;          /* the forward's mask, or NULL: act'(z) from fma(scale, x, shift) */
+    const void *scale, *shift; /* the forward's a, b */
+    const void *mean;          /* the centre of the second sum */
+    void *sum_dz, *sum_dzx;    /* out: c doubles each */
+    int64_t n, c, s;
+    double slope;
+    int32_t cl, nt;
+};
+
+struct bn_act_dx_args {
+    const void *dy, *x, *mask; /* as bn_act_sums_args' */
+    const void *scale, *shift;
+    const void *alpha, *beta, *gamma; /* the coefficients of dz, x and 1 */
+    void *dx, *dz;             /* out (laid out like x): either may be NULL */
+    int64_t n, c, s;
+    double slope;
+    int32_t cl, nt;
+};
+
+#define ACT_CHUNK 1024  /* values per float accumulation before it is added into a double */
+
+/* dz of value i in a span (its variables g, x, m, a, b, vec, sl, zero, has_m): the forward's
+ * sign from the mask or from x. */
+#define ACT_DZ(T, FMA, i)                                                                        \
+    const int pos = has_m ? m[i] != 0 : FMA(vec ? a[i] : a[0], x[i], vec ? b[i] : b[0]) > 0;     \
+    const T d = pos ? g[i] : (zero ? (T)0 : sl * g[i]);
+
+#define DEFINE_ACT(T, SUF, FMA)                                                                  \
+                                                                                                 \
+/* One span of n values; per-channel a, b either one value (vec 0) or n of them (vec 1). */      \
+static inline __attribute__((always_inline)) void act_fwd_span_##SUF(                            \
+        const T *restrict x, const T *restrict r, T *restrict y, uint8_t *restrict m, int64_t n,  \
+        const T *restrict a, const T *restrict b, const int vec, T sl, int zero,                 \
+        const int has_r, const int has_m) {                                                      \
+    _Pragma("omp simd")                                                                          \
+    for (int64_t i = 0; i < n; i++) {                                                            \
+        T z = FMA(vec ? a[i] : a[0], x[i], vec ? b[i] : b[0]);                                   \
+        if (has_r) z += r[i];                                                                    \
+        y[i] = !(z <= 0) ? z : (zero ? (T)0 : sl * z);                                           \
+        if (has_m) m[i] = z > 0;                                                                 \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+static inline __attribute__((always_inline)) void act_fwd_any_##SUF(                             \
+        const T *x, const T *r, T *y, uint8_t *m, int64_t n, const T *a, const T *b, const int vec, \
+        T sl, int zero) {                                                                        \
+    if (r && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 1);                    \
+    else if (r) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 0);                    \
+    else if (m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 1);                    \
+    else act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 0);                           \
+}                                                                                                \
+                                                                                                 \
+static void act_fwd_task_##SUF(void *p, int t, int nt) {                                         \
+    const struct bn_act_fwd_args *a = (const struct bn_act_fwd_args *)p;                         \
+    const T *x = (const T *)a->x, *r = (const T *)a->r, *A = (const T *)a->scale;                \
+    const T *B = (const T *)a->shift;                                                            \
+    T *y = (T *)a->y;                                                                            \
+    uint8_t *m = (uint8_t *)a->mask;                                                             \
+    const T sl = (T)a->slope;                                                                    \
+    const int zero = a->slope == 0.0;                                                            \
+    const int64_t C = a->c, S = a->s, L = a->cl ? C : S;                                         \
+    int64_t lo, hi;                                                                              \
+    split(a->n * (a->cl ? S : C), t, nt, &lo, &hi);                                              \
+    for (int64_t row = lo; row < hi; row++) {                                                    \
+        const int64_t o = row * L;                                                               \
+        if (a->cl)                                                                               \
+            act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, C, A, B, 1, sl, zero); \
+        else                                                                                     \
+            act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, S, A + row % C,  \
+                              B + row % C, 0, sl, zero);                                         \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* Rows: sums over one channel's span of n values into float totals s[0], s[1]. */               \
+static inline __attribute__((always_inline)) void act_sums_span_##SUF(                           \
+        const T *restrict g, const T *restrict x, const uint8_t *restrict m, int64_t n,          \
+        const T *restrict a, const T *restrict b, T mu, T sl, int zero, double *t1, double *t2,  \
+        const int has_m) {                                                                       \
+    const int vec = 0;                                                                           \
+    for (int64_t i0 = 0; i0 < n; i0 += ACT_CHUNK) {                                              \
+        const int64_t i1 = i0 + ACT_CHUNK < n ? i0 + ACT_CHUNK : n;                              \
+        T s1 = 0, s2 = 0;                                                                        \
+        _Pragma("omp simd reduction(+:s1,s2)")                                                   \
+        for (int64_t i = i0; i < i1; i++) {                                                      \
+            ACT_DZ(T, FMA, i)                                                                      \
+            s1 += d;                                                                             \
+            s2 += d * (x[i] - mu);                                                               \
+        }                                                                                        \
+        *t1 += (double)s1;                                                                       \
+        *t2 += (double)s2;                                                                       \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* Channels-innermost: one row of C values added into float accumulators b1, b2. */             \
+static inline __attribute__((always_inline)) void act_sums_row_##SUF(                            \
+        const T *restrict g, const T *restrict x, const uint8_t *restrict m, int64_t C,          \
+        const T *restrict a, const T *restrict b, const T *restrict mu, T sl, int zero,          \
+        T *restrict b1, T *restrict b2, const int has_m) {                                       \
+    const int vec = 1;                                                                           \
+    _Pragma("omp simd")                                                                          \
+    for (int64_t i = 0; i < C; i++) {                                                            \
+        ACT_DZ(T, FMA, i)                                                                          \
+        b1[i] += d;                                                                              \
+        b2[i] += d * (x[i] - mu[i]);                                                             \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+struct act_job_##SUF {                                                                           \
+    const struct bn_act_sums_args *a;                                                             \
+    double *tot;    /* channels-innermost: 2 * C doubles per thread */                           \
+    T *buf;         /* channels-innermost: 2 * C values per thread */                            \
+};                                                                                               \
+                                                                                                 \
+static void act_sums_task_##SUF(void *p, int t, int nt) {                                        \
+    const struct act_job_##SUF *j = (const struct act_job_##SUF *)p;                             \
+    const struct bn_act_sums_args *a = j->a;                                                      \
+    const T *g = (const T *)a->dy, *x = (const T *)a->x, *A = (const T *)a->scale;               \
+    const T *B = (const T *)a->shift, *mu = (const T *)a->mean;                                  \
+    const uint8_t *m = (const uint8_t *)a->mask;                                                 \
+    const T sl = (T)a->slope;                                                                    \
+    const int zero = a->slope == 0.0;                                                            \
+    const int64_t N = a->n, C = a->c, S = a->s;                                                  \
+    int64_t lo, hi;                                                                              \
+    if (!a->cl) {                                                                                \
+        double *s1 = (double *)a->sum_dz, *s2 = (double *)a->sum_dzx;                            \
+        split(C, t, nt, &lo, &hi);                                                               \
+        for (int64_t c = lo; c < hi; c++) {                                                      \
+            double t1 = 0.0, t2 = 0.0;                                                           \
+            for (int64_t n = 0; n < N; n++) {                                                    \
+                const int64_t o = (n * C + c) * S;                                               \
+                if (m) act_sums_span_##SUF(g + o, x + o, m + o, S, A + c, B + c, mu[c], sl, zero, &t1, &t2, 1); \
+                else act_sums_span_##SUF(g + o, x + o, NULL, S, A + c, B + c, mu[c], sl, zero, &t1, &t2, 0); \
+            }                                                                                    \
+            s1[c] = t1;                                                                          \
+            s2[c] = t2;                                                                          \
+        }                                                                                        \
+        return;                                                                                  \
+    }                                                                                            \
+    double *t1 = j->tot + (int64_t)t * 2 * C, *t2 = t1 + C;                                      \
+    T *b1 = j->buf + (int64_t)t * 2 * C, *b2 = b1 + C;                                           \
+    for (int64_t c = 0; c < C; c++) { t1[c] = 0.0; t2[c] = 0.0; }                                \
+    split(N * S, t, nt, &lo, &hi);                                                               \
+    for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {                                                \
+        const int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;                                    \
+        for (int64_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }                                \
+        for (int64_t r = r0; r < r1; r++) {                                                      \
+            const int64_t o = r * C;                                                             \
+            if (m) act_sums_row_##SUF(g + o, x + o, m + o, C, A, B, mu, sl, zero, b1, b2, 1);    \
+            else act_sums_row_##SUF(g + o, x + o, NULL, C, A, B, mu, sl, zero, b1, b2, 0);       \
+        }                                                                                        \
+        for (int64_t c = 0; c < C; c++) { t1[c] += (double)b1[c]; t2[c] += (double)b2[c]; }      \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* 0, or -1 (out of memory). */                                                                  \
+static int act_sums_##SUF(const struct bn_act_sums_args *a) {                                     \
+    struct act_job_##SUF j = {a, NULL, NULL};                                                    \
+    int nt = a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt);                        \
+    if (!a->cl) {                                                                                \
+        run_parallel(act_sums_task_##SUF, &j, nt);                                               \
+        return 0;                                                                                \
+    }                                                                                            \
+    const int64_t C = a->c;                                                                      \
+    /* zeroed: a share the runtime did not start leaves its totals at 0 */                       \
+    j.tot = (double *)calloc((size_t)(2 * nt) * C, sizeof(double));                              \
+    j.buf = (T *)malloc((size_t)(2 * nt) * C * sizeof(T));                                       \
+    if (!j.tot || !j.buf) { free(j.tot); free(j.buf); return -1; }                              \
+    run_parallel(act_sums_task_##SUF, &j, nt);                                                   \
+    double *s1 = (double *)a->sum_dz, *s2 = (double *)a->sum_dzx;                                \
+    for (int64_t c = 0; c < C; c++) {                                                            \
+        double u1 = 0.0, u2 = 0.0;                                                               \
+        for (int k = 0; k < nt; k++) { u1 += j.tot[(int64_t)k * 2 * C + c]; u2 += j.tot[(int64_t)k * 2 * C + C + c]; } \
+        s1[c] = u1;                                                                              \
+        s2[c] = u2;                                                                              \
+    }                                                                                            \
+    free(j.tot); free(j.buf);                                                                    \
+    return 0;                                                                                    \
+}                                                                                                \
+                                                                                                 \
+static inline __attribute__((always_inline)) void act_dx_span_##SUF(                             \
+        const T *restrict g, const T *restrict x, const uint8_t *restrict m, T *restrict dx,     \
+        T *restrict dz, int64_t n, const T *restrict a, const T *restrict b, const T *restrict al, \
+        const T *restrict be, const T *restrict ga, const int vec, T sl, int zero, const int has_m, \
+        const int has_dx, const int has_dz) {                                                    \
+    _Pragma("omp simd")                                                                          \
+    for (int64_t i = 0; i < n; i++) {                                                            \
+        ACT_DZ(T, FMA, i)                                                                          \
+        if (has_dx) dx[i] = (vec ? al[i] : al[0]) * d + (vec ? be[i] : be[0]) * x[i] + (vec ? ga[i] : ga[0]); \
+        if (has_dz) dz[i] = d;                                                                   \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+static inline __attribute__((always_inline)) void act_dx_any_##SUF(                              \
+        const T *g, const T *x, const uint8_t *m, T *dx, T *dz, int64_t n, const T *a, const T *b, \
+        const T *al, const T *be, const T *ga, const int vec, T sl, int zero) {                  \
+    if (m) {                                                                                     \
+        if (dx && dz) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 1, 1, 1); \
+        else if (dx) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 1, 1, 0); \
+        else act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 1, 0, 1);    \
+    } else {                                                                                     \
+        if (dx && dz) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 0, 1, 1); \
+        else if (dx) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 0, 1, 0); \
+        else act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 0, 0, 1);    \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+static void act_dx_task_##SUF(void *p, int t, int nt) {                                          \
+    const struct bn_act_dx_args *a = (const struct bn_act_dx_args *)p;                         \
+    const T *g = (const T *)a->dy, *x = (const T *)a->x, *A = (const T *)a->scale;               \
+    const T *B = (const T *)a->shift, *al = (const T *)a->alpha, *be = (const T *)a->beta;       \
+    const T *ga = (const T *)a->gamma;                                                           \
+    const uint8_t *m = (const uint8_t *)a->mask;                                                 \
+    T *dx = (T *)a->dx, *dz = (T *)a->dz;                                                        \
+    const T sl = (T)a->slope;                                                                    \
+    const int zero = a->slope == 0.0;                                                            \
+    const int64_t C = a->c, S = a->s, L = a->cl ? C : S;                                         \
+    int64_t lo, hi;                                                                              \
+    split(a->n * (a->cl ? S : C), t, nt, &lo, &hi);                                              \
+    for (int64_t row = lo; row < hi; row++) {                                                    \
+        const int64_t o = row * L, c = row % C;                                      \
+        if (a->cl)                                                                               \
+            act_dx_any_##SUF(g + o, x + o, m ? m + o : NULL, dx ? dx + o : NULL, dz ? dz + o : NULL, L, \
+                             A, B, al, be, ga, 1, sl, zero);                                     \
+        else                                                                                     \
+            act_dx_any_##SUF(g + o, x + o, m ? m + o : NULL, dx ? dx + o : NULL, dz ? dz + o : NULL, L, \
+                             A + c, B + c, al + c, be + c, ga + c, 0, sl, zero);                 \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+static void act_fwd_##SUF(const struct bn_act_fwd_args *a) {                                     \
+    run_parallel(act_fwd_task_##SUF, (void *)a, a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt)); \
+}                                                                                                \
+                                                                                                 \
+static void act_dx_##SUF(const struct bn_act_dx_args *a) {                                      \
+    if (!a->dx && !a->dz) return;                                                                \
+    run_parallel(act_dx_task_##SUF, (void *)a, a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt)); \
+}
+
+DEFINE_ACT(float, f32, fmaf)
+DEFINE_ACT(double, f64, fma)
+
+/* ---------------------------------------------------------------------------------------
  * The entry points. Return values: stats, sums, train_bwd: 0, or -1 (out of memory);
+ * act_sums: 0, or -1 (out of memory);
  * train_fwd: 0, 1 (a statistic is NaN/Inf) or -1 (out of memory); masked_fwd: the number of
  * valid positions; check_stats: 0, 1 or 2 (above).
  * ------------------------------------------------------------------------------------- */
@@ -1441,6 +1713,15 @@ int64_t bn_masked_fwd_f64(const struct bn_masked_fwd_args *a) { return masked_fw
 
 void bn_masked_bwd_f32(const struct bn_masked_bwd_args *a) { masked_bwd_f32(a); }
 void bn_masked_bwd_f64(const struct bn_masked_bwd_args *a) { masked_bwd_f64(a); }
+
+void bn_act_fwd_f32(const struct bn_act_fwd_args *a) { act_fwd_f32(a); }
+void bn_act_fwd_f64(const struct bn_act_fwd_args *a) { act_fwd_f64(a); }
+
+int bn_act_sums_f32(const struct bn_act_sums_args *a) { return act_sums_f32(a); }
+int bn_act_sums_f64(const struct bn_act_sums_args *a) { return act_sums_f64(a); }
+
+void bn_act_dx_f32(const struct bn_act_dx_args *a) { act_dx_f32(a); }
+void bn_act_dx_f64(const struct bn_act_dx_args *a) { act_dx_f64(a); }
 
 int bn_check_stats_f32(const struct bn_check_stats_args *a) { return check_stats(a, 0); }
 int bn_check_stats_f64(const struct bn_check_stats_args *a) { return check_stats(a, 1); }
@@ -1492,6 +1773,23 @@ static const int64_t layout_masked_bwd[] = {
     FIELD(bn_masked_bwd_args, stats), FIELD(bn_masked_bwd_args, dweight), FIELD(bn_masked_bwd_args, dbias),
     FIELD(bn_masked_bwd_args, n), FIELD(bn_masked_bwd_args, c), FIELD(bn_masked_bwd_args, l),
     FIELD(bn_masked_bwd_args, count), FIELD(bn_masked_bwd_args, nt)};
+static const int64_t layout_act_fwd[] = {
+    sizeof(struct bn_act_fwd_args), FIELD(bn_act_fwd_args, x), FIELD(bn_act_fwd_args, r), FIELD(bn_act_fwd_args, y),
+    FIELD(bn_act_fwd_args, mask), FIELD(bn_act_fwd_args, scale), FIELD(bn_act_fwd_args, shift),
+    FIELD(bn_act_fwd_args, n), FIELD(bn_act_fwd_args, c), FIELD(bn_act_fwd_args, s), FIELD(bn_act_fwd_args, slope),
+    FIELD(bn_act_fwd_args, cl), FIELD(bn_act_fwd_args, nt)};
+static const int64_t layout_act_sums[] = {
+    sizeof(struct bn_act_sums_args), FIELD(bn_act_sums_args, dy), FIELD(bn_act_sums_args, x),
+    FIELD(bn_act_sums_args, mask), FIELD(bn_act_sums_args, scale), FIELD(bn_act_sums_args, shift),
+    FIELD(bn_act_sums_args, mean), FIELD(bn_act_sums_args, sum_dz), FIELD(bn_act_sums_args, sum_dzx),
+    FIELD(bn_act_sums_args, n), FIELD(bn_act_sums_args, c), FIELD(bn_act_sums_args, s),
+    FIELD(bn_act_sums_args, slope), FIELD(bn_act_sums_args, cl), FIELD(bn_act_sums_args, nt)};
+static const int64_t layout_act_dx[] = {
+    sizeof(struct bn_act_dx_args), FIELD(bn_act_dx_args, dy), FIELD(bn_act_dx_args, x), FIELD(bn_act_dx_args, mask),
+    FIELD(bn_act_dx_args, scale), FIELD(bn_act_dx_args, shift), FIELD(bn_act_dx_args, alpha),
+    FIELD(bn_act_dx_args, beta), FIELD(bn_act_dx_args, gamma), FIELD(bn_act_dx_args, dx), FIELD(bn_act_dx_args, dz),
+    FIELD(bn_act_dx_args, n), FIELD(bn_act_dx_args, c), FIELD(bn_act_dx_args, s), FIELD(bn_act_dx_args, slope),
+    FIELD(bn_act_dx_args, cl), FIELD(bn_act_dx_args, nt)};
 #undef FIELD
 
 #define LAYOUT(kind, table) {kind, table, (int64_t)(sizeof table / sizeof table[0])}
@@ -1499,7 +1797,8 @@ static const struct { const char *kind; const int64_t *values; int64_t count; } 
     LAYOUT("stats", layout_stats), LAYOUT("affine", layout_affine), LAYOUT("sums", layout_sums),
     LAYOUT("dx", layout_dx), LAYOUT("train_fwd", layout_train_fwd), LAYOUT("train_bwd", layout_train_bwd),
     LAYOUT("check_stats", layout_check_stats),
-    LAYOUT("masked_fwd", layout_masked_fwd), LAYOUT("masked_bwd", layout_masked_bwd)};
+    LAYOUT("masked_fwd", layout_masked_fwd), LAYOUT("masked_bwd", layout_masked_bwd),
+    LAYOUT("act_fwd", layout_act_fwd), LAYOUT("act_sums", layout_act_sums), LAYOUT("act_dx", layout_act_dx)};
 #undef LAYOUT
 
 /* Copies the layout of entry point `kind`'s struct into out (at most cap values); returns how

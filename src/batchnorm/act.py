@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor
 
-from . import _stats
+from . import _fused, _operator, _stats
 from . import functional as F
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -119,6 +119,102 @@ class _InplaceBNAct(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def _kernel_slope(act: str, kw: Dict[str, Any]) -> Optional[float]:
+    """The slope below zero of the activations our kernels run (piecewise linear), or None."""
+    if act == "identity":
+        return 1.0
+    if act == "relu":
+        return 0.0
+    if act == "leaky_relu" and kw["negative_slope"] != 0:  # slope 0 would be ReLU, but NaN-free at -inf
+        return float(kw["negative_slope"])
+    return None
+
+
+class _FusedBNAct(torch.autograd.Function):
+    """y = act(scale * x + shift + residual) on the fused kernels (act piecewise linear, of
+    slope ``slope`` below zero), scale = gamma * invstd and shift = beta - mean * scale from
+    the batch's statistics (``batch``: their gradient is part of the backward, Section 3) or
+    the running ones. One pass forward; backward: one pass for the two sums of
+    dz = dy * act'(z), one for dx (and dz, the residual's gradient). Saves x and, with a
+    residual, the sign of z as one byte per value (without one, the sign is recomputed from x,
+    exactly as the forward found it); not the output, not the residual."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, mean, invstd, batch, slope, lay, eps):
+        scale = invstd if weight is None else weight.detach() * invstd
+        shift = -mean * scale if bias is None else bias.detach() - mean * scale
+        y, mask = _fused.act_forward(x, lay, scale, shift, slope, residual,
+                                     want_mask=residual is not None and slope != 1.0)
+        ctx.save_for_backward(x, weight, mean, invstd, scale, shift, mask)
+        ctx.meta = (batch, slope, lay, eps, bias is not None, residual is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, invstd, scale, shift, mask = ctx.saved_tensors
+        batch, slope, lay, eps, has_bias, has_res = ctx.meta
+        need = ctx.needs_input_grad
+        need_x, need_w, need_b = need[0], need[1] and weight is not None, need[2] and has_bias
+        need_r = need[3] and has_res
+        if _operator.special(dy):
+            return _FusedBNAct._special(dy, x, weight, mean, invstd, scale, shift, mask, batch, slope, lay, eps,
+                                        (need_x, need_w, need_b, need_r))
+        dt, C = x.dtype, x.size(1)
+        gw = gb = None
+        al = be = ga = None
+        if batch or need_w or need_b:
+            sums = _fused.act_sums(dy, x, lay, scale, shift, slope, mask, mean)        # float64 (2, C)
+            s1, s2 = sums[0], sums[1]
+            gb = s1.to(dt) if need_b else None
+            gw = (s2 * invstd).to(dt) if need_w else None
+        if need_x:
+            k = invstd.double() if weight is None else invstd.double() * weight.detach().double()
+            al = k
+            if batch:
+                m = x.numel() // C
+                b2 = k * s2 * invstd.double() ** 2 / m
+                be, ga = -b2, b2 * mean.double() - k * s1 / m
+            else:
+                be = ga = torch.zeros(C, dtype=torch.float64)
+            al, be, ga = al.to(dt), be.to(dt), ga.to(dt)
+        dx = dz = None
+        if need_x or need_r:
+            zeros = torch.zeros(C, dtype=dt)
+            dx, dz = _fused.act_grad(dy, x, lay, scale, shift, slope, mask, zeros if al is None else al,
+                                     zeros if be is None else be, zeros if ga is None else ga, need_x, need_r)
+        return dx, gw, gb, dz, None, None, None, None, None, None
+
+    @staticmethod
+    def _special(dy, x, weight, mean, invstd, scale, shift, mask, batch, slope, lay, eps, needs):
+        """Double backward (create_graph=True) and batched gradients: torch operations. act' is
+        piecewise constant (its own derivative is 0), taken from the kernels, so it agrees with
+        the forward's sign exactly; then BN's gradients as the core operator's special path."""
+        need_x, need_w, need_b, need_r = needs
+        ones = torch.ones_like(x)
+        zeros = torch.zeros(x.size(1), dtype=x.dtype)
+        _, deriv = _fused.act_grad(ones, x, lay, scale, shift, slope, mask, zeros, zeros, zeros, False, True)
+        dz = dy * deriv
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        dims = [d for d in range(x.dim()) if d != 1]
+        gx = gw = gb = None
+        if batch:
+            gshape = (1, 1, -1) + (1,) * (x.dim() - 2)
+            gx, gw, gb = _operator._special_grads(dz.unsqueeze(0), x.unsqueeze(0), weight, eps,
+                                                  mean.view(gshape), invstd.view(gshape), x.numel() // x.size(1),
+                                                  needs=(need_x, need_w, need_b))
+            gx = None if gx is None else gx.squeeze(0)
+        else:
+            xhat = (x - mean.view(shape)) * invstd.view(shape)
+            k = invstd if weight is None else weight * invstd
+            gx = dz * k.view(shape) if need_x else None
+            gw = (dz * xhat).sum(dims) if need_w else None
+            gb = dz.sum(dims) if need_b else None
+        if gb is not None and weight is not None:
+            gb = gb.to(weight.dtype)
+        return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
+                dz if need_r else None, None, None, None, None, None, None)
+
+
 class _BatchNormAct:
     """What BatchNormAct1d/2d/3d add to their BatchNorm class."""
 
@@ -160,8 +256,12 @@ class _BatchNormAct:
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):  # one call_module node, as for our BN layers
             return self._fx_call(input) if residual is None else self._fx_call(input, residual)
-        if self.inplace and isinstance(input, Tensor) and self._inplace_applies():
-            return self._inplace_step(input, residual)
+        if isinstance(input, Tensor) and self._inplace_applies():
+            if self.inplace:
+                return self._inplace_step(input, residual)
+            lay = self._kernel_layout(input, residual)
+            if lay is not None:
+                return self._fused_step(input, residual, lay)
         y = self._forward(input)
         if residual is not None:
             y = y + residual
@@ -176,6 +276,26 @@ class _BatchNormAct:
         return (F.capture_mode() is None and self.virtual_batch_size is None and not self.sync
                 and not (F.statistics_sinks and F.statistics_sinks.get(self) is not None))
 
+    def _kernel_layout(self, input: Tensor, residual: Optional[Tensor]):
+        """The fused kernels' layout of ``input`` where they run this step, else None: a
+        piecewise-linear activation, impl "auto" or "kernels", a plain float32/float64 CPU
+        tensor with parameters of its dtype, and no residual or one of its exact shape and
+        dtype (anything else, broadcasting included, takes torch operations)."""
+        if (self.impl not in ("auto", "kernels") or _kernel_slope(self.act, self.act_kwargs) is None
+                or not _fused.available() or input.dim() not in self._ranks):
+            return None
+        if residual is not None and (type(residual) is not Tensor or residual.shape != input.shape
+                                     or residual.dtype != input.dtype or not residual.is_cpu):
+            return None
+        if any(p is not None and p.dtype != input.dtype for p in (self.weight, self.bias)):
+            return None
+        return _fused.layout(input) if input.size(1) == self.num_features else None
+
+    def _fused_step(self, input: Tensor, residual: Optional[Tensor], lay) -> Tensor:
+        weight, bias, mean, invstd, batch = self._statistics(input)
+        return _FusedBNAct.apply(input, weight, bias, residual, mean.to(input.dtype), invstd.to(input.dtype), batch,
+                                 _kernel_slope(self.act, self.act_kwargs), lay, self.eps)
+
     def _inplace_step(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         F.check_input(input, self.num_features, self._ranks, self._name)
         if input.requires_grad and input.is_leaf:
@@ -187,6 +307,16 @@ class _BatchNormAct:
             raise ValueError(f"{self._name}: residual must be a tensor of the input's shape, dtype and device "
                              f"{tuple(input.shape)}, {input.dtype}, {input.device}; got "
                              f"{tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__}")
+        if self.weight is not None and bool((self.weight == 0).any()):
+            raise ValueError(f"{self._name}: inplace=True divides by gamma (weight) to recover the normalized "
+                             "value, and some channel's gamma is 0; use inplace=False for this layer")
+        weight, bias, mean, invstd, batch = self._statistics(input)
+        return _InplaceBNAct.apply(input, weight, bias, residual, mean, invstd, batch, self.act, self.act_kwargs)
+
+    def _statistics(self, input: Tensor):
+        """Check the step's arguments, then (weight, bias, mean, invstd, batch): the batch's
+        statistics (the running ones updated from them) or, in eval, the running ones."""
+        F.check_input(input, self.num_features, self._ranks, self._name)
         weight, bias = self.weight, self.bias
         running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
         training = self.training and not self.frozen
@@ -197,14 +327,12 @@ class _BatchNormAct:
             F.check_training_count(input, input.numel() // self.num_features, self._name)
             if not self.eps > 0:
                 raise ValueError(f"{self._name}: eps must be positive in training, got {self.eps!r}")
-        if weight is not None and bool((weight == 0).any()):
-            raise ValueError(f"{self._name}: inplace=True divides by gamma (weight) to recover the normalized "
-                             "value, and some channel's gamma is 0; use inplace=False for this layer")
         if update and self.momentum is None and nbt is None:
             raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
         with torch.no_grad():
             if batch:
-                mean, var, count, _, _ = _stats.batch_stats(_stats.grouped_view(input.detach(), 1))
+                method = "kernels" if self.impl in ("auto", "kernels") else "auto"
+                mean, var, count, _, _ = _stats.batch_stats(_stats.grouped_view(input.detach(), 1), method=method)
                 mean, var = mean.flatten(), var.flatten()
                 if update:
                     _stats.update_running_stats(running_mean, running_var, nbt, mean,
@@ -214,7 +342,7 @@ class _BatchNormAct:
                 dt = _stats.stat_dtype(input.dtype)
                 mean, var = running_mean.to(dt), running_var.to(dt)
             invstd = torch.rsqrt(var + self.eps)
-        return _InplaceBNAct.apply(input, weight, bias, residual, mean, invstd, batch, self.act, self.act_kwargs)
+        return weight, bias, mean, invstd, batch
 
 
 _DOC = """BN then an activation, after an optional residual add: ``act(BN(input) + residual)``,
@@ -241,9 +369,19 @@ _DOC = """BN then an activation, after an optional residual add: ``act(BN(input)
             is). Its backward has first derivatives only (create_graph=True raises; inplace=False
             layers differentiate to any order). Default: False.
 
-    What the backward keeps, per layer: out of place, the BN's input and output (relu,
-    leaky_relu, elu act on the output in place, so no third tensor) or, for silu and gelu,
-    the BN's input and the activation's input; in place, the output (and the residual).
+    Fused kernels: out of place, with act "identity", "relu" or "leaky_relu" on float32 or
+    float64 CPU input (NCHW-contiguous or channels_last) and a residual, if any, of the
+    input's shape and dtype, the layer runs on this package's C kernels: the statistics
+    pass, one pass writing act(scale * x + shift + residual); backward one pass for the two
+    gradient sums, one for dx and the residual's gradient. Anything else (elu, silu, gelu,
+    a broadcast residual, impl="torch" or "reference", graph capture, torch.func transforms,
+    ghost batches, synchronized statistics) runs on torch operations, with the same results.
+
+    What the backward keeps, per layer: on the fused kernels, the input (and, with a
+    residual, the sign of the pre-activation, one byte per value), not the output; on torch
+    operations out of place, the BN's input and output (relu, leaky_relu, elu act on the
+    output in place, so no third tensor) or, for silu and gelu, the BN's input and the
+    activation's input; in place, the output (and the residual).
 
     Shape:
         Input: {shape}; residual (optional): the input's shape. Output: the input's shape.

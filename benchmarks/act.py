@@ -1,0 +1,179 @@
+"""BN + activation (+ residual add) as one layer: batchnorm.BatchNormAct2d against torch.nn's
+BatchNorm2d followed by the same activation, training forward+backward, same process,
+interleaved.
+
+    python benchmarks/act.py [--quick] [--system-malloc]
+
+Rows, per shape and memory format (float32, NCHW and channels_last):
+
+* BN+ReLU: ours ``BatchNormAct2d(C, act="relu")`` against torch's best of
+  ``relu(bn(x))`` with ReLU out of place and in place (both are timed; the faster one is
+  the reference).
+* BN+add+ReLU: ours ``m(x, residual=r)`` against ``torch.relu(bn(x) + r)``; the gradient
+  reaches x and r on both sides.
+* BN+leaky_relu in place (``inplace=True``, In-Place ABN): ours against torch's
+  ``leaky_relu(bn(x), 0.01, inplace=True)``.
+
+Passes over memory (|x| per pass), counted for the roofline column as in ops.py, ours:
+forward 1 read for the statistics + 1 read and 1 write for y (+ 1 read of r); backward 1
+read each of dy and x for the sums, again for dx, 1 write of dx (+ 1 write of dr; with a
+residual the sign of the pre-activation rides along as a byte per value). torch's BN+ReLU
+adds a read and a write for ReLU forward and two reads and a write for its backward, the
+add another two reads and a write.
+
+Memory (``--part memory`` or ``all``): peak training memory of the ResNet-18-style network
+of ``_nets.py`` on 64x64 inputs, batch 32, one training step (forward, cross-entropy,
+backward) in a fresh subprocess per configuration: the process's peak resident set
+(VmHWM) after the step minus its resident set (VmRSS) just before it, with the model, the
+input and the kernels already loaded. Configurations: torch.nn's BatchNorm2d +
+ReLU(inplace=True); ours, BatchNormAct2d(relu) out of place; ours, BatchNormAct2d(leaky_relu
+0.01, inplace=True), the in-place mode (In-Place ABN replaces ReLU by leaky ReLU, as here).
+
+Allocator: as ops.py (pinned glibc thresholds unless ``--system-malloc``).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as tF
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import batchnorm as bn  # noqa: E402
+from _timing import compare, machine, pin_malloc, table  # noqa: E402
+
+SHAPES = [(32, 64, 56, 56), (128, 256, 14, 14), (32, 128, 28, 28), (64, 512, 7, 7)]
+FORMATS = ["NCHW", "channels_last"]
+
+
+def _fwdbwd(fn, x, gy, r=None):
+    """One training step of ``fn`` (forward, backward into x and r)."""
+    def step():
+        x.grad = None
+        if r is not None:
+            r.grad = None
+        fn().backward(gy)
+    return step
+
+
+def rows_for(shape, fmt, repeats, min_time):
+    c = shape[1]
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    base = torch.randn(*shape).to(memory_format=mf)
+    x = base.clone().requires_grad_()
+    r = torch.randn(*shape).to(memory_format=mf).requires_grad_()
+    gy = torch.randn(*shape).to(memory_format=mf)
+    ref = nn.BatchNorm2d(c).train()
+    out = []
+
+    ours = bn.BatchNormAct2d(c, act="relu").train()
+    t = compare([_fwdbwd(lambda: ours(x), x, gy),
+                 _fwdbwd(lambda: torch.relu(ref(x)), x, gy),
+                 _fwdbwd(lambda: torch.relu_(ref(x)), x, gy)], min_time=min_time, repeats=repeats)
+    out.append(("BN+ReLU", t[0], min(t[1], t[2]), "in place" if t[2] < t[1] else "out of place"))
+
+    t = compare([_fwdbwd(lambda: ours(x, r), x, gy, r),
+                 _fwdbwd(lambda: torch.relu(ref(x) + r), x, gy, r)], min_time=min_time, repeats=repeats)
+    out.append(("BN+add+ReLU", t[0], t[1], "relu(bn(x) + r)"))
+
+    # In place: each step overwrites its input, so both sides start from a fresh copy made
+    # inside the step (the same copy on both sides).
+    leaky = bn.BatchNormAct2d(c, act="leaky_relu", inplace=True).train()
+    h = base.clone().requires_grad_()
+
+    def inplace_ours():
+        return leaky(h * 1.0)
+
+    def inplace_torch():
+        return tF.leaky_relu(ref(h * 1.0), 0.01, inplace=True)
+    t = compare([_fwdbwd(inplace_ours, h, gy), _fwdbwd(inplace_torch, h, gy)], min_time=min_time,
+                repeats=repeats)
+    out.append(("BN+leaky_relu, inplace", t[0], t[1], "copy of x in both"))
+    return out
+
+
+MEMORY_CONFIGS = [
+    ("torch.nn BatchNorm2d + ReLU(inplace=True)", "None"),
+    ("ours, BatchNormAct2d(relu)", "{'act': 'relu'}"),
+    ("ours, BatchNormAct2d(leaky_relu 0.01, inplace=True)", "{'act': 'leaky_relu', 'inplace': True}"),
+]
+
+_MEMORY_CHILD = """
+import sys, torch
+sys.path.insert(0, {here!r})
+from batchnorm import _jit
+from _nets import resnet18
+_jit.kernels()
+net = resnet18({config}).train()
+x = torch.randn(32, 3, 64, 64)
+y = torch.randint(0, 10, (32,))
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+before = status("VmRSS")
+torch.nn.functional.cross_entropy(net(x), y).backward()
+print((status("VmHWM") - before) / 1024)
+"""
+
+
+def memory_rows():
+    """(name, MiB) per configuration, each measured in a fresh interpreter."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = []
+    for name, config in MEMORY_CONFIGS:
+        code = _MEMORY_CHILD.format(here=here, config=config)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=True)
+        rows.append((name, float(out.stdout.split()[-1])))
+        print(f"{name}: {rows[-1][1]:.0f} MiB", file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
+    p.add_argument("--part", choices=["blocks", "memory", "all"], default="all")
+    args = p.parse_args(argv)
+    if not args.system_malloc:
+        pin_malloc()
+    repeats = 7 if args.quick else 21
+    min_time = 1e-3 if args.quick else 3e-3
+    from batchnorm import _jit
+    print(f"# benchmarks/act.py --part {args.part}: {machine()}")
+    print(f"# kernels: {_jit.status()}; malloc: {os.environ.get('GLIBC_TUNABLES', 'glibc default')}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if args.part in ("blocks", "all"):
+        blocks(repeats, min_time)
+    if args.part in ("memory", "all"):
+        rows = memory_rows()
+        ref = rows[0][1]
+        print()
+        print(table(["ResNet-18-style, 64x64, batch 32: one training step", "peak MiB", "of torch.nn's"],
+                    [(n, f"{m:.0f}", f"{m / ref:.2f}") for n, m in rows]))
+
+
+def blocks(repeats, min_time):
+    out, ratios = [], {}
+    for shape in SHAPES:
+        for fmt in FORMATS:
+            for block, t_ours, t_ref, note in rows_for(shape, fmt, repeats, min_time):
+                ratios.setdefault(block, []).append(t_ours / t_ref)
+                out.append((str(shape), fmt, block, f"{t_ref * 1e3:.3f}", f"{t_ours * 1e3:.3f}",
+                            f"{t_ours / t_ref:.2f}", note))
+                print(" | ".join(out[-1]), file=sys.stderr, flush=True)
+    print(table(["shape", "format", "block", "torch ms", "ours ms", "ours/torch", "torch side"], out))
+    print()
+    for block, rs in ratios.items():
+        print(f"{block} train fwd+bwd: median ratio {statistics.median(rs):.2f}, max {max(rs):.2f} "
+              f"over {len(rs)} rows")
+
+
+if __name__ == "__main__":
+    main()
