@@ -1475,7 +1475,7 @@ struct bn_act_dx_args {
 /* One span of n values; per-channel a, b either one value (vec 0) or n of them (vec 1). */      \
 static inline __attribute__((always_inline)) void act_fwd_span_##SUF(                            \
         const T *restrict x, const T *restrict r, T *restrict y, uint8_t *restrict m, int64_t n,  \
-        const T *restrict a, const T *restrict b, const int vec, T sl, int zero,                 \
+        const T *restrict a, const T *restrict b, const int vec, T sl, const int zero,           \
         const int has_r, const int has_m) {                                                      \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < n; i++) {                                                            \
@@ -1486,13 +1486,21 @@ static inline __attribute__((always_inline)) void act_fwd_span_##SUF(           
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-static inline __attribute__((always_inline)) void act_fwd_any_##SUF(                             \
+static inline __attribute__((always_inline)) void act_fwd_sel_##SUF(                             \
         const T *x, const T *r, T *y, uint8_t *m, int64_t n, const T *a, const T *b, const int vec, \
-        T sl, int zero) {                                                                        \
+        T sl, const int zero) {                                                                  \
     if (r && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 1);                    \
     else if (r) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 0);                    \
     else if (m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 1);                    \
     else act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 0);                           \
+}                                                                                                \
+                                                                                                 \
+/* zero (ReLU) as a constant of each instance: the loops stay branch-free selects */            \
+static inline __attribute__((always_inline)) void act_fwd_any_##SUF(                             \
+        const T *x, const T *r, T *y, uint8_t *m, int64_t n, const T *a, const T *b, const int vec, \
+        T sl, int zero) {                                                                        \
+    if (zero) act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 1);                                \
+    else act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0);                                     \
 }                                                                                                \
                                                                                                  \
 static void act_fwd_task_##SUF(void *p, int t, int nt) {                                         \
@@ -1519,8 +1527,8 @@ static void act_fwd_task_##SUF(void *p, int t, int nt) {                        
 /* Rows: sums over one channel's span of n values into float totals s[0], s[1]. */               \
 static inline __attribute__((always_inline)) void act_sums_span_##SUF(                           \
         const T *restrict g, const T *restrict x, const uint8_t *restrict m, int64_t n,          \
-        const T *restrict a, const T *restrict b, T mu, T sl, int zero, double *t1, double *t2,  \
-        const int has_m) {                                                                       \
+        const T *restrict a, const T *restrict b, T mu, T sl, const int zero, double *t1,        \
+        double *t2, const int has_m) {                                                           \
     const int vec = 0;                                                                           \
     for (int64_t i0 = 0; i0 < n; i0 += ACT_CHUNK) {                                              \
         const int64_t i1 = i0 + ACT_CHUNK < n ? i0 + ACT_CHUNK : n;                              \
@@ -1539,7 +1547,7 @@ static inline __attribute__((always_inline)) void act_sums_span_##SUF(          
 /* Channels-innermost: one row of C values added into float accumulators b1, b2. */             \
 static inline __attribute__((always_inline)) void act_sums_row_##SUF(                            \
         const T *restrict g, const T *restrict x, const uint8_t *restrict m, int64_t C,          \
-        const T *restrict a, const T *restrict b, const T *restrict mu, T sl, int zero,          \
+        const T *restrict a, const T *restrict b, const T *restrict mu, T sl, const int zero,    \
         T *restrict b1, T *restrict b2, const int has_m) {                                       \
     const int vec = 1;                                                                           \
     _Pragma("omp simd")                                                                          \
@@ -1573,8 +1581,10 @@ static void act_sums_task_##SUF(void *p, int t, int nt) {                       
             double t1 = 0.0, t2 = 0.0;                                                           \
             for (int64_t n = 0; n < N; n++) {                                                    \
                 const int64_t o = (n * C + c) * S;                                               \
-                if (m) act_sums_span_##SUF(g + o, x + o, m + o, S, A + c, B + c, mu[c], sl, zero, &t1, &t2, 1); \
-                else act_sums_span_##SUF(g + o, x + o, NULL, S, A + c, B + c, mu[c], sl, zero, &t1, &t2, 0); \
+                if (m && zero) act_sums_span_##SUF(g + o, x + o, m + o, S, A + c, B + c, mu[c], sl, 1, &t1, &t2, 1); \
+                else if (m) act_sums_span_##SUF(g + o, x + o, m + o, S, A + c, B + c, mu[c], sl, 0, &t1, &t2, 1); \
+                else if (zero) act_sums_span_##SUF(g + o, x + o, NULL, S, A + c, B + c, mu[c], sl, 1, &t1, &t2, 0); \
+                else act_sums_span_##SUF(g + o, x + o, NULL, S, A + c, B + c, mu[c], sl, 0, &t1, &t2, 0); \
             }                                                                                    \
             s1[c] = t1;                                                                          \
             s2[c] = t2;                                                                          \
@@ -1590,8 +1600,10 @@ static void act_sums_task_##SUF(void *p, int t, int nt) {                       
         for (int64_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }                                \
         for (int64_t r = r0; r < r1; r++) {                                                      \
             const int64_t o = r * C;                                                             \
-            if (m) act_sums_row_##SUF(g + o, x + o, m + o, C, A, B, mu, sl, zero, b1, b2, 1);    \
-            else act_sums_row_##SUF(g + o, x + o, NULL, C, A, B, mu, sl, zero, b1, b2, 0);       \
+            if (m && zero) act_sums_row_##SUF(g + o, x + o, m + o, C, A, B, mu, sl, 1, b1, b2, 1); \
+            else if (m) act_sums_row_##SUF(g + o, x + o, m + o, C, A, B, mu, sl, 0, b1, b2, 1);  \
+            else if (zero) act_sums_row_##SUF(g + o, x + o, NULL, C, A, B, mu, sl, 1, b1, b2, 0); \
+            else act_sums_row_##SUF(g + o, x + o, NULL, C, A, B, mu, sl, 0, b1, b2, 0);          \
         }                                                                                        \
         for (int64_t c = 0; c < C; c++) { t1[c] += (double)b1[c]; t2[c] += (double)b2[c]; }      \
     }                                                                                            \
@@ -1625,7 +1637,7 @@ static int act_sums_##SUF(const struct bn_act_sums_args *a) {                   
 static inline __attribute__((always_inline)) void act_dx_span_##SUF(                             \
         const T *restrict g, const T *restrict x, const uint8_t *restrict m, T *restrict dx,     \
         T *restrict dz, int64_t n, const T *restrict a, const T *restrict b, const T *restrict al, \
-        const T *restrict be, const T *restrict ga, const int vec, T sl, int zero, const int has_m, \
+        const T *restrict be, const T *restrict ga, const int vec, T sl, const int zero, const int has_m, \
         const int has_dx, const int has_dz) {                                                    \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < n; i++) {                                                            \
@@ -1635,9 +1647,9 @@ static inline __attribute__((always_inline)) void act_dx_span_##SUF(            
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-static inline __attribute__((always_inline)) void act_dx_any_##SUF(                              \
+static inline __attribute__((always_inline)) void act_dx_sel_##SUF(                              \
         const T *g, const T *x, const uint8_t *m, T *dx, T *dz, int64_t n, const T *a, const T *b, \
-        const T *al, const T *be, const T *ga, const int vec, T sl, int zero) {                  \
+        const T *al, const T *be, const T *ga, const int vec, T sl, const int zero) {            \
     if (m) {                                                                                     \
         if (dx && dz) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 1, 1, 1); \
         else if (dx) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 1, 1, 0); \
@@ -1647,6 +1659,13 @@ static inline __attribute__((always_inline)) void act_dx_any_##SUF(             
         else if (dx) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 0, 1, 0); \
         else act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 0, 0, 1);    \
     }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+static inline __attribute__((always_inline)) void act_dx_any_##SUF(                              \
+        const T *g, const T *x, const uint8_t *m, T *dx, T *dz, int64_t n, const T *a, const T *b, \
+        const T *al, const T *be, const T *ga, const int vec, T sl, int zero) {                  \
+    if (zero) act_dx_sel_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, 1);               \
+    else act_dx_sel_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, 0);                    \
 }                                                                                                \
                                                                                                  \
 static void act_dx_task_##SUF(void *p, int t, int nt) {                                          \
