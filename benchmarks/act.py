@@ -25,7 +25,9 @@ Memory (``--part memory`` or ``all``): peak training memory of the ResNet-18-sty
 of ``_nets.py`` on 64x64 inputs, batch 32, one training step (forward, cross-entropy,
 backward) in a fresh subprocess per configuration: the process's peak resident set
 (VmHWM) after the step minus its resident set (VmRSS) just before it, with the model, the
-input and the kernels already loaded. Configurations: torch.nn's BatchNorm2d +
+input and the kernels already loaded, under glibc's default allocator; and the tensors
+autograd saved for the backward (a saved_tensors_hooks pack hook, each storage counted
+once), the memory a training step keeps between its forward and its backward. Configurations: torch.nn's BatchNorm2d +
 ReLU(inplace=True); ours, BatchNormAct2d(relu) out of place; ours, BatchNormAct2d(leaky_relu
 0.01, inplace=True), the in-place mode (In-Place ABN replaces ReLU by leaky ReLU, as here).
 
@@ -116,9 +118,15 @@ y = torch.randint(0, 10, (32,))
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+saved = {{}}
+def pack(t):  # every tensor autograd keeps for the backward, counted once per storage
+    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return t
 before = status("VmRSS")
-torch.nn.functional.cross_entropy(net(x), y).backward()
-print((status("VmHWM") - before) / 1024)
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+loss.backward()
+print((status("VmHWM") - before) / 1024, sum(saved.values()) / 2 ** 20)
 """
 
 
@@ -128,9 +136,12 @@ def memory_rows():
     rows = []
     for name, config in MEMORY_CONFIGS:
         code = _MEMORY_CHILD.format(here=here, config=config)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=True)
-        rows.append((name, float(out.stdout.split()[-1])))
-        print(f"{name}: {rows[-1][1]:.0f} MiB", file=sys.stderr, flush=True)
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # the allocator users have
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=True,
+                             env=env)
+        peak, saved = (float(v) for v in out.stdout.split()[-2:])
+        rows.append((name, peak, saved))
+        print(f"{name}: peak {peak:.0f} MiB, saved {saved:.0f} MiB", file=sys.stderr, flush=True)
     return rows
 
 
@@ -153,10 +164,11 @@ def main(argv=None):
         blocks(repeats, min_time)
     if args.part in ("memory", "all"):
         rows = memory_rows()
-        ref = rows[0][1]
+        ref, ref_saved = rows[0][1], rows[0][2]
         print()
-        print(table(["ResNet-18-style, 64x64, batch 32: one training step", "peak MiB", "of torch.nn's"],
-                    [(n, f"{m:.0f}", f"{m / ref:.2f}") for n, m in rows]))
+        print(table(["ResNet-18-style, 64x64, batch 32: one training step", "peak MiB", "of torch.nn's",
+                     "saved for backward MiB", "of torch.nn's"],
+                    [(n, f"{m:.0f}", f"{m / ref:.2f}", f"{sv:.0f}", f"{sv / ref_saved:.2f}") for n, m, sv in rows]))
 
 
 def blocks(repeats, min_time):
