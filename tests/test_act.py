@@ -357,3 +357,33 @@ def test_kernel_boundary_refuses_bad_buffers():
             _fused.act_sums(torch.randn_like(x), x, lay, a, b, 0.0, bad, mu)
     with pytest.raises(ValueError, match="should contain 8 elements"):
         _fused.act_grad(torch.randn_like(x), x, lay, torch.ones(3), b, 0.0, None, a, b, b, True, False)
+
+
+@pytest.mark.parametrize("dtype,memory_format", [(torch.float64, torch.contiguous_format),
+                                                 (torch.float32, torch.channels_last)])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("act", ["identity", "leaky_relu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_inplace_kernels_match_out_of_place(act, residual, memory_format, dtype, training, monkeypatch):
+    """In place on the kernels (the backward reads the output, and the residual): the same
+    outputs, gradients and running statistics as the out-of-place layer; the kernels ran."""
+    from batchnorm import _fused
+    calls = []
+    real = _fused.act_sums
+    monkeypatch.setattr(_fused, "act_sums", lambda *a, **k: calls.append(k.get("output")) or real(*a, **k))
+    ours, _ = _pair(act, 16)
+    inp = copy.deepcopy(ours)
+    inp.inplace = True
+    ours, inp = ours.to(dtype).train(training), inp.to(dtype).train(training)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-10}
+    x = (torch.randn(SHAPES["fused"], dtype=dtype) * 2 + 0.5).to(memory_format=memory_format).requires_grad_()
+    r = torch.randn(SHAPES["fused"], dtype=dtype, requires_grad=True) if residual else None
+    ya, yb = ours(x * 1.0, r), inp(x * 1.0, r)
+    torch.testing.assert_close(yb, ya, **tol)
+    g = torch.randn_like(ya)
+    wrt = [x, ours.weight, ours.bias] + ([r] if residual else [])
+    wrt_b = [x, inp.weight, inp.bias] + ([r] if residual else [])
+    for a, b in zip(torch.autograd.grad(ya, wrt, g), torch.autograd.grad(yb, wrt_b, g)):
+        torch.testing.assert_close(b, a, **tol)
+    torch.testing.assert_close(inp.running_mean, ours.running_mean, **tol)
+    assert True in calls  # the in-place backward ran on the kernels (output=True)

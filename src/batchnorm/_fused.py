@@ -278,15 +278,19 @@ def _slope(slope: float) -> float:
 
 
 def act_forward(x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: float,
-                residual: Optional[Tensor] = None, want_mask: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+                residual: Optional[Tensor] = None, want_mask: bool = False,
+                inplace: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
     """y = act(scale[c] * x + shift[c] + residual) for act(z) = z (z > 0), slope * z
-    (else; ReLU at slope 0), and with ``want_mask`` the bytes (z > 0) for the backward."""
+    (else; ReLU at slope 0), and with ``want_mask`` the bytes (z > 0) for the backward;
+    ``inplace``: y is written over x (and returned)."""
     lib = _jit.kernels()
     _check_x(x, lay)
     n, c, s, cl = lay
     a, b = _vec(scale, x, c), _vec(shift, x, c)
     r = None if residual is None else _like(residual, x)
-    y = torch.empty_like(x)
+    if inplace and (want_mask or (r is not None and r.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())):
+        _fail("the in-place forward writes no mask and cannot add a residual that shares the input's memory")
+    y = x if inplace else torch.empty_like(x)
     mask = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
     _fn(lib, "act_fwd", x.dtype)(ActFwdArgs(x=x.data_ptr(), r=_ptr(r), y=y.data_ptr(), mask=_ptr(mask),
                                             scale=a.data_ptr(), shift=b.data_ptr(), n=n, c=c, s=s,
@@ -294,42 +298,64 @@ def act_forward(x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: flo
     return y, mask
 
 
-def act_sums(dy: Tensor, x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: float,
-             mask: Optional[Tensor], mean: Tensor) -> Tensor:
-    """(2, C) float64: per channel sum dz and sum dz * (x - mean), dz = dy * act'(z), z's
-    sign from ``mask`` or, without one, from scale * x + shift as :func:`act_forward` made it."""
+def _act_source(v: Tensor, lay: Layout, mask: Optional[Tensor], residual: Optional[Tensor], output: bool,
+                slope: float):
+    """Check what a backward kernel reads besides dy: the saved tensor ``v`` (x, or the
+    in-place output), the mask (out of place) or the residual (in place)."""
+    _check_x(v, lay)
+    if output:
+        if mask is not None:
+            _fail("the in-place backward reads the output's sign, not a mask")
+        if not _slope(slope) > 0:
+            _fail(f"the in-place backward needs an invertible activation (slope > 0), got slope {slope}")
+        return None, None if residual is None else _like(residual, v)
+    if residual is not None:
+        _fail("the out-of-place backward reads no residual (its sign is in the mask)")
+    return _act_mask(mask, v), None
+
+
+def act_sums(dy: Tensor, v: Tensor, lay: Layout, scale: Optional[Tensor], shift: Optional[Tensor], slope: float,
+             mask: Optional[Tensor], mu: Tensor, residual: Optional[Tensor] = None,
+             output: bool = False) -> Tensor:
+    """(2, C) float64: per channel sum dz and sum dz * (u - mu), dz = dy * act'(z). Out of
+    place ``v`` is x and u = x, z's sign from ``mask`` or else from scale * x + shift as
+    :func:`act_forward` made it; with ``output`` (in place) ``v`` is the output y and
+    u = act^-1(y) - residual (scale and shift are not read)."""
     lib = _jit.kernels()
-    _check_x(x, lay)
     n, c, s, cl = lay
-    g, m = _like(dy, x), _act_mask(mask, x)
-    a, b, mu = _vec(scale, x, c), _vec(shift, x, c), _vec(mean, x, c)
+    g = _like(dy, v)
+    m, r = _act_source(v, lay, mask, residual, output, slope)
+    a, b = (None, None) if output else (_vec(scale, v, c), _vec(shift, v, c))
+    mu_ = _vec(mu, v, c)
     out = torch.empty(2, c, dtype=torch.float64)
     s1, s2 = out[0], out[1]
-    args = ActSumsArgs(dy=g.data_ptr(), x=x.data_ptr(), mask=_ptr(m), scale=a.data_ptr(), shift=b.data_ptr(),
-                       mean=mu.data_ptr(), sum_dz=s1.data_ptr(), sum_dzx=s2.data_ptr(), n=n, c=c, s=s,
-                       slope=_slope(slope), cl=cl, nt=_threads(lay))
-    if _fn(lib, "act_sums", x.dtype)(args):
+    args = ActSumsArgs(dy=g.data_ptr(), v=v.data_ptr(), mask=_ptr(m), r=_ptr(r), scale=_ptr(a), shift=_ptr(b),
+                       mu=mu_.data_ptr(), sum_dz=s1.data_ptr(), sum_dzu=s2.data_ptr(), n=n, c=c, s=s,
+                       slope=_slope(slope), output=int(output), cl=cl, nt=_threads(lay))
+    if _fn(lib, "act_sums", v.dtype)(args):
         raise MemoryError("batchnorm: out of memory in the activation gradient-sums kernel")
     return out
 
 
-def act_grad(dy: Tensor, x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: float,
+def act_grad(dy: Tensor, v: Tensor, lay: Layout, scale: Optional[Tensor], shift: Optional[Tensor], slope: float,
              mask: Optional[Tensor], alpha: Tensor, beta: Tensor, gamma: Tensor, need_dx: bool,
-             need_dz: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """dx = alpha[c] * dz + beta[c] * x + gamma[c] and dz = dy * act'(z) (the residual's
-    gradient), each where asked, in one pass."""
+             need_dz: bool, residual: Optional[Tensor] = None,
+             output: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """dx = alpha[c] * dz + beta[c] * u + gamma[c] and dz = dy * act'(z) (the residual's
+    gradient), each where asked, in one pass; ``v``, ``u`` and ``output`` as in
+    :func:`act_sums`."""
     lib = _jit.kernels()
-    _check_x(x, lay)
     n, c, s, cl = lay
-    g, m = _like(dy, x), _act_mask(mask, x)
-    a, b = _vec(scale, x, c), _vec(shift, x, c)
-    al, be, ga = _vec(alpha, x, c), _vec(beta, x, c), _vec(gamma, x, c)
-    dx = torch.empty_like(x) if need_dx else None
-    dz = torch.empty_like(x) if need_dz else None
-    _fn(lib, "act_dx", x.dtype)(ActDxArgs(dy=g.data_ptr(), x=x.data_ptr(), mask=_ptr(m), scale=a.data_ptr(),
-                                          shift=b.data_ptr(), alpha=al.data_ptr(), beta=be.data_ptr(),
+    g = _like(dy, v)
+    m, r = _act_source(v, lay, mask, residual, output, slope)
+    a, b = (None, None) if output else (_vec(scale, v, c), _vec(shift, v, c))
+    al, be, ga = _vec(alpha, v, c), _vec(beta, v, c), _vec(gamma, v, c)
+    dx = torch.empty_like(v) if need_dx else None
+    dz = torch.empty_like(v) if need_dz else None
+    _fn(lib, "act_dx", v.dtype)(ActDxArgs(dy=g.data_ptr(), v=v.data_ptr(), mask=_ptr(m), r=_ptr(r), scale=_ptr(a),
+                                          shift=_ptr(b), alpha=al.data_ptr(), beta=be.data_ptr(),
                                           gamma=ga.data_ptr(), dx=_ptr(dx), dz=_ptr(dz), n=n, c=c, s=s,
-                                          slope=_slope(slope), cl=cl, nt=_threads(lay)))
+                                          slope=_slope(slope), output=int(output), cl=cl, nt=_threads(lay)))
     return dx, dz
 
 

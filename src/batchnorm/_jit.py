@@ -522,13 +522,14 @@ class ActFwdArgs(ctypes.Structure):
 
 
 class ActSumsArgs(ctypes.Structure):
-    _fields_ = [("dy", _P), ("x", _P), ("mask", _P), ("scale", _P), ("shift", _P), ("mean", _P), ("sum_dz", _P),
-                ("sum_dzx", _P), *_SHAPE, ("slope", _F64), *_LAYOUT_THREADS]
+    _fields_ = [("dy", _P), ("v", _P), ("mask", _P), ("r", _P), ("scale", _P), ("shift", _P), ("mu", _P),
+                ("sum_dz", _P), ("sum_dzu", _P), *_SHAPE, ("slope", _F64), ("output", _I32), *_LAYOUT_THREADS]
 
 
 class ActDxArgs(ctypes.Structure):
-    _fields_ = [("dy", _P), ("x", _P), ("mask", _P), ("scale", _P), ("shift", _P), ("alpha", _P), ("beta", _P),
-                ("gamma", _P), ("dx", _P), ("dz", _P), *_SHAPE, ("slope", _F64), *_LAYOUT_THREADS]
+    _fields_ = [("dy", _P), ("v", _P), ("mask", _P), ("r", _P), ("scale", _P), ("shift", _P), ("alpha", _P),
+                ("beta", _P), ("gamma", _P), ("dx", _P), ("dz", _P), *_SHAPE, ("slope", _F64), ("output", _I32),
+                *_LAYOUT_THREADS]
 
 
 # Each entry point bn_<kind>_f32 / bn_<kind>_f64: its argument struct and its return type.

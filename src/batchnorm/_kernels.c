@@ -1421,19 +1421,22 @@ static inline __attribute__((always_inline)) int check_stats(const struct bn_che
  * where act(z) is 0 for z <= 0 and NaN stays NaN, as torch.relu; its derivative is 0 there,
  * so a NaN gradient is not spread where ReLU cut it off, as torch's threshold_backward).
  *   act_fwd   reads x (and r), writes y = act(z) with z = fma(a[c], x, b[c]) (+ r), and
- *             where asked the bytes mask = (z > 0)
- *   act_sums  reads dy and x (and the mask) -> sum dz and sum dz * (x - mean[c]) per
+ *             where asked the bytes mask = (z > 0); y may be x itself (the in-place mode)
+ *   act_sums  reads dy and v (and the mask or r) -> sum dz and sum dz * (u - mu[c]) per
  *             channel, dz = dy * act'(z)
- *   act_dx    reads dy and x (and the mask) -> dx = al[c] * dz + be[c] * x + ga[c], and
- *             dz itself (the residual's gradient) where asked
- * Without a mask act'(z) is recomputed from x: z = fma(a, x, b) is one rounding in both
- * directions (the same value from a vector or a scalar instruction), so the backward finds
- * the forward's sign exactly. With a residual the forward writes the mask instead (a byte
- * per value: cheaper than reading the residual again twice).
+ *   act_dx    reads the same -> dx = al[c] * dz + be[c] * u + ga[c], and dz itself (the
+ *             residual's gradient) where asked
+ * v is what the forward saved. Out of place it is x, and u = x; act'(z) is recomputed from
+ * x (z = fma(a, x, b) is one rounding in both directions, the same value from a vector or a
+ * scalar instruction, so the backward finds the forward's sign exactly), or, where a
+ * residual was added, read from the forward's mask (a byte per value: cheaper than reading
+ * the residual again twice). In place (output != 0, slope > 0) v is the output y, whose
+ * sign is z's, and u = z - r = act^-1(y) - r (In-Place ABN: the normalized value is
+ * recovered from the output, x having been overwritten).
  * ------------------------------------------------------------------------------------- */
 struct bn_act_fwd_args {
     const void *x, *r;         /* r: laid out like x, or NULL */
-    void *y;                   /* laid out like x */
+    void *y;                   /* laid out like x; or x itself */
     void *mask;                /* uint8 laid out like x, or NULL: not written */
     const void *scale, *shift; /* a, b: c each */
     int64_t n, c, s;
@@ -1442,35 +1445,54 @@ struct bn_act_fwd_args {
 };
 
 struct bn_act_sums_args {
-    const void *dy, *x;        /* dy laid out like x */
-    const void *mask;          /* the forward's mask, or NULL: act'(z) from fma(scale, x, shift) */
-    const void *scale, *shift; /* the forward's a, b */
-    const void *mean;          /* the centre of the second sum */
-    void *sum_dz, *sum_dzx;    /* out: c doubles each */
+    const void *dy, *v;        /* dy laid out like v */
+    const void *mask;          /* out of place: the forward's mask, or NULL (sign from x) */
+    const void *r;             /* in place: the residual, or NULL */
+    const void *scale, *shift; /* out of place: the forward's a, b */
+    const void *mu;            /* the centre of the second sum */
+    void *sum_dz, *sum_dzu;    /* out: c doubles each */
     int64_t n, c, s;
     double slope;
-    int32_t cl, nt;
+    int32_t output, cl, nt;    /* output: v is the in-place output */
 };
 
 struct bn_act_dx_args {
-    const void *dy, *x, *mask; /* as bn_act_sums_args' */
+    const void *dy, *v, *mask, *r; /* as bn_act_sums_args' */
     const void *scale, *shift;
-    const void *alpha, *beta, *gamma; /* the coefficients of dz, x and 1 */
-    void *dx, *dz;             /* out (laid out like x): either may be NULL */
+    const void *alpha, *beta, *gamma; /* the coefficients of dz, u and 1 */
+    void *dx, *dz;             /* out (laid out like v): either may be NULL */
     int64_t n, c, s;
     double slope;
-    int32_t cl, nt;
+    int32_t output, cl, nt;
 };
 
-#define ACT_CHUNK 1024  /* values per float accumulation before it is added into a double */
+#define ACT_FLUSH 1024  /* values per float lane before it is added into a double */
 
-/* dz of value i in a span (its variables g, x, m, a, b, vec, sl, zero, has_m): the forward's
- * sign from the mask or from x. */
-#define ACT_DZ(T, FMA, i)                                                                        \
-    const int pos = has_m ? m[i] != 0 : FMA(vec ? a[i] : a[0], x[i], vec ? b[i] : b[0]) > 0;     \
-    const T d = pos ? g[i] : (zero ? (T)0 : sl * g[i]);
+/* pos (z > 0), dz and u of value i inside a span whose variables are g, v, m, r, a, b,
+ * vec, sl, isl, zero and the constants output, has_m, has_r. */
+#define ACT_VALUE(T, FMA, i)                                                                     \
+    const T vi = v[i];                                                                           \
+    const int pos = output ? vi > 0                                                              \
+                  : has_m ? m[i] != 0 : FMA(vec ? a[i] : a[0], vi, vec ? b[i] : b[0]) > 0;       \
+    const T d = pos ? g[i] : (zero ? (T)0 : sl * g[i]);                                          \
+    T u = output ? (pos ? vi : vi * isl) : vi;                                                   \
+    if (output && has_r) u -= r[i];
 
-#define DEFINE_ACT(T, SUF, FMA)                                                                  \
+/* act_dx's span instances by what is read (output, mask, residual) and written (dx, dz),
+ * inside act_dx_task (its variables). */                   \
+#define ACT_DX_OUT(SUF, VEC, Z, O, M, R)                                                              \
+    if (dx && dz) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, Z, O, M, R, 1, 1); \
+    else if (dx) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, Z, O, M, R, 1, 0); \
+    else act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, Z, O, M, R, 0, 1);
+#define ACT_DX_ALL(SUF, VEC)                                                                          \
+    if (output && r) { ACT_DX_OUT(SUF, VEC, 0, 1, 0, 1) }                                             \
+    else if (output) { ACT_DX_OUT(SUF, VEC, 0, 1, 0, 0) }                                             \
+    else if (m && zero) { ACT_DX_OUT(SUF, VEC, 1, 0, 1, 0) }                                          \
+    else if (m) { ACT_DX_OUT(SUF, VEC, 0, 0, 1, 0) }                                                  \
+    else if (zero) { ACT_DX_OUT(SUF, VEC, 1, 0, 0, 0) }                                               \
+    else { ACT_DX_OUT(SUF, VEC, 0, 0, 0, 0) }
+
+#define DEFINE_ACT(T, SUF, FMA, L)                                                               \
                                                                                                  \
 /* One span of n values; per-channel a, b either one value (vec 0) or n of them (vec 1). */      \
 static inline __attribute__((always_inline)) void act_fwd_span_##SUF(                            \
@@ -1486,10 +1508,26 @@ static inline __attribute__((always_inline)) void act_fwd_span_##SUF(           
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
+/* The same with y written over x (one pointer: no aliasing for the compiler to fear). */       \
+static inline __attribute__((always_inline)) void act_fwd_inplace_span_##SUF(                    \
+        T *restrict xy, const T *restrict r, int64_t n, const T *restrict a, const T *restrict b, \
+        const int vec, T sl, const int zero, const int has_r) {                                  \
+    _Pragma("omp simd")                                                                          \
+    for (int64_t i = 0; i < n; i++) {                                                            \
+        T z = FMA(vec ? a[i] : a[0], xy[i], vec ? b[i] : b[0]);                                  \
+        if (has_r) z += r[i];                                                                    \
+        xy[i] = !(z <= 0) ? z : (zero ? (T)0 : sl * z);                                          \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
 static inline __attribute__((always_inline)) void act_fwd_sel_##SUF(                             \
         const T *x, const T *r, T *y, uint8_t *m, int64_t n, const T *a, const T *b, const int vec, \
         T sl, const int zero) {                                                                  \
-    if (r && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 1);                    \
+    if (y == x) {                                                                                \
+        if (r) act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 1);                      \
+        else act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 0);                        \
+    }                                                                                            \
+    else if (r && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 1);               \
     else if (r) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 0);                    \
     else if (m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 1);                    \
     else act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 0);                           \
@@ -1511,11 +1549,11 @@ static void act_fwd_task_##SUF(void *p, int t, int nt) {                        
     uint8_t *m = (uint8_t *)a->mask;                                                             \
     const T sl = (T)a->slope;                                                                    \
     const int zero = a->slope == 0.0;                                                            \
-    const int64_t C = a->c, S = a->s, L = a->cl ? C : S;                                         \
+    const int64_t C = a->c, S = a->s, L_ = a->cl ? C : S;                                        \
     int64_t lo, hi;                                                                              \
     split(a->n * (a->cl ? S : C), t, nt, &lo, &hi);                                              \
     for (int64_t row = lo; row < hi; row++) {                                                    \
-        const int64_t o = row * L;                                                               \
+        const int64_t o = row * L_;                                                              \
         if (a->cl)                                                                               \
             act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, C, A, B, 1, sl, zero); \
         else                                                                                     \
@@ -1524,67 +1562,102 @@ static void act_fwd_task_##SUF(void *p, int t, int nt) {                        
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* Rows: sums over one channel's span of n values into float totals s[0], s[1]. */               \
+/* The knobs every backward span is instantiated for, as constants. */                           \
+struct act_how_##SUF { T sl, isl, mu; int zero; };                                               \
+                                                                                                 \
+/* Rows: one span of n values of one channel into lane accumulators l1, l2 (L each), which   \
+ * persist across the channel's rows (short rows cost no horizontal sums). */                    \
 static inline __attribute__((always_inline)) void act_sums_span_##SUF(                           \
-        const T *restrict g, const T *restrict x, const uint8_t *restrict m, int64_t n,          \
-        const T *restrict a, const T *restrict b, T mu, T sl, const int zero, double *t1,        \
-        double *t2, const int has_m) {                                                           \
+        const T *restrict g, const T *restrict v, const uint8_t *restrict m, const T *restrict r, \
+        int64_t n, const T *restrict a, const T *restrict b, T mu, T sl, T isl, const int zero,  \
+        T *restrict l1, T *restrict l2, const int output, const int has_m, const int has_r) {    \
     const int vec = 0;                                                                           \
-    for (int64_t i0 = 0; i0 < n; i0 += ACT_CHUNK) {                                              \
-        const int64_t i1 = i0 + ACT_CHUNK < n ? i0 + ACT_CHUNK : n;                              \
-        T s1 = 0, s2 = 0;                                                                        \
-        _Pragma("omp simd reduction(+:s1,s2)")                                                   \
-        for (int64_t i = i0; i < i1; i++) {                                                      \
-            ACT_DZ(T, FMA, i)                                                                      \
-            s1 += d;                                                                             \
-            s2 += d * (x[i] - mu);                                                               \
+    int64_t i = 0;                                                                               \
+    for (; i + L <= n; i += L) {                                                                 \
+        _Pragma("omp simd")                                                                      \
+        for (int l = 0; l < L; l++) {                                                            \
+            ACT_VALUE(T, FMA, i + l)                                                             \
+            l1[l] += d;                                                                          \
+            l2[l] += d * (u - mu);                                                               \
         }                                                                                        \
-        *t1 += (double)s1;                                                                       \
-        *t2 += (double)s2;                                                                       \
+    }                                                                                            \
+    for (int l = 0; i < n; i++, l++) {                                                           \
+        ACT_VALUE(T, FMA, i)                                                                     \
+        l1[l] += d;                                                                              \
+        l2[l] += d * (u - mu);                                                                   \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
 /* Channels-innermost: one row of C values added into float accumulators b1, b2. */             \
 static inline __attribute__((always_inline)) void act_sums_row_##SUF(                            \
-        const T *restrict g, const T *restrict x, const uint8_t *restrict m, int64_t C,          \
-        const T *restrict a, const T *restrict b, const T *restrict mu, T sl, const int zero,    \
-        T *restrict b1, T *restrict b2, const int has_m) {                                       \
+        const T *restrict g, const T *restrict v, const uint8_t *restrict m, const T *restrict r, \
+        int64_t C, const T *restrict a, const T *restrict b, const T *restrict mu, T sl, T isl,  \
+        const int zero, T *restrict b1, T *restrict b2, const int output, const int has_m,       \
+        const int has_r) {                                                                       \
     const int vec = 1;                                                                           \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < C; i++) {                                                            \
-        ACT_DZ(T, FMA, i)                                                                          \
+        ACT_VALUE(T, FMA, i)                                                                     \
         b1[i] += d;                                                                              \
-        b2[i] += d * (x[i] - mu[i]);                                                             \
+        b2[i] += d * (u - mu[i]);                                                                \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* Every instance of the two above the kernels need: zero, output, has_m, has_r constant. */     \
+static inline __attribute__((always_inline)) void act_sums_any_##SUF(                            \
+        const T *g, const T *v, const uint8_t *m, const T *r, int64_t n, const T *a, const T *b,  \
+        const T *mu, T sl, T isl, int zero, int output, T *l1, T *l2, const int rows) {          \
+    if (rows) {                                                                                  \
+        if (output && r) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 0, l1, l2, 1, 0, 1); \
+        else if (output) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 0, l1, l2, 1, 0, 0); \
+        else if (m && zero) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 1, l1, l2, 0, 1, 0); \
+        else if (m) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 0, l1, l2, 0, 1, 0); \
+        else if (zero) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 1, l1, l2, 0, 0, 0); \
+        else act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 0, l1, l2, 0, 0, 0);       \
+    } else {                                                                                     \
+        if (output && r) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 0, l1, l2, 1, 0, 1); \
+        else if (output) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 0, l1, l2, 1, 0, 0); \
+        else if (m && zero) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 1, l1, l2, 0, 1, 0); \
+        else if (m) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 0, l1, l2, 0, 1, 0);    \
+        else if (zero) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 1, l1, l2, 0, 0, 0); \
+        else act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 0, l1, l2, 0, 0, 0);           \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
 struct act_job_##SUF {                                                                           \
-    const struct bn_act_sums_args *a;                                                             \
+    const struct bn_act_sums_args *a;                                                            \
     double *tot;    /* channels-innermost: 2 * C doubles per thread */                           \
     T *buf;         /* channels-innermost: 2 * C values per thread */                            \
 };                                                                                               \
                                                                                                  \
 static void act_sums_task_##SUF(void *p, int t, int nt) {                                        \
     const struct act_job_##SUF *j = (const struct act_job_##SUF *)p;                             \
-    const struct bn_act_sums_args *a = j->a;                                                      \
-    const T *g = (const T *)a->dy, *x = (const T *)a->x, *A = (const T *)a->scale;               \
-    const T *B = (const T *)a->shift, *mu = (const T *)a->mean;                                  \
+    const struct bn_act_sums_args *a = j->a;                                                     \
+    const T *g = (const T *)a->dy, *v = (const T *)a->v, *r = (const T *)a->r;                   \
+    const T *A = (const T *)a->scale, *B = (const T *)a->shift, *mu = (const T *)a->mu;          \
     const uint8_t *m = (const uint8_t *)a->mask;                                                 \
-    const T sl = (T)a->slope;                                                                    \
-    const int zero = a->slope == 0.0;                                                            \
+    const T sl = (T)a->slope, isl = a->output ? (T)(1.0 / a->slope) : (T)0;                      \
+    const int zero = a->slope == 0.0, output = a->output != 0;                                   \
     const int64_t N = a->n, C = a->c, S = a->s;                                                  \
     int64_t lo, hi;                                                                              \
     if (!a->cl) {                                                                                \
-        double *s1 = (double *)a->sum_dz, *s2 = (double *)a->sum_dzx;                            \
+        double *s1 = (double *)a->sum_dz, *s2 = (double *)a->sum_dzu;                            \
         split(C, t, nt, &lo, &hi);                                                               \
         for (int64_t c = lo; c < hi; c++) {                                                      \
             double t1 = 0.0, t2 = 0.0;                                                           \
+            T l1[L], l2[L];                                                                      \
+            int64_t since = 0;                                                                   \
+            for (int l = 0; l < L; l++) { l1[l] = 0; l2[l] = 0; }                                \
             for (int64_t n = 0; n < N; n++) {                                                    \
                 const int64_t o = (n * C + c) * S;                                               \
-                if (m && zero) act_sums_span_##SUF(g + o, x + o, m + o, S, A + c, B + c, mu[c], sl, 1, &t1, &t2, 1); \
-                else if (m) act_sums_span_##SUF(g + o, x + o, m + o, S, A + c, B + c, mu[c], sl, 0, &t1, &t2, 1); \
-                else if (zero) act_sums_span_##SUF(g + o, x + o, NULL, S, A + c, B + c, mu[c], sl, 1, &t1, &t2, 0); \
-                else act_sums_span_##SUF(g + o, x + o, NULL, S, A + c, B + c, mu[c], sl, 0, &t1, &t2, 0); \
+                act_sums_any_##SUF(g + o, v + o, m ? m + o : NULL, r ? r + o : NULL, S,          \
+                                   A ? A + c : NULL, B ? B + c : NULL, mu + c, sl, isl, zero,    \
+                                   output, l1, l2, 1);                                           \
+                since += S / L + 1;                                                              \
+                if (since >= ACT_FLUSH || n == N - 1) {                                          \
+                    for (int l = 0; l < L; l++) { t1 += l1[l]; t2 += l2[l]; l1[l] = 0; l2[l] = 0; } \
+                    since = 0;                                                                   \
+                }                                                                                \
             }                                                                                    \
             s1[c] = t1;                                                                          \
             s2[c] = t2;                                                                          \
@@ -1598,19 +1671,17 @@ static void act_sums_task_##SUF(void *p, int t, int nt) {                       
     for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {                                                \
         const int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;                                    \
         for (int64_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }                                \
-        for (int64_t r = r0; r < r1; r++) {                                                      \
-            const int64_t o = r * C;                                                             \
-            if (m && zero) act_sums_row_##SUF(g + o, x + o, m + o, C, A, B, mu, sl, 1, b1, b2, 1); \
-            else if (m) act_sums_row_##SUF(g + o, x + o, m + o, C, A, B, mu, sl, 0, b1, b2, 1);  \
-            else if (zero) act_sums_row_##SUF(g + o, x + o, NULL, C, A, B, mu, sl, 1, b1, b2, 0); \
-            else act_sums_row_##SUF(g + o, x + o, NULL, C, A, B, mu, sl, 0, b1, b2, 0);          \
+        for (int64_t row = r0; row < r1; row++) {                                                \
+            const int64_t o = row * C;                                                           \
+            act_sums_any_##SUF(g + o, v + o, m ? m + o : NULL, r ? r + o : NULL, C, A, B, mu, sl, \
+                               isl, zero, output, b1, b2, 0);                                    \
         }                                                                                        \
         for (int64_t c = 0; c < C; c++) { t1[c] += (double)b1[c]; t2[c] += (double)b2[c]; }      \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
 /* 0, or -1 (out of memory). */                                                                  \
-static int act_sums_##SUF(const struct bn_act_sums_args *a) {                                     \
+static int act_sums_##SUF(const struct bn_act_sums_args *a) {                                    \
     struct act_job_##SUF j = {a, NULL, NULL};                                                    \
     int nt = a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt);                        \
     if (!a->cl) {                                                                                \
@@ -1623,7 +1694,7 @@ static int act_sums_##SUF(const struct bn_act_sums_args *a) {                   
     j.buf = (T *)malloc((size_t)(2 * nt) * C * sizeof(T));                                       \
     if (!j.tot || !j.buf) { free(j.tot); free(j.buf); return -1; }                              \
     run_parallel(act_sums_task_##SUF, &j, nt);                                                   \
-    double *s1 = (double *)a->sum_dz, *s2 = (double *)a->sum_dzx;                                \
+    double *s1 = (double *)a->sum_dz, *s2 = (double *)a->sum_dzu;                                \
     for (int64_t c = 0; c < C; c++) {                                                            \
         double u1 = 0.0, u2 = 0.0;                                                               \
         for (int k = 0; k < nt; k++) { u1 += j.tot[(int64_t)k * 2 * C + c]; u2 += j.tot[(int64_t)k * 2 * C + C + c]; } \
@@ -1635,59 +1706,40 @@ static int act_sums_##SUF(const struct bn_act_sums_args *a) {                   
 }                                                                                                \
                                                                                                  \
 static inline __attribute__((always_inline)) void act_dx_span_##SUF(                             \
-        const T *restrict g, const T *restrict x, const uint8_t *restrict m, T *restrict dx,     \
-        T *restrict dz, int64_t n, const T *restrict a, const T *restrict b, const T *restrict al, \
-        const T *restrict be, const T *restrict ga, const int vec, T sl, const int zero, const int has_m, \
+        const T *restrict g, const T *restrict v, const uint8_t *restrict m, const T *restrict r, \
+        T *restrict dx, T *restrict dz, int64_t n, const T *restrict a, const T *restrict b,     \
+        const T *restrict al, const T *restrict be, const T *restrict ga, const int vec, T sl,   \
+        T isl, const int zero, const int output, const int has_m, const int has_r,               \
         const int has_dx, const int has_dz) {                                                    \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < n; i++) {                                                            \
-        ACT_DZ(T, FMA, i)                                                                          \
-        if (has_dx) dx[i] = (vec ? al[i] : al[0]) * d + (vec ? be[i] : be[0]) * x[i] + (vec ? ga[i] : ga[0]); \
+        ACT_VALUE(T, FMA, i)                                                                     \
+        if (has_dx) dx[i] = (vec ? al[i] : al[0]) * d + (vec ? be[i] : be[0]) * u + (vec ? ga[i] : ga[0]); \
         if (has_dz) dz[i] = d;                                                                   \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-static inline __attribute__((always_inline)) void act_dx_sel_##SUF(                              \
-        const T *g, const T *x, const uint8_t *m, T *dx, T *dz, int64_t n, const T *a, const T *b, \
-        const T *al, const T *be, const T *ga, const int vec, T sl, const int zero) {            \
-    if (m) {                                                                                     \
-        if (dx && dz) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 1, 1, 1); \
-        else if (dx) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 1, 1, 0); \
-        else act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 1, 0, 1);    \
-    } else {                                                                                     \
-        if (dx && dz) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 0, 1, 1); \
-        else if (dx) act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 0, 1, 0); \
-        else act_dx_span_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, zero, 0, 0, 1);    \
-    }                                                                                            \
-}                                                                                                \
-                                                                                                 \
-static inline __attribute__((always_inline)) void act_dx_any_##SUF(                              \
-        const T *g, const T *x, const uint8_t *m, T *dx, T *dz, int64_t n, const T *a, const T *b, \
-        const T *al, const T *be, const T *ga, const int vec, T sl, int zero) {                  \
-    if (zero) act_dx_sel_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, 1);               \
-    else act_dx_sel_##SUF(g, x, m, dx, dz, n, a, b, al, be, ga, vec, sl, 0);                    \
-}                                                                                                \
-                                                                                                 \
 static void act_dx_task_##SUF(void *p, int t, int nt) {                                          \
-    const struct bn_act_dx_args *a = (const struct bn_act_dx_args *)p;                         \
-    const T *g = (const T *)a->dy, *x = (const T *)a->x, *A = (const T *)a->scale;               \
-    const T *B = (const T *)a->shift, *al = (const T *)a->alpha, *be = (const T *)a->beta;       \
-    const T *ga = (const T *)a->gamma;                                                           \
-    const uint8_t *m = (const uint8_t *)a->mask;                                                 \
-    T *dx = (T *)a->dx, *dz = (T *)a->dz;                                                        \
-    const T sl = (T)a->slope;                                                                    \
-    const int zero = a->slope == 0.0;                                                            \
-    const int64_t C = a->c, S = a->s, L = a->cl ? C : S;                                         \
+    const struct bn_act_dx_args *q = (const struct bn_act_dx_args *)p;                           \
+    const T *g0 = (const T *)q->dy, *v0 = (const T *)q->v, *r0 = (const T *)q->r;                \
+    const T *sc = (const T *)q->scale, *sh = (const T *)q->shift, *al0 = (const T *)q->alpha;    \
+    const T *be0 = (const T *)q->beta, *ga0 = (const T *)q->gamma;                               \
+    const uint8_t *m0 = (const uint8_t *)q->mask;                                                \
+    T *dx0 = (T *)q->dx, *dz0 = (T *)q->dz;                                                      \
+    const T sl = (T)q->slope, isl = q->output ? (T)(1.0 / q->slope) : (T)0;                      \
+    const int zero = q->slope == 0.0, output = q->output != 0;                                   \
+    const int64_t C = q->c, S = q->s, n = q->cl ? C : S;                                         \
     int64_t lo, hi;                                                                              \
-    split(a->n * (a->cl ? S : C), t, nt, &lo, &hi);                                              \
+    split(q->n * (q->cl ? S : C), t, nt, &lo, &hi);                                              \
     for (int64_t row = lo; row < hi; row++) {                                                    \
-        const int64_t o = row * L, c = row % C;                                      \
-        if (a->cl)                                                                               \
-            act_dx_any_##SUF(g + o, x + o, m ? m + o : NULL, dx ? dx + o : NULL, dz ? dz + o : NULL, L, \
-                             A, B, al, be, ga, 1, sl, zero);                                     \
-        else                                                                                     \
-            act_dx_any_##SUF(g + o, x + o, m ? m + o : NULL, dx ? dx + o : NULL, dz ? dz + o : NULL, L, \
-                             A + c, B + c, al + c, be + c, ga + c, 0, sl, zero);                 \
+        const int64_t o = row * n, c = q->cl ? 0 : row % C;                                      \
+        const T *g = g0 + o, *v = v0 + o, *r = r0 ? r0 + o : NULL;                               \
+        const uint8_t *m = m0 ? m0 + o : NULL;                                                   \
+        T *dx = dx0 ? dx0 + o : NULL, *dz = dz0 ? dz0 + o : NULL;                                \
+        const T *a = sc ? sc + c : NULL, *b = sh ? sh + c : NULL;                                \
+        const T *al = al0 + c, *be = be0 + c, *ga = ga0 + c;                                     \
+        if (q->cl) { ACT_DX_ALL(SUF, 1) }                                                        \
+        else { ACT_DX_ALL(SUF, 0) }                                                              \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
@@ -1695,13 +1747,13 @@ static void act_fwd_##SUF(const struct bn_act_fwd_args *a) {                    
     run_parallel(act_fwd_task_##SUF, (void *)a, a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt)); \
 }                                                                                                \
                                                                                                  \
-static void act_dx_##SUF(const struct bn_act_dx_args *a) {                                      \
+static void act_dx_##SUF(const struct bn_act_dx_args *a) {                                       \
     if (!a->dx && !a->dz) return;                                                                \
     run_parallel(act_dx_task_##SUF, (void *)a, a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt)); \
 }
 
-DEFINE_ACT(float, f32, fmaf)
-DEFINE_ACT(double, f64, fma)
+DEFINE_ACT(float, f32, fmaf, 16)
+DEFINE_ACT(double, f64, fma, 8)
 
 /* ---------------------------------------------------------------------------------------
  * The entry points. Return values: stats, sums, train_bwd: 0, or -1 (out of memory);
@@ -1798,16 +1850,18 @@ static const int64_t layout_act_fwd[] = {
     FIELD(bn_act_fwd_args, n), FIELD(bn_act_fwd_args, c), FIELD(bn_act_fwd_args, s), FIELD(bn_act_fwd_args, slope),
     FIELD(bn_act_fwd_args, cl), FIELD(bn_act_fwd_args, nt)};
 static const int64_t layout_act_sums[] = {
-    sizeof(struct bn_act_sums_args), FIELD(bn_act_sums_args, dy), FIELD(bn_act_sums_args, x),
-    FIELD(bn_act_sums_args, mask), FIELD(bn_act_sums_args, scale), FIELD(bn_act_sums_args, shift),
-    FIELD(bn_act_sums_args, mean), FIELD(bn_act_sums_args, sum_dz), FIELD(bn_act_sums_args, sum_dzx),
-    FIELD(bn_act_sums_args, n), FIELD(bn_act_sums_args, c), FIELD(bn_act_sums_args, s),
-    FIELD(bn_act_sums_args, slope), FIELD(bn_act_sums_args, cl), FIELD(bn_act_sums_args, nt)};
+    sizeof(struct bn_act_sums_args), FIELD(bn_act_sums_args, dy), FIELD(bn_act_sums_args, v),
+    FIELD(bn_act_sums_args, mask), FIELD(bn_act_sums_args, r), FIELD(bn_act_sums_args, scale),
+    FIELD(bn_act_sums_args, shift), FIELD(bn_act_sums_args, mu), FIELD(bn_act_sums_args, sum_dz),
+    FIELD(bn_act_sums_args, sum_dzu), FIELD(bn_act_sums_args, n), FIELD(bn_act_sums_args, c),
+    FIELD(bn_act_sums_args, s), FIELD(bn_act_sums_args, slope), FIELD(bn_act_sums_args, output),
+    FIELD(bn_act_sums_args, cl), FIELD(bn_act_sums_args, nt)};
 static const int64_t layout_act_dx[] = {
-    sizeof(struct bn_act_dx_args), FIELD(bn_act_dx_args, dy), FIELD(bn_act_dx_args, x), FIELD(bn_act_dx_args, mask),
-    FIELD(bn_act_dx_args, scale), FIELD(bn_act_dx_args, shift), FIELD(bn_act_dx_args, alpha),
-    FIELD(bn_act_dx_args, beta), FIELD(bn_act_dx_args, gamma), FIELD(bn_act_dx_args, dx), FIELD(bn_act_dx_args, dz),
-    FIELD(bn_act_dx_args, n), FIELD(bn_act_dx_args, c), FIELD(bn_act_dx_args, s), FIELD(bn_act_dx_args, slope),
+    sizeof(struct bn_act_dx_args), FIELD(bn_act_dx_args, dy), FIELD(bn_act_dx_args, v), FIELD(bn_act_dx_args, mask),
+    FIELD(bn_act_dx_args, r), FIELD(bn_act_dx_args, scale), FIELD(bn_act_dx_args, shift),
+    FIELD(bn_act_dx_args, alpha), FIELD(bn_act_dx_args, beta), FIELD(bn_act_dx_args, gamma),
+    FIELD(bn_act_dx_args, dx), FIELD(bn_act_dx_args, dz), FIELD(bn_act_dx_args, n), FIELD(bn_act_dx_args, c),
+    FIELD(bn_act_dx_args, s), FIELD(bn_act_dx_args, slope), FIELD(bn_act_dx_args, output),
     FIELD(bn_act_dx_args, cl), FIELD(bn_act_dx_args, nt)};
 #undef FIELD
 

@@ -71,17 +71,21 @@ class _InplaceBNAct(torch.autograd.Function):
     Section 3 derives it) or the running ones. Saves y (and the residual), not x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, invstd, batch, act, kw):
+    def forward(ctx, x, weight, bias, residual, mean, invstd, batch, act, kw, lay=None):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
         shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
-        x.mul_(scale.view(shape).to(x.dtype)).add_(shift.view(shape).to(x.dtype))
-        if residual is not None:
-            x.add_(residual)
-        _activate(x, act, kw, inplace=True)
+        if lay is not None:  # the kernels: one pass, y written over x
+            _fused.act_forward(x, lay, scale.to(x.dtype), shift.to(x.dtype), _kernel_slope(act, kw), residual,
+                               inplace=True)
+        else:
+            x.mul_(scale.view(shape).to(x.dtype)).add_(shift.view(shape).to(x.dtype))
+            if residual is not None:
+                x.add_(residual)
+            _activate(x, act, kw, inplace=True)
         ctx.mark_dirty(x)
         ctx.save_for_backward(x, weight, bias, residual, invstd)
-        ctx.batch, ctx.act, ctx.kw = batch, act, kw
+        ctx.batch, ctx.act, ctx.kw, ctx.lay = batch, act, kw, lay
         return x
 
     @staticmethod
@@ -91,6 +95,8 @@ class _InplaceBNAct(torch.autograd.Function):
             # point). Refused loudly: a once-differentiable backward would give silent zeros.
             raise RuntimeError("BatchNormAct with inplace=True has first derivatives only (its input was "
                                "overwritten); for double backward (create_graph=True) use inplace=False")
+        if ctx.lay is not None and not _operator.special(dy):
+            return _InplaceBNAct._kernels_backward(ctx, dy)
         y, weight, bias, residual, invstd = ctx.saved_tensors
         dt = invstd.dtype
         shape = (1, -1) + (1,) * (y.dim() - 2)
@@ -116,7 +122,35 @@ class _InplaceBNAct(torch.autograd.Function):
                 dgamma.to(weight.dtype) if weight is not None and need[1] else None,
                 dbeta.to(bias.dtype) if bias is not None and need[2] else None,
                 dz.to(residual.dtype) if residual is not None and need[3] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
+
+    @staticmethod
+    def _kernels_backward(ctx, dy):
+        """Two passes over the output (and the residual): the sums of dz and dz * (u - beta)
+        with u = act^-1(y) - residual = gamma * xhat + beta, then dx and dz."""
+        y, weight, bias, residual, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_r = need[0], need[3] and residual is not None
+        dt, C = y.dtype, y.size(1)
+        slope = _kernel_slope(ctx.act, ctx.kw)
+        beta = torch.zeros(C, dtype=dt) if bias is None else bias.detach()
+        sums = _fused.act_sums(dy, y, ctx.lay, None, None, slope, None, beta, residual, output=True)
+        gamma = torch.ones(C, dtype=torch.float64) if weight is None else weight.detach().double()
+        s1, sxh = sums[0], sums[1] / gamma                                  # sum dz, sum dz * xhat
+        dw = sxh.to(dt) if weight is not None and need[1] else None
+        db = s1.to(dt) if bias is not None and need[2] else None
+        dx = dz = None
+        if need_x or need_r:
+            k = gamma * invstd.double()
+            if ctx.batch:
+                m = y.numel() // C
+                be = -k * sxh / (m * gamma)
+                ga = -k * s1 / m - be * beta.double()
+            else:
+                be = ga = torch.zeros(C, dtype=torch.float64)
+            dx, dz = _fused.act_grad(dy, y, ctx.lay, None, None, slope, None, k.to(dt), be.to(dt), ga.to(dt),
+                                     need_x, need_r, residual, output=True)
+        return dx, dw, db, dz, None, None, None, None, None, None
 
 
 def _kernel_slope(act: str, kw: Dict[str, Any]) -> Optional[float]:
@@ -310,8 +344,15 @@ class _BatchNormAct:
         if self.weight is not None and bool((self.weight == 0).any()):
             raise ValueError(f"{self._name}: inplace=True divides by gamma (weight) to recover the normalized "
                              "value, and some channel's gamma is 0; use inplace=False for this layer")
+        lay = self._kernel_layout(input, residual)
+        if lay is not None and residual is not None and residual.untyped_storage() is not None and \
+                residual.untyped_storage().data_ptr() == input.untyped_storage().data_ptr():
+            lay = None  # a residual sharing the input's memory: torch operations, in their order
         weight, bias, mean, invstd, batch = self._statistics(input)
-        return _InplaceBNAct.apply(input, weight, bias, residual, mean, invstd, batch, self.act, self.act_kwargs)
+        if lay is not None:
+            mean, invstd = mean.to(input.dtype), invstd.to(input.dtype)
+        return _InplaceBNAct.apply(input, weight, bias, residual, mean, invstd, batch, self.act, self.act_kwargs,
+                                   lay)
 
     def _statistics(self, input: Tensor):
         """Check the step's arguments, then (weight, bias, mean, invstd, batch): the batch's
