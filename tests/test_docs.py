@@ -9,7 +9,7 @@ import batchnorm as bn
 from batchnorm import functional
 
 PUBLIC = [bn.BatchNorm1d, bn.BatchNorm2d, bn.BatchNorm3d, bn.BatchRenorm1d, bn.BatchRenorm2d, bn.BatchRenorm3d,
-          bn.SyncBatchNorm, functional.batch_norm]
+          bn.SyncBatchNorm, bn.convert, functional.batch_norm]
 
 
 @pytest.mark.parametrize("obj", PUBLIC, ids=lambda o: o.__name__)

@@ -24,7 +24,7 @@ ORDER = [
     "_operator",                               # the one autograd operator
     "functional",                              # the one place that chooses a path
     "modules", "renorm", "act", "distributed",  # modules: state only
-    "population", "fold", "surgery", "monitor",  # model tools
+    "population", "fold", "_fusion", "surgery", "monitor",  # model tools
     "__init__",
 ]
 

@@ -162,22 +162,28 @@ def train_steps(ours, theirs, steps=3, seed=10, memory_format=torch.contiguous_f
     nbt = {n: int(m.num_batches_tracked) for n, m in bns(theirs)}
     for step in range(steps):
         x, target = data(seed + step, memory_format=memory_format)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ours(xa), theirs(xb)
-        close(ya, yb, f"step {step}: output")
-        opt_a.zero_grad()
-        opt_b.zero_grad()
-        F.cross_entropy(ya, target).backward()
-        F.cross_entropy(yb, target).backward()
-        close(xa.grad, xb.grad, f"step {step}: input gradient")
-        pa, pb = dict(ours.named_parameters()), dict(theirs.named_parameters())
-        assert set(pa) == set(pb)
-        close_grads(list(pb), [pa[n].grad for n in pb], [p.grad for p in pb.values()], f"step {step}")
-        opt_a.step()
-        opt_b.step()
-        same_state(ours, theirs, f"after step {step}")
+        sgd_step(ours, theirs, opt_a, opt_b, x, lambda y: F.cross_entropy(y, target), f"step {step}")
     for n, m in bns(ours):
         assert int(m.num_batches_tracked) == nbt[n] + steps, n
+
+
+def sgd_step(ours, theirs, opt_a, opt_b, x, loss, what):
+    """One optimizer step on both with input ``x`` and ``loss(output)``: outputs, input and
+    parameter gradients compared, then parameters and buffers."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    close(ya, yb, f"{what}: output")
+    opt_a.zero_grad()
+    opt_b.zero_grad()
+    loss(ya).backward()
+    loss(yb).backward()
+    close(xa.grad, xb.grad, f"{what}: input gradient")
+    pa, pb = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert set(pa) == set(pb)
+    close_grads(list(pb), [pa[n].grad for n in pb], [p.grad for p in pb.values()], what)
+    opt_a.step()
+    opt_b.step()
+    same_state(ours, theirs, f"after {what}")
 
 
 # -- training, eval ----------------------------------------------------------------------------

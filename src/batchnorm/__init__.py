@@ -14,7 +14,7 @@ from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, La
                       added_behaviour)
 from .population import population_statistics
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from .surgery import ConvertWarning, convert
+from .surgery import ConvertWarning, FusedAway, convert
 
 __version__ = "0.1.0"
 
@@ -46,6 +46,7 @@ __all__ = [
     "FoldedAct",
     "FoldedAway",
     "FoldWarning",
+    "FusedAway",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
