@@ -129,12 +129,15 @@ def close_grads(names, ga, gb, what):
     """Per-parameter gradients. One whose true value is zero (a conv bias right before a
     training-mode BN; a beta whose shift the next conv and BN take out again: Section 3.2)
     is rounding noise on both sides: both must be below ZERO times the step's largest
-    gradient instead."""
+    gradient instead. Likewise a small gradient that is a sum of large terms that cancel (a
+    gamma whose gradient is 1e-6 of the step's largest) differs by rounding noise of the size
+    of its terms: torch.nn's own NCHW and channels_last steps differ by 2e-10 relative on one
+    in tests/test_fuse.py; a difference below ZERO times the step's largest gradient passes."""
     scale = max(float(g.abs().max()) for g in gb)
     for n, a, b in zip(names, ga, gb):
         if float(b.abs().max()) <= ZERO * scale:
             assert float(a.abs().max()) <= ZERO * scale, f"{what}: gradient of {n} should be zero, got {a}"
-        else:
+        elif a.shape != b.shape or float((a - b).abs().max()) > ZERO * scale:
             close(a, b, f"{what}: gradient of {n}", GRAD_TOL)
 
 
