@@ -240,6 +240,17 @@ def test_float32_at_fused_size(inplace, memory_format):
 KERNEL_ACTS = ["identity", "relu", "leaky_relu"]
 
 
+def _same_grads(y, want, mod, mod_want, x, r, tol):
+    """The gradients of y (through ``mod``) and of want (through ``mod_want``) for one random
+    dy, with respect to x, each module's weight and bias, and the residual r if any."""
+    g = torch.randn_like(y)
+    extra = [] if r is None else [r]
+    got = torch.autograd.grad(y, [x, mod.weight, mod.bias] + extra, g)
+    expected = torch.autograd.grad(want, [x, mod_want.weight, mod_want.bias] + extra, g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **tol)
+
+
 @pytest.mark.parametrize("dtype,memory_format", [(torch.float64, torch.contiguous_format),
                                                  (torch.float32, torch.channels_last),
                                                  (torch.float32, torch.contiguous_format)])
@@ -264,11 +275,7 @@ def test_fused_kernels_run_and_match_torch(act, residual, memory_format, dtype):
         z = theirs(x) + (r if residual else 0)
         want = ACTS[act][1](z)
         torch.testing.assert_close(y, want, **tol)
-        g = torch.randn_like(y)
-        wrt = [x, ours.weight, ours.bias] + ([r] if residual else [])
-        wrt_t = [x, theirs.weight, theirs.bias] + ([r] if residual else [])
-        for a, b in zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(want, wrt_t, g)):
-            torch.testing.assert_close(a, b, **tol)
+        _same_grads(y, want, ours, theirs, x, r, tol)
         torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
         torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
         assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
@@ -380,10 +387,6 @@ def test_inplace_kernels_match_out_of_place(act, residual, memory_format, dtype,
     r = torch.randn(SHAPES["fused"], dtype=dtype, requires_grad=True) if residual else None
     ya, yb = ours(x * 1.0, r), inp(x * 1.0, r)
     torch.testing.assert_close(yb, ya, **tol)
-    g = torch.randn_like(ya)
-    wrt = [x, ours.weight, ours.bias] + ([r] if residual else [])
-    wrt_b = [x, inp.weight, inp.bias] + ([r] if residual else [])
-    for a, b in zip(torch.autograd.grad(ya, wrt, g), torch.autograd.grad(yb, wrt_b, g)):
-        torch.testing.assert_close(b, a, **tol)
+    _same_grads(yb, ya, inp, ours, x, r, tol)
     torch.testing.assert_close(inp.running_mean, ours.running_mean, **tol)
     assert True in calls  # the in-place backward ran on the kernels (output=True)
