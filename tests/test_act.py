@@ -390,3 +390,13 @@ def test_inplace_kernels_match_out_of_place(act, residual, memory_format, dtype,
     _same_grads(yb, ya, inp, ours, x, r, tol)
     torch.testing.assert_close(inp.running_mean, ours.running_mean, **tol)
     assert True in calls  # the in-place backward ran on the kernels (output=True)
+
+
+def test_inplace_refuses_a_residual_sharing_the_inputs_memory():
+    m = bn.BatchNormAct2d(4, act="leaky_relu", inplace=True)
+    h = torch.randn(8, 4, 5, 5, requires_grad=True) * 1.0
+    before = (m.running_mean.clone(), int(m.num_batches_tracked))
+    for r in (h, h[:, :]):
+        with pytest.raises(ValueError, match="residual shares the input's memory"):
+            m(h, r)
+    assert torch.equal(m.running_mean, before[0]) and int(m.num_batches_tracked) == before[1]

@@ -344,10 +344,11 @@ class _BatchNormAct:
         if self.weight is not None and bool((self.weight == 0).any()):
             raise ValueError(f"{self._name}: inplace=True divides by gamma (weight) to recover the normalized "
                              "value, and some channel's gamma is 0; use inplace=False for this layer")
+        if residual is not None and residual.untyped_storage().data_ptr() == input.untyped_storage().data_ptr():
+            raise ValueError(f"{self._name}: inplace=True overwrites its input, and the residual shares the "
+                             "input's memory (it would be read after being overwritten); pass a copy of it, or "
+                             "use inplace=False")
         lay = self._kernel_layout(input, residual)
-        if lay is not None and residual is not None and residual.untyped_storage() is not None and \
-                residual.untyped_storage().data_ptr() == input.untyped_storage().data_ptr():
-            lay = None  # a residual sharing the input's memory: torch operations, in their order
         weight, bias, mean, invstd, batch = self._statistics(input)
         if lay is not None:
             mean, invstd = mean.to(input.dtype), invstd.to(input.dtype)
