@@ -11,9 +11,9 @@ Networks (bnrepro.models, built twice from one seed, differing only in the BN cl
   batch 64, in NCHW and in channels_last.
 * The small Inception network of the Inception experiment (27 BN layers), batch 64.
 * The ResNet-18-style network of ``_nets.py`` on 64x64 inputs, batch 32, NCHW and
-  channels_last: torch.nn's BatchNorm2d + ReLU(inplace=True) against ours, every BN +
-  ReLU (+ the block's residual add) one ``BatchNormAct2d`` (what
-  ``batchnorm.convert(model, fuse_activations=True)`` makes of it). The floor row is the
+  channels_last: torch.nn's BatchNorm2d + ReLU(inplace=True) against
+  ``batchnorm.convert(model, fuse_activations=True)`` of it, where every BN + ReLU (+ the
+  block's residual add) is one ``BatchNormAct2d``. The floor row is the
   torch.nn network with every BN and ReLU replaced by nn.Identity: the step time if BN and
   the activation cost nothing, so no BN layer can bring the ratio below floor / torch.
   Fewer repeats (7): a step takes seconds.
@@ -21,6 +21,7 @@ Networks (bnrepro.models, built twice from one seed, differing only in the BN cl
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -107,8 +108,8 @@ def resnet_rows(repeats):
     rows = []
     for cl in (False, True):
         ref = resnet18().train()
-        ours = resnet18({"act": "relu"}).train()
-        ours.load_state_dict(ref.state_dict())
+        ours = bn.convert(copy.deepcopy(ref), fuse_activations=True).train()
+        assert sum(isinstance(m, bn.BatchNormAct2d) for m in ours.modules()) == 17  # every BN + ReLU
         floor = _strip_bn_and_relu(resnet18()).train()
         x = torch.randn(32, 3, 64, 64)
         if cl:
