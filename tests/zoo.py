@@ -42,6 +42,13 @@ def stem(norm, act: Callable[[], nn.Module] = lambda: nn.ReLU(inplace=True)) -> 
 
 # -- ResNet (He et al. 2016) -------------------------------------------------------------------
 
+def shortcut(cin: int, cout: int, stride: int, norm):
+    """The shortcut's strided 1x1 conv-BN where the shape changes, else None (identity)."""
+    if stride != 1 or cin != cout:
+        return nn.Sequential(conv(cin, cout, 1, stride), norm(cout))
+    return None
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN, the second added to the shortcut before the ReLU; a strided 1x1
     conv-BN projects the shortcut where the shape changes."""
@@ -51,9 +58,7 @@ class BasicBlock(nn.Module):
         self.conv1, self.bn1 = conv(cin, cout, 3, stride), norm(cout)
         self.relu = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = conv(cout, cout, 3), norm(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(conv(cin, cout, 1, stride), norm(cout))
+        self.downsample = shortcut(cin, cout, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -72,9 +77,7 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = conv(width, width, 3, stride), norm(width)
         self.conv3, self.bn3 = conv(width, cout, 1), norm(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(conv(cin, cout, 1, stride), norm(cout))
+        self.downsample = shortcut(cin, cout, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
