@@ -202,20 +202,6 @@ def test_variants_use_the_kernels_and_match_paper_formulas():
         torch.testing.assert_close(y[4 * k:4 * k + 4].double(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_build_is_cached_and_leaves_no_partial_files(tmp_path):
-    _need_kernels()
-    # a generous compiler timeout: on a loaded 2-core machine an -O3 build took over 120 s
-    env = dict(os.environ, BATCHNORM_CACHE=str(tmp_path), BATCHNORM_CC_TIMEOUT="900")
-    code = "from batchnorm import _jit; print(_jit.status())"
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0 and "loaded" in out.stdout, out.stderr
-    # one private directory per user, holding the library and its hash record (tests/test_jit.py)
-    assert os.listdir(tmp_path) == [f"u{os.geteuid()}"]
-    files = sorted(os.listdir(tmp_path / f"u{os.geteuid()}"))
-    assert len(files) == 2 and files[0].endswith(".so") and files[1] == files[0] + ".sha256", files
-
-
 def test_disabled_kernels_fall_back_to_torch_operations():
     code = ("import torch, batchnorm as bn; from batchnorm import _jit, functional as F;"
             "x = torch.randn(8, 8, 24, 24); m = bn.BatchNorm2d(8); y = m(x);"
@@ -370,38 +356,60 @@ for a_mod, b_mod, xx, args in (
     yb.backward(g)
     for a, b in ((ya, yb), (xa.grad, xb.grad)):
         worst = max(worst, (a - b).abs().max().item())
+for act, kw, res in (("relu", {}, False), ("leaky_relu", {"negative_slope": 0.1}, True)):
+    for cl in (False, True):
+        ours = bn.BatchNormAct2d(24, act=act, act_kwargs=kw)
+        ref = nn.BatchNorm2d(24)
+        x = torch.randn(8, 24, 19, 19) * 2 + 1
+        r = torch.randn(8, 24, 19, 19)
+        if cl:
+            x, r = x.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last)
+        g = torch.randn(*x.shape)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ra, rb = r.clone().requires_grad_(), r.clone().requires_grad_()
+        ya = ours(xa, ra) if res else ours(xa)
+        zb = ref(xb) + rb if res else ref(xb)
+        yb = torch.nn.functional.leaky_relu(zb, 0.1) if act == "leaky_relu" else torch.relu(zb)
+        ya.backward(g)
+        yb.backward(g)
+        pairs = [(ya, yb), (xa.grad, xb.grad), (ours.weight.grad, ref.weight.grad)]
+        if res:
+            pairs.append((ra.grad, rb.grad))
+        for a, b in pairs:
+            worst = max(worst, (a - b).abs().max().item())
 assert worst < 1e-4, worst
 print("ok", worst, _jit._info["isa"])
 """
 
 
-def test_portable_builds_are_correct(tmp_path):
+def test_portable_builds_are_correct_and_cached(tmp_path):
     # This machine builds for its best x86-64 level with OpenMP (x86-64-v4, AVX-512, here);
-    # the AVX2 and plain-SSE2 code paths and the pthread pool of _kernels.c are built (and
-    # said so by the status) and checked too, against torch.nn and impl="reference". Shapes for
-    # the AVX2 paths: rows with a tail (S = 100, 49), channels-innermost groups of four rows
-    # with leftover rows (C = 40, 1476 rows) and C = 16, statistics in groups but gradient
-    # sums on the portable loop (C = 64, 96), wider (256) and odd (13) widths on the portable
-    # loop, and 8 MB channels_last outputs (non-temporal stores; C = 72 through coefficient
-    # tapes). The three builds run at once, each in its own cache directory: most of their
-    # time is the compiler's, and on two cores that halves the wait.
+    # the AVX2 code paths, the portable (plain x86-64) loops and the pthread pool of
+    # _kernels.c are built (and said so by the status) and checked too, against torch.nn and
+    # impl="reference". Two builds cover them: AVX2 with OpenMP, and the portable loops with
+    # the pthread pool (the pool does not depend on the instruction set). Shapes for the AVX2
+    # paths: rows with a tail (S = 100, 49), channels-innermost groups of four rows with
+    # leftover rows (C = 40, 1476 rows) and C = 16, statistics in groups but gradient sums on
+    # the portable loop (C = 64, 96), wider (256) and odd (13) widths on the portable loop, 8 MB
+    # channels_last outputs (non-temporal stores; C = 72 through coefficient tapes), and the
+    # BN + activation kernels with and without a residual. The builds run at once, each in its
+    # own cache directory: most of their time is the compiler's, and on two cores that halves
+    # the wait. A second process then finds the portable build in its cache: it loads it
+    # without compiling, and the cache holds the library and its hash record, no partial files.
     import platform
     _need_kernels()
     if platform.machine() != "x86_64":
         pytest.skip("x86-64 -march levels")
-    expected = {"x86-64": "portable loops, OpenMP", "x86-64-v3": "AVX2+FMA, OpenMP",
-                "best level, no OpenMP": "pthread pool"}
-    procs = {}
+    expected = {"x86-64-v3": "AVX2+FMA, OpenMP", "x86-64": "portable loops, pthread pool"}
+    procs, caches = {}, {}
     for arch in expected:
-        cache = tmp_path / arch.replace(" ", "_").replace(",", "")
+        caches[arch] = cache = tmp_path / arch
         cache.mkdir()
         # a generous compiler timeout: on a loaded 2-core machine an -O3 build took over 120 s
-        env = dict(os.environ, BATCHNORM_CACHE=str(cache), BATCHNORM_CC_TIMEOUT="900")
+        env = dict(os.environ, BATCHNORM_CACHE=str(cache), BATCHNORM_CC_TIMEOUT="900", BATCHNORM_MARCH=arch)
         code = _ARCH_CHECK
-        if arch.startswith("best level"):
+        if arch == "x86-64":
             code = "from batchnorm import _jit\n_jit._VARIANTS = [[]]\n" + code
-        else:
-            env["BATCHNORM_MARCH"] = arch
         procs[arch] = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
     try:
@@ -414,6 +422,21 @@ def test_portable_builds_are_correct(tmp_path):
     for arch, (stdout, stderr) in results.items():
         assert procs[arch].returncode == 0 and stdout.startswith("ok"), f"{arch}: {stdout}{stderr}"
         assert stdout.rstrip().endswith(expected[arch]), f"{arch}: {stdout}"
+    # one private directory per user, holding the library and its hash record (tests/test_jit.py)
+    cache = caches["x86-64"]
+    assert os.listdir(cache) == [f"u{os.geteuid()}"]
+    private = cache / f"u{os.geteuid()}"
+    files = sorted(os.listdir(private))
+    assert len(files) == 2 and files[0].endswith(".so") and files[1] == files[0] + ".sha256", files
+    before = os.stat(private / files[0])
+    env = dict(os.environ, BATCHNORM_CACHE=str(cache), BATCHNORM_MARCH="x86-64")
+    code = "from batchnorm import _jit\n_jit._VARIANTS = [[]]\nprint(_jit.status())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stdout + out.stderr
+    # a rebuild would have replaced the file (a new inode: builds are renamed into place)
+    after = os.stat(private / files[0])
+    assert sorted(os.listdir(private)) == files
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
 # -- the kernel interface (batchnorm._fused) ----------------------------------------------
