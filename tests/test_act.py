@@ -402,3 +402,35 @@ def test_inplace_refuses_a_residual_sharing_the_inputs_memory():
         with pytest.raises(ValueError, match="residual shares the input's memory"):
             m(h, r)
     assert torch.equal(m.running_mean, before[0]) and int(m.num_batches_tracked) == before[1]
+
+
+@pytest.mark.parametrize("producer", ["relu", "sigmoid", "inplace_bn_act", "view_of_relu", "view_of_leaf"])
+def test_inplace_refuses_an_input_its_producer_saved(producer):
+    """Overwriting a tensor that the operation producing it saved for its backward would
+    corrupt that backward: refused up front, with nothing changed (the input included)."""
+    first = bn.BatchNormAct2d(4, act="leaky_relu", inplace=True)
+    m = bn.BatchNormAct2d(4, act="leaky_relu", inplace=True)
+    h = torch.randn(8, 4, 5, 5, requires_grad=True)
+    x = {"relu": lambda: torch.relu(h * 1.0), "sigmoid": lambda: torch.sigmoid(h),
+         "inplace_bn_act": lambda: first(h * 1.0), "view_of_relu": lambda: torch.relu(h * 1.0)[:, :],
+         "view_of_leaf": lambda: h.view(8, 4, 5, 5)}[producer]()
+    before, state = x.detach().clone(), {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError, match="leaf tensor" if producer == "view_of_leaf" else "saved the input"):
+        m(x)
+    assert torch.equal(x.detach(), before)
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+def test_inplace_accepts_a_producer_that_saved_other_tensors():
+    """A convolution saves its input and weight, not its output: in place is fine, and the
+    gradients equal the out-of-place layer's."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(8, 4, 9, 9, dtype=torch.float64)
+    grads = []
+    for inplace in (True, False):
+        m = bn.BatchNormAct2d(4, act="leaky_relu", inplace=inplace).double()
+        y = m(torch.nn.functional.conv2d(h, w, padding=1))
+        (gw,) = torch.autograd.grad((y * y).sum(), w)
+        grads.append(gw)
+    torch.testing.assert_close(grads[0], grads[1])

@@ -65,6 +65,43 @@ def _invert(y: Tensor, act: str, kw: Dict[str, Any]):
     return torch.where(pos, y, torch.log1p(y / alpha)), torch.where(pos, torch.ones_like(y), y + alpha)
 
 
+_SAVED_NAMES: Dict[type, tuple] = {}
+
+
+def _saved_by_producer(t: Tensor) -> Optional[str]:
+    """The name of the autograd node that produced ``t`` if that node saved ``t`` (or a
+    tensor sharing its memory) for its own backward, else None. Overwriting ``t`` would
+    then corrupt that backward: e.g. a ReLU's or sigmoid's output, or the output of a
+    preceding in-place BatchNormAct. (Other consumers of ``t`` that saved it are not
+    reachable from ``t``; autograd's version counter still catches those at backward.)"""
+    fn = t.grad_fn
+    if fn is None:
+        return None
+    names = _SAVED_NAMES.get(type(fn))
+    first = names is None
+    if first:  # the C++ nodes' saved values are attributes _saved_<name>; Python ones' saved_tensors
+        names = tuple(n for n in dir(fn) if n.startswith("_saved_")) + (
+            ("saved_tensors",) if hasattr(fn, "saved_tensors") else ())
+    storage, kept = t.untyped_storage().data_ptr(), []
+    found = None
+    for name in names:
+        try:
+            value = getattr(fn, name)
+        except RuntimeError:  # already freed by a backward
+            kept.append(name)
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if all(v is None or isinstance(v, Tensor) for v in values):
+            kept.append(name)  # a tensor field (a node type's fields keep their kinds): looked at again
+        for v in values:
+            if (found is None and isinstance(v, Tensor) and v.device == t.device
+                    and v.untyped_storage().data_ptr() == storage):
+                found = type(fn).__name__
+    if first:
+        _SAVED_NAMES[type(fn)] = tuple(kept)
+    return found
+
+
 class _InplaceBNAct(torch.autograd.Function):
     """y = act(gamma * (x - mean) * invstd + beta + residual) written into x. ``mean`` and
     ``invstd`` (C,) are the batch's (``batch``: their gradient is part of the backward, as
@@ -332,10 +369,18 @@ class _BatchNormAct:
 
     def _inplace_step(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         F.check_input(input, self.num_features, self._ranks, self._name)
-        if input.requires_grad and input.is_leaf:
+        base = input._base
+        if input.requires_grad and (input.is_leaf or (base is not None and base.is_leaf and base.requires_grad)):
             raise RuntimeError(f"{self._name}: inplace=True overwrites its input, but the input is a leaf tensor "
                                "that requires grad (autograd needs it as it is); pass a computed tensor, or "
                                "use inplace=False")
+        producer = None
+        if input.requires_grad:  # a view: its base's producer may have saved the base
+            producer = _saved_by_producer(input) or (_saved_by_producer(base) if base is not None else None)
+        if producer is not None:
+            raise RuntimeError(f"{self._name}: inplace=True overwrites its input, but autograd saved the input "
+                               f"for the backward of the operation that produced it ({producer}); use "
+                               "inplace=False for this layer (or an out-of-place producer)")
         if residual is not None and (not isinstance(residual, Tensor) or residual.shape != input.shape
                                      or residual.dtype != input.dtype or residual.device != input.device):
             raise ValueError(f"{self._name}: residual must be a tensor of the input's shape, dtype and device "
@@ -405,7 +450,10 @@ _DOC = """BN then an activation, after an optional residual add: ``act(BN(input)
             backward (and the residual, if given), recovering BN's normalized value from it
             (In-Place ABN). Only for invertible activations: "identity", "leaky_relu" with
             negative_slope > 0, "elu" with alpha > 0; every gamma must be nonzero; the
-            input must not be a leaf that requires grad. It runs eagerly on plain batches;
+            input must not be a leaf that requires grad, nor the output of an operation that
+            saved it for its backward (a ReLU, a sigmoid, another in-place BatchNormAct:
+            RuntimeError before anything changes; other users of the input that saved it
+            are caught by autograd's version check at backward). It runs eagerly on plain batches;
             under graph capture, torch.func transforms, forward-mode AD, ghost batches or
             synchronized statistics the layer runs out of place (the input is left as it
             is). Its backward has first derivatives only (create_graph=True raises; inplace=False
