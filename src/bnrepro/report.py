@@ -16,7 +16,7 @@ def _provenance(metrics: Dict[str, Any]) -> List[str]:
         f"- Versions: Python {p['python']}, torch {p['torch']}, numpy {p['numpy']}",
         f"- Machine: {p['machine']}",
         f"- Wall time: {p['wall_time_s']:.0f} s for the whole command"
-        + (" (resumed from checkpoints)" if p.get("resumed") else ""),
+        + (" (resumed from checkpoints: the time before the resume is not in it)" if p.get("resumed") else ""),
     ]
 
 
@@ -259,8 +259,11 @@ def inception(metrics: Dict[str, Any]) -> str:
         "## Provenance",
         "",
         *_provenance(metrics),
-        f"- Training throughput: {metrics['provenance'].get('images_per_second', 0):.0f} images/s over the whole "
-        f"command ({cfg['workers']} processes, evaluations included)",
+        *([] if metrics["provenance"].get("images_per_second") is None else [
+            f"- Training throughput: {metrics['provenance']['images_per_second']:.0f} images/s over the whole "
+            f"command ({cfg['workers']} processes, evaluations included)"]),
+        f"- The runs' own training times (each run's clock, checkpointed with it): "
+        f"{sum(r['wall_time_s'] for r in metrics['runs']):.0f} s in all over {cfg['workers']} processes",
         "",
     ]
     return "\n".join(lines)

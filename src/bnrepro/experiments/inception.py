@@ -261,8 +261,9 @@ def run(cfg: InceptionConfig, out: Path, resume: bool = False, quiet: bool = Fal
     metrics = {"config": config, "runs": runs, "summary": summarize(runs, cfg.variants),
                "provenance": {**started, "wall_time_s": round(wall, 1), "resumed": resume,
                               "processes": 1,
-                              "images_per_second": round(sum(r["steps"][-1] for r in records if r["steps"])
-                                                         * cfg.batch_size / wall, 1)}}
+                              # a resumed command trained only part of the steps: no throughput
+                              "images_per_second": None if resume else round(
+                                  sum(r["steps"][-1] for r in records if r["steps"]) * cfg.batch_size / wall, 1)}}
     runtime.write_json(out / "metrics.json", metrics)
     plots.figure2(metrics, out / "figure2.png")
     runtime.atomic_write_text(out / "report.md", report.inception(metrics))
