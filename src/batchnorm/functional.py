@@ -304,11 +304,14 @@ def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentu
                     groups, mask, limits, process_group, update, sink, owner, lay=None):
     plan = Plan(groups, eps, impl != "reference", limits, process_group, name, owner, lay)
     try:
+        # only Batch Renormalization's forward reads the running buffers (each tensor input
+        # costs autograd's Function.apply time, a few microseconds)
+        rm, rv = (running_mean, running_var) if limits is not None else (None, None)
         if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)):
-            out = _operator.BatchNormFunction.apply(input, weight, bias, mask, running_mean, running_var, plan)
+            out = _operator.BatchNormFunction.apply(input, weight, bias, mask, rm, rv, plan)
         else:  # nothing to differentiate: the operator's forward without autograd's bookkeeping
-            y, st, saved = _operator.forward(input, weight, bias, mask, running_mean, running_var, plan)
+            y, st, saved = _operator.forward(input, weight, bias, mask, rm, rv, plan)
             out = (y, st, saved[5])
     except MismatchError:
         check_arguments(input, weight, bias, running_mean, running_var, name, nbt, training=update)
@@ -320,7 +323,7 @@ def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentu
     elif update and running_mean is not None:
         # (st is not differentiable: no autograd bookkeeping here)
         if groups == 1:
-            mean, var = st[0, 0], st[0, 2]
+            mean, _, var = st.view(3, st.size(-1)).unbind()  # one view and one unbind: cheaper than two indexings
         else:  # Algorithm 2's estimate over the groups: the mean of mu_B and of m/(m-1) sigma2_B
             mean, var = st[:, 0].mean(dim=0), st[:, 2].mean(dim=0)
         update_running_stats(running_mean, running_var, nbt, mean, var, momentum, nonfinite, name, finite)
