@@ -459,13 +459,14 @@ _DOC = """BN then an activation, after an optional residual add: ``act(BN(input)
             is). Its backward has first derivatives only (create_graph=True raises; inplace=False
             layers differentiate to any order). Default: False.
 
-    Fused kernels: out of place, with act "identity", "relu" or "leaky_relu" on float32 or
-    float64 CPU input (NCHW-contiguous or channels_last) and a residual, if any, of the
-    input's shape and dtype, the layer runs on this package's C kernels: the statistics
-    pass, one pass writing act(scale * x + shift + residual); backward one pass for the two
-    gradient sums, one for dx and the residual's gradient. Anything else (elu, silu, gelu,
-    a broadcast residual, impl="torch" or "reference", graph capture, torch.func transforms,
-    ghost batches, synchronized statistics) runs on torch operations, with the same results.
+    Fused kernels: with act "identity", "relu" or "leaky_relu" (in place: "identity" or
+    "leaky_relu") on float32 or float64 CPU input (NCHW-contiguous or channels_last) and a
+    residual, if any, of the input's shape and dtype, the layer runs on this package's C
+    kernels: the statistics pass, one pass writing act(scale * x + shift + residual) (in
+    place: over x); backward one pass for the two gradient sums, one for dx and the
+    residual's gradient. Anything else (elu, silu, gelu, a broadcast residual, impl="torch"
+    or "reference", graph capture, torch.func transforms, ghost batches, synchronized
+    statistics) runs on torch operations, with the same results.
 
     What the backward keeps, per layer: on the fused kernels, the input (and, with a
     residual, the sign of the pre-activation, one byte per value), not the output; on torch
