@@ -97,6 +97,8 @@ def _saved_by_producer(t: Tensor) -> Optional[str]:
             if (found is None and isinstance(v, Tensor) and v.device == t.device
                     and v.untyped_storage().data_ptr() == storage):
                 found = type(fn).__name__
+        if found is not None and not first:
+            return found
     if first:
         _SAVED_NAMES[type(fn)] = tuple(kept)
     return found
@@ -372,8 +374,8 @@ class _BatchNormAct:
         base = input._base
         if input.requires_grad and (input.is_leaf or (base is not None and base.is_leaf and base.requires_grad)):
             raise RuntimeError(f"{self._name}: inplace=True overwrites its input, but the input is a leaf tensor "
-                               "that requires grad (autograd needs it as it is); pass a computed tensor, or "
-                               "use inplace=False")
+                               "that requires grad, or a view of one (autograd needs it as it is); pass a computed "
+                               "tensor, or use inplace=False")
         producer = None
         if input.requires_grad:  # a view: its base's producer may have saved the base
             producer = _saved_by_producer(input) or (_saved_by_producer(base) if base is not None else None)
