@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=41)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from batchnorm import _fused as new
+    from batchnorm import _fused as new, _stats
     if not new.available():
         raise SystemExit("the kernels of this checkout did not load")
     with tempfile.TemporaryDirectory() as where:
@@ -65,12 +65,14 @@ def main() -> None:
         _, st, _ = new.train_forward(x, lay, w, b, 1e-5, var_scale=4 / 3)
         mean, invstd = st[0].clone(), st[1].clone()
 
-        def new_step():
+        def new_step():  # the forward, then the one running update as the library calls it
             _, s, ok = new.train_forward(x, lay, w, b, 1e-5, var_scale=4 / 3)
-            if ok:  # the running update in torch operations, as batchnorm._stats does it
-                rm.lerp_(s[0], 0.1)
-                rv.lerp_(s[2], 0.1)
-                nbt.add_(1)
+            _stats.update_running_stats(rm, rv, nbt, None, None, 0.1, finite=ok, stats=s)
+
+        def torch_update():  # the same update in torch operations (the path of other devices)
+            mu, _, var = st.view(3, 8).unbind()
+            torch._foreach_lerp_((rm.data, rv.data), (mu, var), 0.1)
+            nbt.add_(1)
 
         rows = []
         pairs = [
@@ -88,9 +90,18 @@ def main() -> None:
         for name, a, b_ in pairs:
             ta, tb = compare([a, b_], min_time=5e-3, repeats=args.repeats)
             rows.append((name, f"{ta * 1e6:.2f}", f"{tb * 1e6:.2f}", f"{(tb - ta) * 1e6:+.2f}"))
+        # The running update alone, this checkout: torch operations against the kernels' one call.
+        ta, tb = compare([torch_update, lambda: _stats.update_running_stats(rm, rv, nbt, None, None, 0.1, finite=True,
+                                                                            stats=st)],
+                         min_time=5e-3, repeats=args.repeats)
+        update_row = ("running update", f"{ta * 1e6:.2f}", f"{tb * 1e6:.2f}", f"{(tb - ta) * 1e6:+.2f}")
     print(f"# benchmarks/calls.py, base {args.base}: {machine()}")
     print(f"# OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, tensors (4, 8) float32")
     print(table(["call", f"{args.base} us", "this checkout us", "difference us"], rows))
+    print()
+    print("The running update of this checkout (num_batches_tracked included), two ways:")
+    print(table(["update", "torch operations us (row views, _foreach_lerp_, add_)",
+                 "update_running_stats us (one bn_lerp call)", "difference us"], [update_row]))
 
 
 if __name__ == "__main__":

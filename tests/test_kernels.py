@@ -589,6 +589,74 @@ def test_check_stats_declines_what_it_cannot_read(monkeypatch):
     assert _fused.check_stats(mean, invstd, m, 1e-3, unit) is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("c", [1, 7, 16, 1000, 4099])
+def test_lerp_is_torchs_lerp_bit_for_bit(dtype, c):
+    # The running update's arithmetic on the kernels: what lerp_ of each row would write,
+    # to the last bit, for weights either side of lerp's 0.5 switch; the counter counts.
+    _need_kernels()
+    g = torch.Generator().manual_seed(c)
+    for w in (0.1, 1 / 3, 0.5, 0.9, 1.0, 0.0):
+        a, b = torch.randn(c, generator=g, dtype=dtype), torch.rand(c, generator=g, dtype=dtype) + 0.5
+        st = torch.randn(1, 3, c, generator=g, dtype=dtype) * 3 + 1
+        ra, rb = a.clone().lerp_(st[0, 0], w), b.clone().lerp_(st[0, 2], w)
+        nbt = torch.tensor(41)
+        assert _fused.lerp_(a, b, st, (0, 2), w, nbt)
+        assert torch.equal(a, ra) and torch.equal(b, rb) and int(nbt) == 42, w
+        assert _fused.lerp_(a, b, st, (1, 0), w, None) and int(nbt) == 42  # other rows; no counter
+
+
+def test_lerp_declines_what_it_cannot_write():
+    # Anything the kernel cannot write in place, or that torch would refuse to write, is left
+    # untouched and declined (the one update then uses torch operations, which raise or cope).
+    _need_kernels()
+    c = 8
+    st = torch.rand(1, 3, c)
+    good = (torch.zeros(c), torch.ones(c))
+    with torch.inference_mode():
+        inference = torch.zeros(c)
+    cases = {
+        "float64 buffer": (torch.zeros(c, dtype=torch.float64), good[1], st, None),
+        "short buffer": (torch.zeros(c - 1), good[1], st, None),
+        "strided buffer": (torch.zeros(2 * c)[::2], good[1], st, None),
+        "negative view": (torch._neg_view(torch.zeros(c)), good[1], st, None),
+        "inference buffer": (inference, good[1], st, None),
+        "half stats": (good[0], good[1], st.half(), None),
+        "short stats": (good[0], good[1], st[..., :-1], None),
+        "float counter": (good[0], good[1], st, torch.zeros(())),
+        "two-element counter": (good[0], good[1], st, torch.zeros(2, dtype=torch.int64)),
+        "meta buffer": (torch.zeros(c, device="meta"), good[1], st, None),
+    }
+    for what, (a, b, src, counter) in cases.items():
+        before = [t.clone() for t in (a, b, src) if t.device.type != "meta"]
+        counted = None if counter is None else counter.clone()
+        assert not _fused.lerp_(a, b, src, (0, 2), 0.1, counter), what
+        after = [t for t in (a, b, src) if t.device.type != "meta"]
+        assert all(torch.equal(x, y) for x, y in zip(before, after)), what
+        assert counter is None or torch.equal(counter, counted), what
+    assert not _fused.lerp_(good[0], good[1], st, (0, 3), 0.1, None)       # a row past the block
+    assert not _fused.lerp_(good[0], good[1], st, (-1, 2), 0.1, None)
+    assert torch.equal(good[0], torch.zeros(c)) and torch.equal(good[1], torch.ones(c))
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.75, None])
+def test_update_from_the_statistics_rows_matches_torch_operations(momentum, monkeypatch):
+    # update_running_stats(stats=...) on the kernels and on torch operations: the same buffers.
+    _need_kernels()
+    c = 33
+    st = torch.randn(1, 3, c) + 2
+    results = []
+    for kernels in (True, False):
+        if not kernels:
+            monkeypatch.setattr(_fused, "lerp_", lambda *args: False)
+        rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.tensor(3)
+        for _ in range(2):
+            assert F.update_running_stats(rm, rv, nbt, None, None, momentum, stats=st)
+        results.append((rm, rv, nbt))
+    (a, b, n), (ra, rb, rn) = results
+    assert torch.equal(a, ra) and torch.equal(b, rb) and int(n) == int(rn) == 5
+
+
 def test_kernels_from_two_threads_at_once():
     # ctypes releases the GIL during a call: two Python threads run kernels at the same
     # time, each filling its own argument structs. Different channel counts per thread, so

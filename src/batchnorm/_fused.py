@@ -4,8 +4,9 @@ Each function takes one statistics group, a tensor ``(n, C, *S)`` laid out eithe
 NCHW-contiguous rows or channels-innermost (channels_last, and plain ``(N, C)``), and
 returns new tensors or writes into the buffers it is given; :func:`layout` says whether a
 tensor qualifies. Statistics come back in the input's dtype (float32 or float64),
-accumulated in double inside the kernels. Nothing here writes the running buffers; torch
-operations do, in :func:`batchnorm._stats.update_running_stats`.
+accumulated in double inside the kernels. Nothing here decides how the running buffers
+change: :func:`batchnorm._stats.update_running_stats` does, with :func:`lerp_` (one C call)
+or torch operations for the arithmetic.
 
 Each kernel call fills a fresh argument struct (the ctypes mirrors in :mod:`batchnorm._jit`)
 with the addresses of tensors that this module checked and that stay referenced by local
@@ -22,8 +23,8 @@ from torch import Tensor
 
 from . import _jit
 from ._errors import MismatchError
-from ._jit import (ActDxArgs, ActFwdArgs, ActSumsArgs, AffineArgs, CheckStatsArgs, DxArgs, MaskedBwdArgs, MaskedFwdArgs,
-                   StatsArgs, SumsArgs, TrainBwdArgs, TrainFwdArgs)
+from ._jit import (ActDxArgs, ActFwdArgs, ActSumsArgs, AffineArgs, CheckStatsArgs, DxArgs, LerpArgs, MaskedBwdArgs,
+                   MaskedFwdArgs, StatsArgs, SumsArgs, TrainBwdArgs, TrainFwdArgs)
 
 # Below this many elements a kernel runs on one thread: opening a parallel region costs more
 # than a second core saves on so little data.
@@ -383,6 +384,41 @@ def check_stats(mean: Tensor, invstd: Tensor, m: int, threshold: float, unit: fl
     mu, inv = _vec(mean, mean, c), _vec(invstd, mean, c)  # read-only: copies are fine, held until the call returns
     return _fn(lib, "check_stats", dt)(CheckStatsArgs(mean=mu.data_ptr(), invstd=inv.data_ptr(), c=c, m=m,
                                                       threshold=threshold, unit=unit))
+
+
+def _writable(t: Tensor, dt: torch.dtype, numel: int) -> bool:
+    """A contiguous CPU tensor of ``dt`` and ``numel`` elements in plain memory (of torch's
+    own type, with real storage, not a negative view) that an in-place torch operation could
+    write here (not an inference tensor outside inference mode). Written for speed: it runs
+    on every training step."""
+    return ((type(t) is Tensor or type(t) is Parameter) and t.dtype is dt and t.is_cpu and t.numel() == numel
+            and t.is_contiguous() and _has_storage(t) and not t.is_neg()
+            and (not t.is_inference() or torch.is_inference_mode_enabled()))
+
+
+def lerp_(a: Tensor, b: Tensor, src: Tensor, rows: Tuple[int, int], weight: float,
+          counter: Optional[Tensor]) -> bool:
+    """a.lerp_(src row rows[0], weight) and b.lerp_(src row rows[1], weight) (torch's formula,
+    in the buffers' dtype), then counter += 1, in one C call: the arithmetic of
+    :func:`batchnorm._stats.update_running_stats`, its only caller, which decides whether and
+    with which weight. ``src`` is a contiguous block of rows of C elements (the operator's
+    statistics), read in place: no row views are made. Writes through the data pointers,
+    as ``.data`` ops would (no version bump). Returns False, having changed nothing, where
+    the kernels cannot do it (not loaded; anything but contiguous CPU float32/float64 of one
+    dtype, buffers of C elements, or a one-element int64 counter): the caller then uses
+    torch operations."""
+    lib = _jit.kernels()
+    dt, c = a.dtype, a.numel()
+    r0, r1 = rows
+    rows_needed = c * (max(r0, r1) + 1)
+    if (lib is None or dt not in _DTYPES or min(r0, r1) < 0 or not _writable(a, dt, c) or not _writable(b, dt, c)
+            or src.numel() < rows_needed or not _writable(src, dt, src.numel())
+            or (counter is not None and not _writable(counter, torch.int64, 1))):
+        return False
+    p, step = src.data_ptr(), c * src.element_size()
+    _fn(lib, "lerp", dt)(LerpArgs(a.data_ptr(), b.data_ptr(), p + r0 * step, p + r1 * step,
+                                  None if counter is None else counter.data_ptr(), c, float(weight)))
+    return True
 
 
 def masked_forward(x: Tensor, mask: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -506,6 +506,10 @@ class CheckStatsArgs(ctypes.Structure):
     _fields_ = [("mean", _P), ("invstd", _P), ("c", _I64), ("m", _I64), ("threshold", _F64), ("unit", _F64)]
 
 
+class LerpArgs(ctypes.Structure):
+    _fields_ = [("a", _P), ("b", _P), ("ta", _P), ("tb", _P), ("counter", _P), ("c", _I64), ("w", _F64)]
+
+
 class MaskedFwdArgs(ctypes.Structure):
     _fields_ = [("x", _P), ("mask", _P), ("y", _P), ("weight", _P), ("bias", _P), ("stats", _P), ("n", _I64),
                 ("c", _I64), ("l", _I64), ("eps", _F64), ("nt", _I32)]
@@ -541,6 +545,7 @@ ENTRY_POINTS = {
     "train_fwd": (TrainFwdArgs, ctypes.c_int),
     "train_bwd": (TrainBwdArgs, ctypes.c_int),
     "check_stats": (CheckStatsArgs, ctypes.c_int),
+    "lerp": (LerpArgs, None),
     "masked_fwd": (MaskedFwdArgs, _I64),
     "masked_bwd": (MaskedBwdArgs, None),
     "act_fwd": (ActFwdArgs, None),

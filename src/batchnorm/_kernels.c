@@ -17,9 +17,11 @@
  *   dx      two reads, one write     -> dx = alpha[c] * dy + beta[c] * x + gamma[c]
  * BN + a piecewise-linear activation (+ a residual), for batchnorm.act: bn_act_fwd,
  * bn_act_sums, bn_act_dx (their section below says what each reads and writes).
- * A small per-channel helper: bn_check_stats checks statistics computed elsewhere (torch's
- * kernel). No kernel writes the running buffers; torch operations do, in
- * batchnorm._stats.update_running_stats.
+ * Two small per-channel helpers: bn_check_stats checks statistics computed elsewhere (torch's
+ * kernel); bn_lerp moves two buffers toward two targets by one weight (torch's lerp formula)
+ * and increments a counter, the arithmetic of batchnorm._stats.update_running_stats, the one
+ * running update: it decides whether a batch is folded in and with which weight, and is the
+ * only caller.
  *
  * Each entry point takes one argument struct (declared below, mirrored by ctypes Structures
  * in batchnorm._jit) and exists as bn_<kind>_f32 and bn_<kind>_f64; the tensors' pointers
@@ -139,6 +141,14 @@ struct bn_check_stats_args {
     const void *mean, *invstd;
     int64_t c, m;              /* channels; values per channel the statistics came from */
     double threshold, unit;    /* the offset-risk test (threshold 0: not tested) */
+};
+
+struct bn_lerp_args {
+    void *a, *b;               /* the buffers, updated in place: a += w * (ta - a), b likewise */
+    const void *ta, *tb;       /* their targets */
+    int64_t *counter;          /* incremented by one, or NULL */
+    int64_t c;                 /* elements of each */
+    double w;                  /* the weight, in [0, 1] */
 };
 
 struct bn_masked_fwd_args {
@@ -1415,6 +1425,26 @@ static inline __attribute__((always_inline)) int check_stats(const struct bn_che
     return code;
 }
 
+/* torch's lerp as its vectorized CPU kernel computes it (ATen's Lerp.h, lerp_vec): fma(w,
+ * end - start, start) for |w| < 0.5, else fma(w - 1, end - start, end), in the element type,
+ * so the buffers hold what lerp_ would have written. */
+#define DEFINE_LERP(T, SUF, FMA)                                                                 \
+    static void lerp_##SUF(const struct bn_lerp_args *q) {                                       \
+        T *a = (T *)q->a, *b = (T *)q->b;                                                        \
+        const T *ta = (const T *)q->ta, *tb = (const T *)q->tb;                                  \
+        const T w = (T)q->w;                                                                     \
+        const int small = fabs(q->w) < 0.5;                                                      \
+        const T k = small ? w : w - (T)1;                                                        \
+        for (int64_t i = 0; i < q->c; i++) {                                                     \
+            a[i] = FMA(k, ta[i] - a[i], small ? a[i] : ta[i]);                                   \
+            b[i] = FMA(k, tb[i] - b[i], small ? b[i] : tb[i]);                                   \
+        }                                                                                        \
+        if (q->counter) *q->counter += 1;                                                        \
+    }
+DEFINE_LERP(float, f32, fmaf)
+DEFINE_LERP(double, f64, fma)
+#undef DEFINE_LERP
+
 /* ---------------------------------------------------------------------------------------
  * BN + a piecewise-linear activation, after an optional residual add (batchnorm.act):
  * act(z) = z for z > 0, slope * z otherwise (identity: slope 1; leaky ReLU; ReLU: slope 0,
@@ -1814,6 +1844,9 @@ void bn_act_dx_f64(const struct bn_act_dx_args *a) { act_dx_f64(a); }
 int bn_check_stats_f32(const struct bn_check_stats_args *a) { return check_stats(a, 0); }
 int bn_check_stats_f64(const struct bn_check_stats_args *a) { return check_stats(a, 1); }
 
+void bn_lerp_f32(const struct bn_lerp_args *a) { lerp_f32(a); }
+void bn_lerp_f64(const struct bn_lerp_args *a) { lerp_f64(a); }
+
 /* Each struct's layout, for batchnorm._jit to compare with its ctypes mirror before any
  * call: sizeof, then the offset and size of each field in declaration order. */
 #define FIELD(S, f) (int64_t)offsetof(struct S, f), (int64_t)sizeof(((struct S *)0)->f)
@@ -1850,6 +1883,9 @@ static const int64_t layout_check_stats[] = {
     sizeof(struct bn_check_stats_args), FIELD(bn_check_stats_args, mean), FIELD(bn_check_stats_args, invstd),
     FIELD(bn_check_stats_args, c), FIELD(bn_check_stats_args, m), FIELD(bn_check_stats_args, threshold),
     FIELD(bn_check_stats_args, unit)};
+static const int64_t layout_lerp[] = {
+    sizeof(struct bn_lerp_args), FIELD(bn_lerp_args, a), FIELD(bn_lerp_args, b), FIELD(bn_lerp_args, ta),
+    FIELD(bn_lerp_args, tb), FIELD(bn_lerp_args, counter), FIELD(bn_lerp_args, c), FIELD(bn_lerp_args, w)};
 static const int64_t layout_masked_fwd[] = {
     sizeof(struct bn_masked_fwd_args), FIELD(bn_masked_fwd_args, x), FIELD(bn_masked_fwd_args, mask),
     FIELD(bn_masked_fwd_args, y), FIELD(bn_masked_fwd_args, weight), FIELD(bn_masked_fwd_args, bias),
@@ -1886,7 +1922,7 @@ static const int64_t layout_act_dx[] = {
 static const struct { const char *kind; const int64_t *values; int64_t count; } layouts[] = {
     LAYOUT("stats", layout_stats), LAYOUT("affine", layout_affine), LAYOUT("sums", layout_sums),
     LAYOUT("dx", layout_dx), LAYOUT("train_fwd", layout_train_fwd), LAYOUT("train_bwd", layout_train_bwd),
-    LAYOUT("check_stats", layout_check_stats),
+    LAYOUT("check_stats", layout_check_stats), LAYOUT("lerp", layout_lerp),
     LAYOUT("masked_fwd", layout_masked_fwd), LAYOUT("masked_bwd", layout_masked_bwd),
     LAYOUT("act_fwd", layout_act_fwd), LAYOUT("act_sums", layout_act_sums), LAYOUT("act_dx", layout_act_dx)};
 #undef LAYOUT

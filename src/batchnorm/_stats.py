@@ -256,12 +256,14 @@ def update_running_stats(
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
     num_batches_tracked: Optional[Tensor],
-    batch_mean: Tensor,
-    batch_var_unbiased: Tensor,
+    batch_mean: Optional[Tensor],
+    batch_var_unbiased: Optional[Tensor],
     momentum: Optional[float],
     nonfinite: str = "warn",
     name: str = "batch_norm",
     finite: Optional[bool] = None,
+    *,
+    stats: Optional[Tensor] = None,
 ) -> bool:
     """Fold one batch's per-channel statistics (shape ``(C,)``) into the running buffers in
     place: running = (1 - f) * running + f * batch, f = :func:`momentum_factor`; then
@@ -269,7 +271,15 @@ def update_running_stats(
     None to test here) nothing changes, not even num_batches_tracked, and, by
     ``nonfinite``, a :class:`NonFiniteBatchWarning` is issued ("warn"), a
     :class:`NonFiniteBatchError` raised ("raise") or nothing said ("ignore"). Returns
-    whether the batch was accepted. The buffers were checked by :func:`check_arguments`."""
+    whether the batch was accepted. The buffers were checked by :func:`check_arguments`.
+
+    ``stats``: instead of ``batch_mean`` and ``batch_var_unbiased`` (then None), the
+    operator's statistics of one group, a contiguous block of rows mean, invstd, unbiased
+    variance of C each, read in place (no row views: on the kernels the whole update is one
+    C call, :func:`batchnorm._fused.lerp_`)."""
+    if stats is not None and (finite is None or torch.compiler.is_compiling()):
+        batch_mean, _, batch_var_unbiased = stats.reshape(3, -1).unbind()
+        stats = None
     if torch.compiler.is_compiling():
         # No data-dependent branch under torch.compile (it would break the graph): a select.
         ok = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var_unbiased).all()
@@ -289,8 +299,14 @@ def update_running_stats(
         report_nonfinite(nonfinite, name)
         return False
     factor = momentum_factor(momentum, num_batches_tracked)
-    # Through .data, as torch's kernels update the buffers: without a version bump, so a
-    # graph that saved them (torch's batch-norm node does) stays differentiable.
+    # Through .data (or the data pointers), as torch's kernels update the buffers: without a
+    # version bump, so a graph that saved them (torch's batch-norm node does) stays
+    # differentiable.
+    if stats is not None:
+        if running_mean is not None and _fused.lerp_(running_mean, running_var, stats, (0, 2), factor,
+                                                      num_batches_tracked):
+            return True
+        batch_mean, _, batch_var_unbiased = stats.reshape(3, -1).unbind()
     if running_mean is not None:
         dt = running_mean.dtype
         targets = (batch_mean if batch_mean.dtype == dt else batch_mean.to(dt),

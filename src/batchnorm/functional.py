@@ -322,11 +322,12 @@ def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentu
         sink.append((st[:, 0].detach().clone(), st[:, 2].detach().clone()))       # (G, C) each
     elif update and running_mean is not None:
         # (st is not differentiable: no autograd bookkeeping here)
-        if groups == 1:
-            mean, _, var = st.view(3, st.size(-1)).unbind()  # one view and one unbind: cheaper than two indexings
+        if groups == 1:  # the rows of st, read in place
+            update_running_stats(running_mean, running_var, nbt, None, None, momentum, nonfinite, name, finite,
+                                 stats=st)
         else:  # Algorithm 2's estimate over the groups: the mean of mu_B and of m/(m-1) sigma2_B
-            mean, var = st[:, 0].mean(dim=0), st[:, 2].mean(dim=0)
-        update_running_stats(running_mean, running_var, nbt, mean, var, momentum, nonfinite, name, finite)
+            update_running_stats(running_mean, running_var, nbt, st[:, 0].mean(dim=0), st[:, 2].mean(dim=0),
+                                 momentum, nonfinite, name, finite)
     return y
 
 
