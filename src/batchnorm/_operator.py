@@ -177,12 +177,13 @@ def backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], mask: Option
              needs: Tuple[bool, bool, bool]):
     """The gradients (dx, dgamma, dbeta) of :func:`forward`, None where not needed."""
     path, st, rd, count, lay, _ = saved
-    G, C, nd = plan.groups, x.size(1), x.dim() + 1
+    G = plan.groups
     need_x, need_w, need_b = needs[0], needs[1] and weight is not None, needs[2]
-    shape = (G, 1, C) + (1,) * (nd - 3)
     if special(grad_out):
         if plan.group is not None:
             raise NotImplementedError(_NO_SYNC_SPECIAL)
+        C, nd = x.size(1), x.dim() + 1
+        shape = (G, 1, C) + (1,) * (nd - 3)
         xv = _stats.grouped_view(x, G)
         mv = None if mask is None else mask.view(G, mask.size(0) // G, 1, mask.size(1))
         mean, invstd = st[:, 0].reshape(shape), st[:, 1].reshape(shape)
