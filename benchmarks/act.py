@@ -13,6 +13,9 @@ Rows, per shape and memory format (float32, NCHW and channels_last):
   reaches x and r on both sides.
 * BN+leaky_relu in place (``inplace=True``, In-Place ABN): ours against torch's
   ``leaky_relu(bn(x), 0.01, inplace=True)``.
+* BN+ELU, BN+SiLU, BN+GELU (exact, erf): ours ``BatchNormAct2d(C, act=...)`` against
+  torch.nn's ``nn.ELU()(bn(x))``, ``nn.SiLU()(bn(x))``, ``nn.GELU()(bn(x))`` (``--smooth``:
+  these rows only).
 
 Passes over memory (|x| per pass), counted for the roofline column as in ops.py, ours:
 forward 1 read for the statistics + 1 read and 1 write for y (+ 1 read of r); backward 1
@@ -100,6 +103,20 @@ def rows_for(shape, fmt, repeats, min_time):
     t = compare([_fwdbwd(inplace_ours, h, gy), _fwdbwd(inplace_torch, h, gy)], min_time=min_time,
                 repeats=repeats)
     out.append(("BN+leaky_relu, inplace", t[0], t[1], "copy of x in both"))
+    return out + smooth_rows(c, x, gy, ref, repeats, min_time)
+
+
+SMOOTH = [("BN+ELU", "elu", nn.ELU), ("BN+SiLU", "silu", nn.SiLU), ("BN+GELU", "gelu", nn.GELU)]
+
+
+def smooth_rows(c, x, gy, ref, repeats, min_time):
+    """The smooth activations: ours against torch.nn's BN followed by the activation module."""
+    out = []
+    for name, act, module in SMOOTH:
+        ours, theirs = bn.BatchNormAct2d(c, act=act).train(), module()
+        t = compare([_fwdbwd(lambda: ours(x), x, gy), _fwdbwd(lambda: theirs(ref(x)), x, gy)], min_time=min_time,
+                    repeats=repeats)
+        out.append((name, t[0], t[1], f"nn.{module.__name__}()(bn(x))"))
     return out
 
 
@@ -154,18 +171,21 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
     p.add_argument("--part", choices=["blocks", "memory", "all"], default="all")
+    p.add_argument("--smooth", action="store_true", help="only the smooth-activation rows, (32, 64, 56, 56) only")
     args = p.parse_args(argv)
     if not args.system_malloc:
         pin_malloc()
     repeats = 7 if args.quick else 21
     min_time = 1e-3 if args.quick else 3e-3
     from batchnorm import _jit
-    print(f"# benchmarks/act.py --part {args.part}: {machine()}")
+    print(f"# benchmarks/act.py {'--smooth' if args.smooth else '--part ' + args.part}: {machine()}")
     print(f"# kernels: {_jit.status()}; malloc: {os.environ.get('GLIBC_TUNABLES', 'glibc default')}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    if args.part in ("blocks", "all"):
+    if args.smooth:
+        blocks(repeats, min_time, shapes=SHAPES[:1], rows=_smooth_only)
+    elif args.part in ("blocks", "all"):
         blocks(repeats, min_time)
-    if args.part in ("memory", "all"):
+    if args.part in ("memory", "all") and not args.smooth:
         rows = memory_rows()
         ref, ref_saved = rows[0][1], rows[0][2]
         print()
@@ -174,11 +194,18 @@ def main(argv=None):
                     [(n, f"{m:.0f}", f"{m / ref:.2f}", f"{sv:.0f}", f"{sv / ref_saved:.2f}") for n, m, sv in rows]))
 
 
-def blocks(repeats, min_time):
+def _smooth_only(shape, fmt, repeats, min_time):
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    x = torch.randn(*shape).to(memory_format=mf).requires_grad_()
+    gy = torch.randn(*shape).to(memory_format=mf)
+    return smooth_rows(shape[1], x, gy, nn.BatchNorm2d(shape[1]).train(), repeats, min_time)
+
+
+def blocks(repeats, min_time, shapes=SHAPES, rows=rows_for):
     out, ratios = [], {}
-    for shape in SHAPES:
+    for shape in shapes:
         for fmt in FORMATS:
-            for block, t_ours, t_ref, note in rows_for(shape, fmt, repeats, min_time):
+            for block, t_ours, t_ref, note in rows(shape, fmt, repeats, min_time):
                 ratios.setdefault(block, []).append(t_ours / t_ref)
                 out.append((str(shape), fmt, block, f"{t_ref * 1e3:.3f}", f"{t_ours * 1e3:.3f}",
                             f"{t_ours / t_ref:.2f}", note))

@@ -235,9 +235,9 @@ def test_float32_at_fused_size(inplace, memory_format):
     torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
 
 
-# -- the fused kernels (identity, relu, leaky_relu on float32/float64 CPU tensors) ------------
+# -- the fused kernels (every activation, on float32/float64 CPU tensors) ----------------------
 
-KERNEL_ACTS = ["identity", "relu", "leaky_relu"]
+KERNEL_ACTS = list(ACTS)
 
 
 def _same_grads(y, want, mod, mod_want, x, r, tol):
@@ -281,27 +281,34 @@ def test_fused_kernels_run_and_match_torch(act, residual, memory_format, dtype):
         assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
 
 
-@pytest.mark.parametrize("act,residual,memory_format", [
-    ("relu", True, torch.contiguous_format), ("relu", False, torch.channels_last),
-    ("leaky_relu", True, torch.channels_last), ("leaky_relu", False, torch.contiguous_format),
-    ("identity", True, torch.contiguous_format), ("elu", True, torch.contiguous_format),
-    ("silu", False, torch.channels_last), ("gelu", True, torch.channels_last)])
-def test_fused_kernels_gradcheck_at_fused_size(act, residual, memory_format):
+@pytest.mark.parametrize("act,residual,memory_format,kw", [
+    ("relu", True, torch.contiguous_format, None), ("relu", False, torch.channels_last, None),
+    ("leaky_relu", True, torch.channels_last, None), ("leaky_relu", False, torch.contiguous_format, None),
+    ("identity", True, torch.contiguous_format, None), ("elu", True, torch.contiguous_format, None),
+    ("silu", False, torch.channels_last, None), ("gelu", True, torch.channels_last, None),
+    ("gelu", True, torch.channels_last, {}), ("gelu", False, torch.contiguous_format, {})])
+def test_fused_kernels_gradcheck_at_fused_size(act, residual, memory_format, kw):
     """gradcheck and gradgradcheck (fast mode: one random projection) at 65,536 elements, with
-    batched gradients and, for the first derivative, forward AD; train and eval. elu, silu
-    and gelu take torch operations at every size: checked here at the same size."""
-    m = bn.BatchNormAct2d(16, act=act, act_kwargs=ACTS[act][0]).double()
-    x = (torch.randn(SHAPES["fused"], dtype=torch.float64) * 2).to(memory_format=memory_format).requires_grad_()
-    r = torch.randn(SHAPES["fused"], dtype=torch.float64, requires_grad=True)
-    w = (torch.rand(16, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    batched gradients and, for the first derivative, forward AD; train and eval; every
+    activation on the kernels (``kw`` None: ACTS' arguments; {}: the defaults, exact gelu)."""
+    m = bn.BatchNormAct2d(16, act=act, act_kwargs=ACTS[act][0] if kw is None else kw).double()
+    _kernel_gradchecks(m, SHAPES["fused"], memory_format, residual)
+
+
+def _kernel_gradchecks(m, shape, memory_format, residual):
+    """gradcheck (forward AD, batched gradients) and gradgradcheck, fast mode, of the layer ``m``
+    on the kernels, train and eval, with w, b as inputs (and the residual if ``residual``)."""
+    x = (torch.randn(shape, dtype=torch.float64) * 2).to(memory_format=memory_format).requires_grad_()
+    r = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
 
     def f(x, w, b, r):
         return _functional(m, x, w, b, r if residual else None)
 
     for train in (True, False):
         m.train(train)
-        assert (type(f(x, w, b, r).grad_fn).__name__ == "_FusedBNActBackward") == (act in KERNEL_ACTS)
+        assert type(f(x, w, b, r).grad_fn).__name__ == "_FusedBNActBackward"
         assert gradcheck(f, (x, w, b, r), fast_mode=True, check_forward_ad=True, check_batched_grad=True)
         assert gradgradcheck(f, (x, w, b, r), fast_mode=True, check_batched_grad=True)
 
@@ -348,7 +355,8 @@ def test_residual_that_broadcasts_takes_torch_operations():
 
 def test_kernel_boundary_refuses_bad_buffers():
     """The kernels' Python boundary checks what the C code would read: a mask of the wrong
-    dtype or strides, a residual of the wrong shape, a non-finite slope."""
+    dtype or strides, a residual of the wrong shape, a non-finite slope or alpha, an unknown
+    activation code, a combination the kernels do not run."""
     from batchnorm import _fused
     if not _fused.available():
         pytest.skip("kernels not built here")
@@ -366,12 +374,28 @@ def test_kernel_boundary_refuses_bad_buffers():
             _fused.act_sums(torch.randn_like(x), x, lay, a, b, 0.0, bad, mu)
     with pytest.raises(ValueError, match="should contain 8 elements"):
         _fused.act_grad(torch.randn_like(x), x, lay, torch.ones(3), b, 0.0, None, a, b, b, True, False)
+    # the smooth activations: what their kernels do not take (in place: elu only; no mask; dz from act_sums)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        _fused.act_forward(x, lay, a, b, 0.0, kind=_fused.ELU, act_alpha=float("inf"))
+    with pytest.raises(ValueError, match="unknown activation code"):
+        _fused.act_forward(x, lay, a, b, 0.0, kind=7)
+    with pytest.raises(ValueError, match="invertible"):
+        _fused.act_forward(x.clone(), lay, a, b, 0.0, inplace=True, kind=_fused.SILU)
+    with pytest.raises(ValueError, match="mask is for the piecewise-linear"):
+        _fused.act_forward(x, lay, a, b, 0.0, torch.randn_like(x), want_mask=True, kind=_fused.GELU)
+    mask = torch.ones_like(x, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="not a mask"):
+        _fused.act_sums(torch.randn_like(x), x, lay, a, b, 0.0, mask, mu, kind=_fused.GELU)
+    with pytest.raises(ValueError, match="comes from act_sums"):
+        _fused.act_grad(torch.randn_like(x), x, lay, a, b, 0.0, None, a, b, b, True, False, kind=_fused.SILU)
+    with pytest.raises(ValueError, match="invertible"):
+        _fused.act_sums(torch.randn_like(x), x, lay, None, None, 0.0, None, mu, output=True, kind=_fused.GELU)
 
 
 @pytest.mark.parametrize("dtype,memory_format", [(torch.float64, torch.contiguous_format),
                                                  (torch.float32, torch.channels_last)])
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("act", ["identity", "leaky_relu"])
+@pytest.mark.parametrize("act", ["identity", "leaky_relu", "elu"])
 @pytest.mark.parametrize("training", [True, False])
 def test_inplace_kernels_match_out_of_place(act, residual, memory_format, dtype, training, monkeypatch):
     """In place on the kernels (the backward reads the output, and the residual): the same
@@ -434,3 +458,112 @@ def test_inplace_accepts_a_producer_that_saved_other_tensors():
         (gw,) = torch.autograd.grad((y * y).sum(), w)
         grads.append(gw)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+# -- the smooth activations on the kernels (elu, silu, gelu with erf or tanh) -------------------
+
+SMOOTH = {"elu": ({"alpha": 0.7}, lambda z: tF.elu(z, 0.7)), "silu": ({}, tF.silu), "gelu": ({}, tF.gelu),
+          "gelu_tanh": ({"approximate": "tanh"}, lambda z: tF.gelu(z, approximate="tanh"))}
+
+
+def _smooth_pair(name, c, dtype, **kw):
+    kwargs, f = SMOOTH[name]
+    ours = bn.BatchNormAct2d(c, act=name.split("_")[0], act_kwargs=kwargs, **kw).to(dtype)
+    theirs = nn.BatchNorm2d(c).to(dtype)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs, f
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("name", ["elu", "silu", "gelu"])
+def test_smooth_kernels_run_and_match_torch(name, residual, dtype, memory_format):
+    """elu, silu and exact gelu at the kernels' size run the fused kernels (the grad_fn says
+    so) and equal torch's BatchNorm2d + the activation over two training steps and in eval:
+    outputs, the input's, weight's, bias's and residual's gradients, running statistics."""
+    ours, theirs, f = _smooth_pair(name, 16, dtype)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-10}
+    for train in (True, True, False):
+        ours.train(train)
+        theirs.train(train)
+        x = (torch.randn(SHAPES["fused"], dtype=dtype) * 2 + 0.5).to(memory_format=memory_format).requires_grad_()
+        r = torch.randn(SHAPES["fused"], dtype=dtype, requires_grad=True) if residual else None
+        y = ours(x, r)
+        assert type(y.grad_fn).__name__ == "_FusedBNActBackward"
+        assert y.is_contiguous(memory_format=memory_format)
+        want = f(theirs(x) + (r if residual else 0))
+        torch.testing.assert_close(y, want, **tol)
+        _same_grads(y, want, ours, theirs, x, r, tol)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("name,residual", [("gelu", False), ("gelu", True), ("elu", False), ("silu", True),
+                                           ("gelu_tanh", False)])
+def test_smooth_kernels_gradcheck_small(name, residual):
+    """gradcheck (with forward AD and batched gradients) and gradgradcheck at a small size, train
+    and eval: the kernels' first derivative and the torch-operation double backward agree with
+    finite differences of the kernels' forward (test_gradcheck_and_gradgradcheck checks every
+    activation in training, in full mode; here a random projection)."""
+    m = bn.BatchNormAct2d(3, act=name.split("_")[0], act_kwargs=SMOOTH[name][0]).double()
+    _kernel_gradchecks(m, (4, 3, 3, 3), torch.contiguous_format, residual)
+
+
+_SPECIAL = [float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e30, -1e30, 800.0, -800.0, 90.0, -90.0, -40.0,
+            -12.0, 1e-40, -1e-40, 5e-324, -5e-324]
+
+
+def _with_specials(shape, dtype, memory_format):
+    """Random values with the special ones at the start, inside and at the end of the rows."""
+    t = torch.randn(shape, dtype=dtype)
+    flat = t.view(-1)
+    vals = torch.tensor(_SPECIAL, dtype=dtype)
+    for start in (0, 37, 1000, flat.numel() - len(_SPECIAL)):
+        flat[start:start + len(_SPECIAL)] = vals
+    return t.to(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("dtype,memory_format", [(torch.float32, torch.contiguous_format),
+                                                 (torch.float64, torch.channels_last)], ids=["f32", "f64-cl"])
+@pytest.mark.parametrize("name", list(SMOOTH))
+def test_smooth_kernels_nan_and_inf_as_torch(name, dtype, memory_format):
+    """NaN, +-inf, huge, subnormal and signed-zero values give torch's results: in eval through
+    x (outputs and dx, elementwise), in training through the residual (outputs, and every
+    gradient: a NaN dz spreads over its channel's dx as in torch's BN backward)."""
+    ours, theirs, f = _smooth_pair(name, 16, dtype)
+    ours.eval()
+    theirs.eval()
+    x = _with_specials(SHAPES["fused"], dtype, memory_format).requires_grad_()
+    y, want = ours(x), f(theirs(x))
+    assert type(y.grad_fn).__name__ == "_FusedBNActBackward"
+    torch.testing.assert_close(y, want, equal_nan=True)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(want, x, g)[0], equal_nan=True)
+    ours.train()
+    theirs.train()
+    x = torch.randn(SHAPES["fused"], dtype=dtype).to(memory_format=memory_format).requires_grad_()
+    r = _with_specials(SHAPES["fused"], dtype, memory_format).requires_grad_()
+    y, want = ours(x, r), f(theirs(x) + r)
+    torch.testing.assert_close(y, want, equal_nan=True, rtol=1e-4, atol=1e-5)
+    got = torch.autograd.grad(y, [x, r, ours.weight, ours.bias], g)
+    expected = torch.autograd.grad(want, [x, r, theirs.weight, theirs.bias], g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-4, atol=1e-5)
+
+
+def test_smooth_activation_with_residual_saves_x_and_the_residual_only():
+    """With a residual, a smooth activation's backward recomputes z from x and the residual:
+    the full-size tensors autograd keeps are those two (no copy, no z, no output)."""
+    m = bn.BatchNormAct2d(8, act="silu")
+    x = torch.randn(8, 8, 16, 16, requires_grad=True)
+    r = torch.randn(8, 8, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = m(x, r)
+    big = {t.data_ptr() for t in saved if t.numel() == x.numel()}
+    assert big == {x.data_ptr(), r.data_ptr()} and y.data_ptr() not in big

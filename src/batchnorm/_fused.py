@@ -271,92 +271,132 @@ def _act_mask(mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return mask
 
 
-def _slope(slope: float) -> float:
+#: The kernels' activation codes (the ``act`` field of their argument structs; ACT_* in
+#: _kernels.c): LINEAR is z > 0 ? z : slope * z (identity, relu, leaky_relu); the others are
+#: smooth, elu with its ``alpha``.
+LINEAR, ELU, SILU, GELU, GELU_TANH = range(5)
+
+
+def _slope(slope: float, what: str = "slope") -> float:
     slope = float(slope)
     if slope != slope or slope in (float("inf"), float("-inf")):
-        _fail(f"activation slope must be finite, got {slope}")
+        _fail(f"activation {what} must be finite, got {slope}")
     return slope
+
+
+def _kind(kind: int, slope: float, act_alpha: float) -> Tuple[int, float, float]:
+    """Check an activation (code, slope, alpha) before it reaches a kernel."""
+    if kind not in (LINEAR, ELU, SILU, GELU, GELU_TANH):
+        _fail(f"unknown activation code {kind!r}")
+    return int(kind), _slope(slope), _slope(act_alpha, "alpha")
 
 
 def act_forward(x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: float,
                 residual: Optional[Tensor] = None, want_mask: bool = False,
-                inplace: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+                inplace: bool = False, kind: int = LINEAR, act_alpha: float = 1.0) -> Tuple[Tensor, Optional[Tensor]]:
     """y = act(scale[c] * x + shift[c] + residual) for act(z) = z (z > 0), slope * z
-    (else; ReLU at slope 0), and with ``want_mask`` the bytes (z > 0) for the backward;
-    ``inplace``: y is written over x (and returned)."""
+    (else; ReLU at slope 0) or the smooth activation ``kind`` (elu with ``act_alpha``), and with
+    ``want_mask`` (piecewise linear only) the bytes (z > 0) for the backward; ``inplace``
+    (piecewise linear, or elu): y is written over x (and returned)."""
     lib = _jit.kernels()
     _check_x(x, lay)
     n, c, s, cl = lay
+    kind, slope, act_alpha = _kind(kind, slope, act_alpha)
     a, b = _vec(scale, x, c), _vec(shift, x, c)
     r = None if residual is None else _like(residual, x)
     if inplace and (want_mask or (r is not None and r.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())):
         _fail("the in-place forward writes no mask and cannot add a residual that shares the input's memory")
+    if inplace and kind not in (LINEAR, ELU):
+        _fail("in place only for the invertible activations (piecewise linear, elu)")
+    if want_mask and kind != LINEAR:
+        _fail("a sign mask is for the piecewise-linear activations only")
     y = x if inplace else torch.empty_like(x)
     mask = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
     _fn(lib, "act_fwd", x.dtype)(ActFwdArgs(x=x.data_ptr(), r=_ptr(r), y=y.data_ptr(), mask=_ptr(mask),
-                                            scale=a.data_ptr(), shift=b.data_ptr(), n=n, c=c, s=s,
-                                            slope=_slope(slope), cl=cl, nt=_threads(lay)))
+                                            scale=a.data_ptr(), shift=b.data_ptr(), n=n, c=c, s=s, slope=slope,
+                                            act_alpha=act_alpha, act=kind, cl=cl, nt=_threads(lay)))
     return y, mask
 
 
 def _act_source(v: Tensor, lay: Layout, mask: Optional[Tensor], residual: Optional[Tensor], output: bool,
-                slope: float):
+                kind: int, slope: float, act_alpha: float):
     """Check what a backward kernel reads besides dy: the saved tensor ``v`` (x, or the
-    in-place output), the mask (out of place) or the residual (in place)."""
+    in-place output), the mask (piecewise linear out of place) or the residual (in place, and
+    smooth activations out of place)."""
     _check_x(v, lay)
     if output:
         if mask is not None:
             _fail("the in-place backward reads the output's sign, not a mask")
-        if not _slope(slope) > 0:
-            _fail(f"the in-place backward needs an invertible activation (slope > 0), got slope {slope}")
+        if not (kind == LINEAR and slope > 0 or kind == ELU and act_alpha > 0):
+            _fail(f"the in-place backward needs an invertible activation (slope > 0 or elu with alpha > 0), got "
+                  f"code {kind}, slope {slope}, alpha {act_alpha}")
         return None, None if residual is None else _like(residual, v)
-    if residual is not None:
-        _fail("the out-of-place backward reads no residual (its sign is in the mask)")
-    return _act_mask(mask, v), None
+    if kind == LINEAR:
+        if residual is not None:
+            _fail("the out-of-place backward reads no residual (its sign is in the mask)")
+        return _act_mask(mask, v), None
+    if mask is not None:
+        _fail("a smooth activation's backward reads the residual, not a mask")
+    return None, None if residual is None else _like(residual, v)
 
 
 def act_sums(dy: Tensor, v: Tensor, lay: Layout, scale: Optional[Tensor], shift: Optional[Tensor], slope: float,
              mask: Optional[Tensor], mu: Tensor, residual: Optional[Tensor] = None,
-             output: bool = False) -> Tensor:
-    """(2, C) float64: per channel sum dz and sum dz * (u - mu), dz = dy * act'(z). Out of
-    place ``v`` is x and u = x, z's sign from ``mask`` or else from scale * x + shift as
-    :func:`act_forward` made it; with ``output`` (in place) ``v`` is the output y and
-    u = act^-1(y) - residual (scale and shift are not read)."""
+             output: bool = False, kind: int = LINEAR,
+             act_alpha: float = 1.0) -> Tuple[Tensor, Optional[Tensor]]:
+    """(sums, dz): sums (2, C) float64, per channel sum dz and sum dz * (u - mu), dz = dy *
+    act'(z). Out of place ``v`` is x and u = x, z from scale * x + shift (+ residual, smooth
+    activations) as :func:`act_forward` made it, or its sign from ``mask``; with ``output``
+    (in place) ``v`` is the output y and u = act^-1(y) - residual (scale and shift are not
+    read). dz itself, laid out like ``v``, for a smooth activation out of place (whose dx
+    then is :func:`grad_input` of dz: act'(z) computed once per backward), else None."""
     lib = _jit.kernels()
     n, c, s, cl = lay
+    kind, slope, act_alpha = _kind(kind, slope, act_alpha)
     g = _like(dy, v)
-    m, r = _act_source(v, lay, mask, residual, output, slope)
+    m, r = _act_source(v, lay, mask, residual, output, kind, slope, act_alpha)
     a, b = (None, None) if output else (_vec(scale, v, c), _vec(shift, v, c))
     mu_ = _vec(mu, v, c)
     out = torch.empty(2, c, dtype=torch.float64)
     s1, s2 = out[0], out[1]
+    dz = torch.empty_like(v) if kind != LINEAR and not output else None
     args = ActSumsArgs(dy=g.data_ptr(), v=v.data_ptr(), mask=_ptr(m), r=_ptr(r), scale=_ptr(a), shift=_ptr(b),
-                       mu=mu_.data_ptr(), sum_dz=s1.data_ptr(), sum_dzu=s2.data_ptr(), n=n, c=c, s=s,
-                       slope=_slope(slope), output=int(output), cl=cl, nt=_threads(lay))
-    if _fn(lib, "act_sums", v.dtype)(args):
+                       mu=mu_.data_ptr(), sum_dz=s1.data_ptr(), sum_dzu=s2.data_ptr(), dz=_ptr(dz), n=n, c=c, s=s,
+                       slope=slope, act_alpha=act_alpha, act=kind, output=int(output), cl=cl, nt=_threads(lay))
+    rc = _fn(lib, "act_sums", v.dtype)(args)
+    if rc == -1:
         raise MemoryError("batchnorm: out of memory in the activation gradient-sums kernel")
-    return out
+    if rc:
+        _fail(f"the activation gradient-sums kernel refused activation code {kind} (output={output})")
+    return out, dz
 
 
 def act_grad(dy: Tensor, v: Tensor, lay: Layout, scale: Optional[Tensor], shift: Optional[Tensor], slope: float,
              mask: Optional[Tensor], alpha: Tensor, beta: Tensor, gamma: Tensor, need_dx: bool,
              need_dz: bool, residual: Optional[Tensor] = None,
-             output: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+             output: bool = False, kind: int = LINEAR,
+             act_alpha: float = 1.0) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """dx = alpha[c] * dz + beta[c] * u + gamma[c] and dz = dy * act'(z) (the residual's
-    gradient), each where asked, in one pass; ``v``, ``u`` and ``output`` as in
-    :func:`act_sums`."""
+    gradient), each where asked, in one pass; ``v``, ``u``, ``output`` and ``kind`` as in
+    :func:`act_sums` (``act_alpha``: elu's alpha). The piecewise-linear activations, and elu
+    in place; a smooth activation out of place has its dz from :func:`act_sums`."""
     lib = _jit.kernels()
     n, c, s, cl = lay
+    kind, slope, act_alpha = _kind(kind, slope, act_alpha)
+    if kind != LINEAR and not output:
+        _fail("a smooth activation's dz comes from act_sums out of place (and dx from grad_input)")
     g = _like(dy, v)
-    m, r = _act_source(v, lay, mask, residual, output, slope)
+    m, r = _act_source(v, lay, mask, residual, output, kind, slope, act_alpha)
     a, b = (None, None) if output else (_vec(scale, v, c), _vec(shift, v, c))
     al, be, ga = _vec(alpha, v, c), _vec(beta, v, c), _vec(gamma, v, c)
     dx = torch.empty_like(v) if need_dx else None
     dz = torch.empty_like(v) if need_dz else None
-    _fn(lib, "act_dx", v.dtype)(ActDxArgs(dy=g.data_ptr(), v=v.data_ptr(), mask=_ptr(m), r=_ptr(r), scale=_ptr(a),
-                                          shift=_ptr(b), alpha=al.data_ptr(), beta=be.data_ptr(),
-                                          gamma=ga.data_ptr(), dx=_ptr(dx), dz=_ptr(dz), n=n, c=c, s=s,
-                                          slope=_slope(slope), output=int(output), cl=cl, nt=_threads(lay)))
+    if _fn(lib, "act_dx", v.dtype)(ActDxArgs(dy=g.data_ptr(), v=v.data_ptr(), mask=_ptr(m), r=_ptr(r),
+                                             scale=_ptr(a), shift=_ptr(b), alpha=al.data_ptr(), beta=be.data_ptr(),
+                                             gamma=ga.data_ptr(), dx=_ptr(dx), dz=_ptr(dz), n=n, c=c, s=s,
+                                             slope=slope, act_alpha=act_alpha, act=kind, output=int(output),
+                                             cl=cl, nt=_threads(lay))):
+        _fail(f"the activation gradient kernel refused activation code {kind} (output={output})")
     return dx, dz
 
 

@@ -522,18 +522,19 @@ class MaskedBwdArgs(ctypes.Structure):
 
 class ActFwdArgs(ctypes.Structure):
     _fields_ = [("x", _P), ("r", _P), ("y", _P), ("mask", _P), ("scale", _P), ("shift", _P), *_SHAPE,
-                ("slope", _F64), *_LAYOUT_THREADS]
+                ("slope", _F64), ("act_alpha", _F64), ("act", _I32), *_LAYOUT_THREADS]
 
 
 class ActSumsArgs(ctypes.Structure):
     _fields_ = [("dy", _P), ("v", _P), ("mask", _P), ("r", _P), ("scale", _P), ("shift", _P), ("mu", _P),
-                ("sum_dz", _P), ("sum_dzu", _P), *_SHAPE, ("slope", _F64), ("output", _I32), *_LAYOUT_THREADS]
+                ("sum_dz", _P), ("sum_dzu", _P), ("dz", _P), *_SHAPE, ("slope", _F64), ("act_alpha", _F64),
+                ("act", _I32), ("output", _I32), *_LAYOUT_THREADS]
 
 
 class ActDxArgs(ctypes.Structure):
     _fields_ = [("dy", _P), ("v", _P), ("mask", _P), ("r", _P), ("scale", _P), ("shift", _P), ("alpha", _P),
-                ("beta", _P), ("gamma", _P), ("dx", _P), ("dz", _P), *_SHAPE, ("slope", _F64), ("output", _I32),
-                *_LAYOUT_THREADS]
+                ("beta", _P), ("gamma", _P), ("dx", _P), ("dz", _P), *_SHAPE, ("slope", _F64), ("act_alpha", _F64),
+                ("act", _I32), ("output", _I32), *_LAYOUT_THREADS]
 
 
 # Each entry point bn_<kind>_f32 / bn_<kind>_f64: its argument struct and its return type.
@@ -550,7 +551,7 @@ ENTRY_POINTS = {
     "masked_bwd": (MaskedBwdArgs, None),
     "act_fwd": (ActFwdArgs, None),
     "act_sums": (ActSumsArgs, ctypes.c_int),
-    "act_dx": (ActDxArgs, None),
+    "act_dx": (ActDxArgs, ctypes.c_int),
 }
 
 

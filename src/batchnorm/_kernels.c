@@ -15,8 +15,10 @@
  *   affine  one read, one write      -> y = a[c] * x + b[c]
  *   sums    one read of dy and x     -> sum dy and sum dy * (x - mean[c])
  *   dx      two reads, one write     -> dx = alpha[c] * dy + beta[c] * x + gamma[c]
- * BN + a piecewise-linear activation (+ a residual), for batchnorm.act: bn_act_fwd,
- * bn_act_sums, bn_act_dx (their section below says what each reads and writes).
+ * BN + an activation (+ a residual), for batchnorm.act: bn_act_fwd, bn_act_sums, bn_act_dx
+ * (their section below says what each reads and writes), for the piecewise-linear
+ * activations and the smooth ones (elu, silu, gelu), whose exp, expm1, log1p and normal cdf
+ * are written here as polynomials that vectorize (no libm call inside the loops).
  * Two small per-channel helpers: bn_check_stats checks statistics computed elsewhere (torch's
  * kernel); bn_lerp moves two buffers toward two targets by one weight (torch's lerp formula)
  * and increments a counter, the arithmetic of batchnorm._stats.update_running_stats, the one
@@ -1446,23 +1448,275 @@ DEFINE_LERP(double, f64, fma)
 #undef DEFINE_LERP
 
 /* ---------------------------------------------------------------------------------------
- * BN + a piecewise-linear activation, after an optional residual add (batchnorm.act):
- * act(z) = z for z > 0, slope * z otherwise (identity: slope 1; leaky ReLU; ReLU: slope 0,
- * where act(z) is 0 for z <= 0 and NaN stays NaN, as torch.relu; its derivative is 0 there,
- * so a NaN gradient is not spread where ReLU cut it off, as torch's threshold_backward).
+ * The smooth activations' elementary functions (elu, silu, gelu, for the kernels below), in
+ * plain C that gcc vectorizes inside those kernels' loops: no libm call (no libmvec either),
+ * no branch (selects), and IEEE arithmetic throughout (no -ffast-math: NaN in, NaN out).
+ *
+ *   exp(hi + lo): x = hi + lo = k ln2 + r with k = round(x / ln2) by the shift trick (adding
+ *     1.5 * 2^52, resp. 2^23, and subtracting it again) and r = hi - k ln2 + lo by two fmas
+ *     (ln2 as a sum of two values: Cody and Waite), |r| <= ln2 / 2; exp(r) = 1 + expm1(r) with
+ *     expm1's Taylor polynomial (degree 13 in double, 7 in float: truncation below 2^-60 resp.
+ *     2^-27 of the result); then times 2^k as two factors 2^k1 * 2^k2, their exponent bits
+ *     taken from k + bias + the shift (no float-to-int conversion, which NaN would not
+ *     survive), so that a result in the subnormal range is rounded once and the overflow to
+ *     +inf comes where the exact value passes the largest finite one. ``lo`` carries the
+ *     low part of an argument that one value cannot hold exactly (gelu's -z^2/2).
+ *   expm1(x) for x <= 0: 2^k * expm1(r) + (2^k - 1), one fma; for |x| < ln2 / 2 (k = 0) the
+ *     polynomial itself, so expm1(x) = x for tiny x (not exp(x) - 1, which cancels).
+ *   Phi(z), the standard normal cdf (gelu's), as erfc(|z| / sqrt 2) / 2 below zero and
+ *     1 - erfc(|z| / sqrt 2) / 2 above (no 1 + erf(z / sqrt 2), which cancels for z < 0):
+ *     erfc(x) = t exp(-x^2) g(y), t = 4 / (4 + x), y = 2t - 1 in (-1, 1], with g(y) =
+ *     erfc(x) exp(x^2) / t (between 0.14 and 1, analytic on [-1, 1]) a polynomial in y: the
+ *     power form of g's Chebyshev series truncated below 3e-18 (double, 25 terms) resp. 3e-10
+ *     (float, 14 terms), computed with mpmath (the sum of the coefficients' magnitudes is 1.0,
+ *     so Horner's rule loses nothing to cancellation). x^2 = z^2 / 2 enters exp as an exact
+ *     pair (z*z and fma(z, z, -z*z)): rounded, it would cost up to 2^-53 * 800 of relative
+ *     accuracy in the tail. |z| is clamped at 40 (double) / 15 (float), beyond which erfc
+ *     underflows to 0 anyway; ``pdf`` receives phi(z) = exp(-z^2/2) / sqrt(2 pi).
+ *   gelu(z) = z Phi(z), below zero with z inside exp's factor (a subnormal result rounded once).
+ * Measured against mpmath (40 digits) over normal, uniform, tiny and tail inputs: exp, expm1,
+ * elu, silu within 1.7 ulp, gelu within 5.4 ulp (double and float, subnormal results
+ * included); silu' and gelu' near their zeros lose relative accuracy to cancellation, as
+ * torch's formulas do (absolute error a few ulp of 1). Torch's own float gelu is about 1e-7
+ * absolute off (its erf), so float gelu differs from torch by up to that much. The tanh
+ * gelu z / (1 + exp(-2u)) carries u's rounding, amplified by 2|u| in exp (as torch's tanh
+ * form does); results below the smallest normal number may come out as 0 there and in silu
+ * (exp(-z) overflowing first, as in torch's z / (1 + exp(-z))).
+ * ------------------------------------------------------------------------------------- */
+#define SM_SHIFT_f64 0x1.8p52
+#define SM_BIASED_f64 (0x1.8p52 + 1023.0)
+#define SM_MBITS_f64 52
+#define SM_LOG2E_f64 0x1.71547652b82fep+0
+#define SM_LN2HI_f64 0x1.62e42fefa39efp-1
+#define SM_LN2LO_f64 0x1.abc9e3b39803fp-56
+#define SM_EXP_MAX_f64 710.0  /* exp(710) overflows */
+#define SM_EXP_MIN_f64 -746.0 /* exp(-746) is below half the smallest subnormal */
+#define SM_EM1_MIN_f64 -40.0  /* expm1(-40) rounds to -1 */
+#define SM_ZMAX_f64 40.0      /* erfc(40 / sqrt 2) underflows */
+#define SM_ONE_f64 0x3ff0000000000000u  /* bits of 1.0 */
+#define SM_SQRTH_f64 0x3fe6a09e667f3bcdu  /* bits of sqrt(1/2) */
+#define SM_MANT_f64 0x000fffffffffffffu
+#define SM_I2F_f64 0x4330000000000000u   /* bits of 2^52 */
+#define SM_TWO52_f64 0x1p52
+#define SM_BIAS_f64 1023.0
+#define SM_GELU_INF_NAN_f64 0           /* torch: gelu(+inf) = +inf in double */
+#define SM_SHIFT_f32 0x1.8p23f
+#define SM_BIASED_f32 (0x1.8p23f + 127.0f)
+#define SM_MBITS_f32 23
+#define SM_LOG2E_f32 0x1.715476p+0f
+#define SM_LN2HI_f32 0x1.62e430p-1f
+#define SM_LN2LO_f32 -0x1.05c610p-29f
+#define SM_EXP_MAX_f32 89.0f
+#define SM_EXP_MIN_f32 -104.0f
+#define SM_EM1_MIN_f32 -20.0f
+#define SM_ZMAX_f32 15.0f
+#define SM_ONE_f32 0x3f800000u
+#define SM_SQRTH_f32 0x3f3504f3u
+#define SM_MANT_f32 0x007fffffu
+#define SM_I2F_f32 0x4b000000u
+#define SM_TWO52_f32 0x1p23f
+#define SM_BIAS_f32 127.0f
+#define SM_GELU_INF_NAN_f32 1           /* torch: gelu(+inf) = NaN in float (its float kernel's quirk) */
+
+/* expm1(r) / r^2 - 1/(2r)... precisely: expm1(r) = r + r^2 * (c[0] + r * (c[1] + ...)) */
+static const double sm_em1_f64[] = {
+    0x1.0000000000000p-1, 0x1.5555555555555p-3, 0x1.5555555555555p-5, 0x1.1111111111111p-7,
+    0x1.6c16c16c16c17p-10, 0x1.a01a01a01a01ap-13, 0x1.a01a01a01a01ap-16, 0x1.71de3a556c734p-19,
+    0x1.27e4fb7789f5cp-22, 0x1.ae64567f544e4p-26, 0x1.1eed8eff8d898p-29, 0x1.6124613a86d09p-33};
+static const float sm_em1_f32[] = {
+    0.5f, 0.1666666716337204f, 0.0416666679084301f, 0.008333333767950535f, 0.0013888889225199819f,
+    0.00019841270113829523f};
+/* atanh(s) / s = 1 + s^2 * (c[0] + s^2 * (c[1] + ...)): the Taylor series, |s| <= 0.172 */
+static const double sm_atanh_f64[] = {
+    0x1.5555555555555p-2, 0x1.999999999999ap-3, 0x1.2492492492492p-3, 0x1.c71c71c71c71cp-4,
+    0x1.745d1745d1746p-4, 0x1.3b13b13b13b14p-4, 0x1.1111111111111p-4, 0x1.e1e1e1e1e1e1ep-5,
+    0x1.af286bca1af28p-5, 0x1.8618618618618p-5, 0x1.642c8590b2164p-5, 0x1.47ae147ae147bp-5};
+static const float sm_atanh_f32[] = {
+    0.3333333432674408f, 0.20000000298023224f, 0.1428571492433548f, 0.1111111119389534f,
+    0.09090909361839294f, 0.07692307978868484f};
+/* g(y) = sum c[j] y^j (see above) */
+static const double sm_erfc_f64[] = {
+    0x1.18932bf08e154p-2, 0x1.f3fe31ecb49bfp-3, 0x1.8be202d26c703p-3, 0x1.14eacb1ad0338p-3,
+    0x1.52cac2371027fp-4, 0x1.645fd8a4bc0a9p-5, 0x1.38dbd2c8dcb0dp-6, 0x1.b00c052c4b4b1p-8,
+    0x1.908f4726f62a1p-10, 0x1.269b51c88dd2bp-14, -0x1.dd284577fc490p-14, -0x1.72cda1c4caed1p-15,
+    -0x1.e7eb7d76c6ff8p-21, 0x1.3c6de5abf5920p-18, 0x1.3b12b04d7339cp-20, -0x1.7e212f0928219p-22,
+    -0x1.c71dc9db1a68ap-23, 0x1.3f8d23aac035bp-26, 0x1.10440b059fc9ep-25, 0x1.2fc6bb0595015p-34,
+    -0x1.36e7087b1380dp-28, -0x1.83d8a52d1338ap-33, 0x1.39acb48918bb0p-31, 0x1.50943359c9b4cp-36,
+    -0x1.89f4a39b7844ep-35};
+static const float sm_erfc_f32[] = {
+    0.2739989161491394f, 0.24413718283176422f, 0.19330216944217682f, 0.1352134644985199f,
+    0.08271301537752151f, 0.043502628803253174f, 0.01909465342760086f, 0.006593022961169481f,
+    0.0015301777748391032f, 6.897650746395811e-05f, -0.00011717303277691826f, -4.251156860846095e-05f,
+    1.941487198564573e-06f, 3.5362454582354985e-06f};
+
+/* The activation codes of bn_act_*_args.act. */
+#define ACT_LINEAR 0     /* z > 0 ? z : slope * z: identity (slope 1), relu (0), leaky_relu */
+#define ACT_ELU 1        /* z > 0 ? z : alpha * expm1(z) */
+#define ACT_SILU 2       /* z / (1 + exp(-z)), as torch computes it */
+#define ACT_GELU 3       /* z * Phi(z) (approximate="none") */
+#define ACT_GELU_TANH 4  /* z * (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) / 2 */
+
+#define SM_INLINE static inline __attribute__((always_inline))
+#define SM_HORNER(FMA, c, x, p)                                                                  \
+    do {                                                                                         \
+        const int nc_ = (int)(sizeof c / sizeof c[0]);                                           \
+        p = c[nc_ - 1];                                                                          \
+        _Pragma("GCC unroll 32")                                                                 \
+        for (int j_ = nc_ - 2; j_ >= 0; j_--) p = FMA(p, x, c[j_]);                              \
+    } while (0)
+
+#define DEFINE_SMOOTH(T, SUF, U, FMA)                                                            \
+/* 2^k for an integer-valued k of the normal exponent range */                                   \
+SM_INLINE T sm_pow2_##SUF(T k) {                                                                 \
+    T v = k + SM_BIASED_##SUF;                                                                   \
+    U u;                                                                                         \
+    memcpy(&u, &v, sizeof u);                                                                    \
+    u <<= SM_MBITS_##SUF;                                                                        \
+    memcpy(&v, &u, sizeof v);                                                                    \
+    return v;                                                                                    \
+}                                                                                                \
+                                                                                                 \
+/* expm1(r) for |r| <= ln2 / 2 */                                                                \
+SM_INLINE T sm_em1_poly_##SUF(T r) {                                                             \
+    T p;                                                                                         \
+    SM_HORNER(FMA, sm_em1_##SUF, r, p);                                                          \
+    return FMA(p, r * r, r);                                                                     \
+}                                                                                                \
+                                                                                                 \
+/* f * exp(hi + lo), has_lo a constant (0: f * exp(hi)), |lo| <= 2, |f| <= 2^8: f is applied     \
+ * before the last scaling, so that a result in the subnormal range is rounded once. Computed    \
+ * for every argument, then +inf above SM_EXP_MAX and f * 0 below SM_EXP_MIN selected (there     \
+ * k would leave the exponent range; f * 0 keeps f's sign, and is NaN for an infinite f); NaN    \
+ * propagates through the arithmetic. */                                                         \
+SM_INLINE T sm_exp2_##SUF(T hi, T lo, const int has_lo, T f) {                                   \
+    const T x = has_lo ? hi + lo : hi;                                                           \
+    const T k = FMA(x, SM_LOG2E_##SUF, SM_SHIFT_##SUF) - SM_SHIFT_##SUF;                         \
+    T r = FMA(-k, SM_LN2LO_##SUF, FMA(-k, SM_LN2HI_##SUF, hi));                                  \
+    if (has_lo) r += lo;                                                                         \
+    const T k1 = (k * (T)0.5 + SM_SHIFT_##SUF) - SM_SHIFT_##SUF, k2 = k - k1;                    \
+    const T y = ((((T)1 + sm_em1_poly_##SUF(r)) * f) * sm_pow2_##SUF(k1)) * sm_pow2_##SUF(k2);   \
+    return x > SM_EXP_MAX_##SUF ? (T)INFINITY : (x < SM_EXP_MIN_##SUF ? f * (T)0 : y);           \
+}                                                                                                \
+                                                                                                 \
+SM_INLINE T sm_exp_##SUF(T x) { return sm_exp2_##SUF(x, 0, 0, 1); }                              \
+                                                                                                 \
+/* expm1(x) for x <= 0 (a larger x gives expm1(0) = 0) */                                        \
+SM_INLINE T sm_expm1_##SUF(T x) {                                                                \
+    x = x > 0 ? (T)0 : x;                                                                        \
+    x = x < SM_EM1_MIN_##SUF ? SM_EM1_MIN_##SUF : x;                                             \
+    const T k = FMA(x, SM_LOG2E_##SUF, SM_SHIFT_##SUF) - SM_SHIFT_##SUF;                         \
+    const T r = FMA(-k, SM_LN2LO_##SUF, FMA(-k, SM_LN2HI_##SUF, x));                             \
+    const T s = sm_pow2_##SUF(k);                                                                \
+    return FMA(s, sm_em1_poly_##SUF(r), s - (T)1);                                               \
+}                                                                                                \
+                                                                                                 \
+/* erfc(|z| / sqrt 2) / 2 = exp(hi + lo) * (the value returned), hi + lo = -z^2/2 exactly */     \
+SM_INLINE T sm_half_erfc_##SUF(T z, T *hi, T *lo) {                                              \
+    T zc = z > SM_ZMAX_##SUF ? SM_ZMAX_##SUF : z;                                                \
+    zc = zc < -SM_ZMAX_##SUF ? -SM_ZMAX_##SUF : zc;                                              \
+    const T x = (zc < 0 ? -zc : zc) * (T)0x1.6a09e667f3bcdp-1;   /* |z| / sqrt 2 */              \
+    const T q = (T)1 / ((T)4 + x), t = (T)4 * q, y = ((T)4 - x) * q;                             \
+    T g;                                                                                         \
+    SM_HORNER(FMA, sm_erfc_##SUF, y, g);                                                         \
+    const T zz = zc * zc;                                                                        \
+    *hi = zz * (T)-0.5;                                                                          \
+    *lo = FMA(zc, zc, -zz) * (T)-0.5;                                                            \
+    return (T)0.5 * (t * g);                                                                     \
+}                                                                                                \
+                                                                                                 \
+/* Phi(z); *pdf = phi(z) */                                                                      \
+SM_INLINE T sm_phi_##SUF(T z, T *pdf) {                                                          \
+    T hi, lo;                                                                                    \
+    const T f = sm_half_erfc_##SUF(z, &hi, &lo), half_erfc = sm_exp2_##SUF(hi, lo, 1, f);        \
+    *pdf = sm_exp2_##SUF(hi, lo, 1, (T)0x1.9884533d43651p-2);                                    \
+    return z < 0 ? half_erfc : (T)1 - half_erfc;                                                 \
+}                                                                                                \
+                                                                                                 \
+/* gelu(z) = z Phi(z); below zero z enters exp's factor (a subnormal result rounded once) */     \
+SM_INLINE T sm_gelu_##SUF(T z) {                                                                 \
+    T hi, lo;                                                                                    \
+    const T f = sm_half_erfc_##SUF(z, &hi, &lo);                                                 \
+    const T neg = sm_exp2_##SUF(hi, lo, 1, f * z), pos = z * ((T)1 - sm_exp2_##SUF(hi, lo, 1, f)); \
+    return z < 0 ? neg : pos;                                                                    \
+}                                                                                                \
+                                                                                                 \
+/* log1p(w) for w in [-1, 1] (in-place elu's z = log1p(y / alpha)): u = 1 + w = 2^k m with m     \
+ * in [sqrt(1/2), sqrt 2) (exponent and mantissa from the bits), log m = 2 atanh((m-1)/(m+1)),   \
+ * plus (w - (u - 1)) / u for the rounding of 1 + w; -inf at -1, NaN for NaN. */                 \
+SM_INLINE T sm_log1p_##SUF(T w) {                                                                \
+    const T u = (T)1 + w;                                                                        \
+    U b;                                                                                         \
+    memcpy(&b, &u, sizeof b);                                                                    \
+    b += SM_ONE_##SUF - SM_SQRTH_##SUF;          /* the exponent of u / sqrt(1/2) */             \
+    U e = (b >> SM_MBITS_##SUF) | SM_I2F_##SUF, mb = (b & SM_MANT_##SUF) + SM_SQRTH_##SUF;       \
+    T kf, m;                                                                                     \
+    memcpy(&kf, &e, sizeof kf);                                                                  \
+    memcpy(&m, &mb, sizeof m);                                                                   \
+    kf = (kf - SM_TWO52_##SUF) - SM_BIAS_##SUF;                                                  \
+    const T f = m - (T)1, s = f / ((T)2 + f), s2 = s * s;                                        \
+    T p;                                                                                         \
+    SM_HORNER(FMA, sm_atanh_##SUF, s2, p);                                                       \
+    const T c = (w - (u - (T)1)) / u;                                                            \
+    const T lg = FMA(kf, SM_LN2HI_##SUF, FMA(kf, SM_LN2LO_##SUF, c) + FMA((T)2 * s * s2, p, (T)2 * s)); \
+    return u > 0 ? lg : (w == w ? -(T)INFINITY : w);                                             \
+}                                                                                                \
+                                                                                                 \
+/* The activations (kind: ACT_*, a constant where inlined) and their derivatives. */             \
+SM_INLINE T sm_act_##SUF(const int kind, T z, T al) {                                            \
+    if (kind == ACT_ELU) return !(z <= 0) ? z : al * sm_expm1_##SUF(z);                          \
+    if (kind == ACT_SILU) return z / ((T)1 + sm_exp_##SUF(-z));                                  \
+    if (kind == ACT_GELU) {                                                                      \
+        const T y = sm_gelu_##SUF(z);                                                            \
+        return SM_GELU_INF_NAN_##SUF && z == (T)INFINITY ? z - z : y;                            \
+    }                                                                                            \
+    /* ACT_GELU_TANH: z (1 + tanh u) / 2 = z / (1 + exp(-2u)), u = sqrt(2/pi) (z + 0.044715 z^3) */ \
+    const T u = (T)0x1.9884533d43651p-1 * FMA((T)0.044715 * z, z * z, z);                        \
+    return z / ((T)1 + sm_exp_##SUF((T)-2 * u));                                                 \
+}                                                                                                \
+                                                                                                 \
+SM_INLINE T sm_grad_##SUF(const int kind, T z, T al) {                                           \
+    if (kind == ACT_ELU) return z > 0 ? (T)1 : al * sm_exp_##SUF(z);   /* NaN: NaN */            \
+    if (kind == ACT_SILU) {                                                                      \
+        const T s = (T)1 / ((T)1 + sm_exp_##SUF(-z));                                            \
+        return s * ((T)1 + z * ((T)1 - s));                                                      \
+    }                                                                                            \
+    if (kind == ACT_GELU) {                                                                      \
+        T pdf;                                                                                   \
+        const T c = sm_phi_##SUF(z, &pdf);                                                       \
+        return c + z * pdf;                                                                      \
+    }                                                                                            \
+    const T zz = z * z, u = (T)0x1.9884533d43651p-1 * FMA((T)0.044715 * z, zz, z);               \
+    const T s = (T)1 / ((T)1 + sm_exp_##SUF((T)-2 * u));                                         \
+    return s + (T)2 * z * s * ((T)1 - s) * (T)0x1.9884533d43651p-1 * FMA((T)(3 * 0.044715), zz, (T)1); \
+}
+
+DEFINE_SMOOTH(float, f32, uint32_t, fmaf)
+DEFINE_SMOOTH(double, f64, uint64_t, fma)
+
+/* ---------------------------------------------------------------------------------------
+ * BN + an activation, after an optional residual add (batchnorm.act). The activation is
+ * `act` (ACT_* above): piecewise linear, act(z) = z for z > 0, slope * z otherwise
+ * (identity: slope 1; leaky ReLU; ReLU: slope 0, where act(z) is 0 for z <= 0 and NaN stays
+ * NaN, as torch.relu; its derivative is 0 there, so a NaN gradient is not spread where ReLU
+ * cut it off, as torch's threshold_backward), or a smooth one (elu with alpha, silu, gelu
+ * with erf or tanh), computed by the functions of the section above with torch's NaN and
+ * Inf results.
  *   act_fwd   reads x (and r), writes y = act(z) with z = fma(a[c], x, b[c]) (+ r), and
- *             where asked the bytes mask = (z > 0); y may be x itself (the in-place mode)
+ *             where asked (piecewise linear) the bytes mask = (z > 0); y may be x itself (the
+ *             in-place mode: piecewise linear or elu)
  *   act_sums  reads dy and v (and the mask or r) -> sum dz and sum dz * (u - mu[c]) per
  *             channel, dz = dy * act'(z)
  *   act_dx    reads the same -> dx = al[c] * dz + be[c] * u + ga[c], and dz itself (the
  *             residual's gradient) where asked
  * v is what the forward saved. Out of place it is x, and u = x; act'(z) is recomputed from
  * x (z = fma(a, x, b) is one rounding in both directions, the same value from a vector or a
- * scalar instruction, so the backward finds the forward's sign exactly), or, where a
- * residual was added, read from the forward's mask (a byte per value: cheaper than reading
- * the residual again twice). In place (output != 0, slope > 0) v is the output y, whose
- * sign is z's, and u = z - r = act^-1(y) - r (In-Place ABN: the normalized value is
- * recovered from the output, x having been overwritten).
+ * scalar instruction, so the backward finds the forward's z exactly), and where a residual
+ * was added, from the forward's mask (piecewise linear: a byte per value, cheaper than
+ * reading the residual again twice) or from x and r (smooth: z = fma(a, x, b) + r, again
+ * the forward's value exactly; the caller keeps r). In place (output != 0; slope > 0, or
+ * elu with alpha > 0) v is the output y, whose sign is z's, and u = z - r = act^-1(y) - r
+ * (In-Place ABN: the normalized value is recovered from the output, x having been
+ * overwritten; for elu z = log1p(y / alpha) and act'(z) = y + alpha where y <= 0).
  * ------------------------------------------------------------------------------------- */
 struct bn_act_fwd_args {
     const void *x, *r;         /* r: laid out like x, or NULL */
@@ -1470,20 +1724,22 @@ struct bn_act_fwd_args {
     void *mask;                /* uint8 laid out like x, or NULL: not written */
     const void *scale, *shift; /* a, b: c each */
     int64_t n, c, s;
-    double slope;
-    int32_t cl, nt;
+    double slope, act_alpha;   /* piecewise linear's slope; elu's alpha */
+    int32_t act, cl, nt;       /* act: ACT_* */
 };
 
 struct bn_act_sums_args {
     const void *dy, *v;        /* dy laid out like v */
     const void *mask;          /* out of place: the forward's mask, or NULL (sign from x) */
-    const void *r;             /* in place: the residual, or NULL */
+    const void *r;             /* the residual (in place; smooth out of place), or NULL */
     const void *scale, *shift; /* out of place: the forward's a, b */
     const void *mu;            /* the centre of the second sum */
     void *sum_dz, *sum_dzu;    /* out: c doubles each */
+    void *dz;                  /* out: dz laid out like v; required for a smooth act out of place
+                                * (whose dx then takes bn_dx), NULL otherwise */
     int64_t n, c, s;
-    double slope;
-    int32_t output, cl, nt;    /* output: v is the in-place output */
+    double slope, act_alpha;
+    int32_t act, output, cl, nt; /* output: v is the in-place output */
 };
 
 struct bn_act_dx_args {
@@ -1492,83 +1748,138 @@ struct bn_act_dx_args {
     const void *alpha, *beta, *gamma; /* the coefficients of dz, u and 1 */
     void *dx, *dz;             /* out (laid out like v): either may be NULL */
     int64_t n, c, s;
-    double slope;
-    int32_t output, cl, nt;
+    double slope, act_alpha;
+    int32_t act, output, cl, nt;
 };
 
 #define ACT_FLUSH 1024  /* values per float lane before it is added into a double */
 
-/* pos (z > 0), dz and u of value i inside a span whose variables are g, v, m, r, a, b,
- * vec, sl, isl, zero and the constants output, has_m, has_r. */
-#define ACT_VALUE(T, FMA, i)                                                                     \
+/* What the backward kernels take: a known act; in place (output) only the invertible ones
+ * (piecewise linear, elu); a smooth act out of place only in act_sums, with dz written (its dx
+ * is then bn_dx's dx = al * dz + be * x + ga: act'(z), the costly part, once per backward). */
+static inline int act_args_ok(int act, int output, int has_dz, int sums) {
+    if (act < ACT_LINEAR || act > ACT_GELU_TANH) return 0;
+    if (act == ACT_LINEAR) return !has_dz;
+    if (output) return act == ACT_ELU && !has_dz;
+    return sums && has_dz;
+}
+
+/* d = dz and u of value i inside a span whose variables are g, v, m, r, a, b, vec, sl, isl,
+ * zero, al and the constants kind, output, has_m, has_r. */
+#define ACT_VALUE(T, SUF, FMA, i)                                                                \
     const T vi = v[i];                                                                           \
-    const int pos = output ? vi > 0                                                              \
-                  : has_m ? m[i] != 0 : FMA(vec ? a[i] : a[0], vi, vec ? b[i] : b[0]) > 0;       \
-    const T d = pos ? g[i] : (zero ? (T)0 : sl * g[i]);                                          \
-    T u = output ? (pos ? vi : vi * isl) : vi;                                                   \
-    if (output && has_r) u -= r[i];
+    T d, u;                                                                                      \
+    if (kind == ACT_LINEAR) {                                                                    \
+        const int pos = output ? vi > 0                                                          \
+                      : has_m ? m[i] != 0 : FMA(vec ? a[i] : a[0], vi, vec ? b[i] : b[0]) > 0;   \
+        d = pos ? g[i] : (zero ? (T)0 : sl * g[i]);                                              \
+        u = output ? (pos ? vi : vi * isl) : vi;                                                 \
+        if (output && has_r) u -= r[i];                                                          \
+    } else if (output) { /* elu in place: isl = 1 / alpha */                                     \
+        const int pos = vi > 0;                                                                  \
+        d = g[i] * (pos ? (T)1 : vi + al);                                                       \
+        u = pos ? vi : sm_log1p_##SUF(vi * isl);                                                 \
+        if (has_r) u -= r[i];                                                                    \
+    } else {                                                                                     \
+        T z = FMA(vec ? a[i] : a[0], vi, vec ? b[i] : b[0]);                                     \
+        if (has_r) z += r[i];                                                                    \
+        d = g[i] * sm_grad_##SUF(kind, z, al);                                                   \
+        u = vi;                                                                                  \
+    }
 
 /* act_dx's span instances by what is read (output, mask, residual) and written (dx, dz),
- * inside act_dx_task (its variables). */                   \
-#define ACT_DX_OUT(SUF, VEC, Z, O, M, R)                                                              \
-    if (dx && dz) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, Z, O, M, R, 1, 1); \
-    else if (dx) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, Z, O, M, R, 1, 0); \
-    else act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, Z, O, M, R, 0, 1);
-#define ACT_DX_ALL(SUF, VEC)                                                                          \
-    if (output && r) { ACT_DX_OUT(SUF, VEC, 0, 1, 0, 1) }                                             \
-    else if (output) { ACT_DX_OUT(SUF, VEC, 0, 1, 0, 0) }                                             \
-    else if (m && zero) { ACT_DX_OUT(SUF, VEC, 1, 0, 1, 0) }                                          \
-    else if (m) { ACT_DX_OUT(SUF, VEC, 0, 0, 1, 0) }                                                  \
-    else if (zero) { ACT_DX_OUT(SUF, VEC, 1, 0, 0, 0) }                                               \
-    else { ACT_DX_OUT(SUF, VEC, 0, 0, 0, 0) }
+ * inside act_dx_task (its variables); K: the activation (a constant). */
+#define ACT_DX_OUT(SUF, VEC, K, Z, O, M, R)                                                      \
+    if (dx && dz) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, ea, Z, O, M, R, 1, 1, K); \
+    else if (dx) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, ea, Z, O, M, R, 1, 0, K); \
+    else act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, ea, Z, O, M, R, 0, 1, K);
+#define ACT_DX_LINEAR(SUF, VEC)                                                                  \
+    if (output && r) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 0, 1, 0, 1) }                            \
+    else if (output) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 0, 1, 0, 0) }                            \
+    else if (m && zero) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 1, 0, 1, 0) }                         \
+    else if (m) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 0, 0, 1, 0) }                                 \
+    else if (zero) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 1, 0, 0, 0) }                              \
+    else { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 0, 0, 0, 0) }
+/* the smooth kinds: elu in place only (act_args_ok) */
+#define ACT_DX_ALL(SUF, VEC)                                                                     \
+    if (kind == ACT_ELU && r) { ACT_DX_OUT(SUF, VEC, ACT_ELU, 0, 1, 0, 1) }                      \
+    else if (kind == ACT_ELU) { ACT_DX_OUT(SUF, VEC, ACT_ELU, 0, 1, 0, 0) }                      \
+    else { ACT_DX_LINEAR(SUF, VEC) }
+
+/* act_sums' span (rows) or row (channels-innermost) instances, inside act_sums_any. */
+#define ACT_SUMS_CALL(SUF, K, Z, O, M, R, D)                                                     \
+    if (rows) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, al, Z, l1, l2, dz, O, M, R, D, K); \
+    else act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, al, Z, l1, l2, dz, O, M, R, D, K);
+/* smooth: in place (elu) as the piecewise-linear kind; out of place dz is written too */
+#define ACT_SUMS_SMOOTH(SUF, K)                                                                  \
+    if (K == ACT_ELU && output && r) { ACT_SUMS_CALL(SUF, K, 0, 1, 0, 1, 0) }                    \
+    else if (K == ACT_ELU && output) { ACT_SUMS_CALL(SUF, K, 0, 1, 0, 0, 0) }                    \
+    else if (r) { ACT_SUMS_CALL(SUF, K, 0, 0, 0, 1, 1) }                                         \
+    else { ACT_SUMS_CALL(SUF, K, 0, 0, 0, 0, 1) }
 
 #define DEFINE_ACT(T, SUF, FMA, L)                                                               \
                                                                                                  \
+/* z -> act(z) for a constant kind (piecewise linear: slope sl, zero for ReLU). */               \
+SM_INLINE T act_apply_##SUF(const int kind, T z, T sl, const int zero, T al) {                   \
+    return kind == ACT_LINEAR ? (!(z <= 0) ? z : (zero ? (T)0 : sl * z)) : sm_act_##SUF(kind, z, al); \
+}                                                                                                \
+                                                                                                 \
 /* One span of n values; per-channel a, b either one value (vec 0) or n of them (vec 1). */      \
 static inline __attribute__((always_inline)) void act_fwd_span_##SUF(                            \
-        const T *restrict x, const T *restrict r, T *restrict y, uint8_t *restrict m, int64_t n,  \
+        const T *restrict x, const T *restrict r, T *restrict y, uint8_t *restrict m, int64_t n, \
         const T *restrict a, const T *restrict b, const int vec, T sl, const int zero,           \
-        const int has_r, const int has_m) {                                                      \
+        const int has_r, const int has_m, const int kind, T al) {                                \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < n; i++) {                                                            \
         T z = FMA(vec ? a[i] : a[0], x[i], vec ? b[i] : b[0]);                                   \
         if (has_r) z += r[i];                                                                    \
-        y[i] = !(z <= 0) ? z : (zero ? (T)0 : sl * z);                                           \
+        y[i] = act_apply_##SUF(kind, z, sl, zero, al);                                           \
         if (has_m) m[i] = z > 0;                                                                 \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* The same with y written over x (one pointer: no aliasing for the compiler to fear). */       \
+/* The same with y written over x (one pointer: no aliasing for the compiler to fear). */        \
 static inline __attribute__((always_inline)) void act_fwd_inplace_span_##SUF(                    \
         T *restrict xy, const T *restrict r, int64_t n, const T *restrict a, const T *restrict b, \
-        const int vec, T sl, const int zero, const int has_r) {                                  \
+        const int vec, T sl, const int zero, const int has_r, const int kind, T al) {            \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < n; i++) {                                                            \
         T z = FMA(vec ? a[i] : a[0], xy[i], vec ? b[i] : b[0]);                                  \
         if (has_r) z += r[i];                                                                    \
-        xy[i] = !(z <= 0) ? z : (zero ? (T)0 : sl * z);                                          \
+        xy[i] = act_apply_##SUF(kind, z, sl, zero, al);                                          \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
+/* Masks for the piecewise-linear kind only; in place for it and elu, the invertible ones (the   \
+ * Python side asks for no other in place; were y == x for another, the out-of-place loop        \
+ * would still read each x[i] before writing y[i]). */                                           \
 static inline __attribute__((always_inline)) void act_fwd_sel_##SUF(                             \
         const T *x, const T *r, T *y, uint8_t *m, int64_t n, const T *a, const T *b, const int vec, \
-        T sl, const int zero) {                                                                  \
-    if (y == x) {                                                                                \
-        if (r) act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 1);                      \
-        else act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 0);                        \
+        T sl, const int zero, const int kind, T al) {                                            \
+    const int lin = kind == ACT_LINEAR;                                                          \
+    if (y == x && (lin || kind == ACT_ELU)) {                                                    \
+        if (r) act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 1, kind, al);            \
+        else act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 0, kind, al);              \
     }                                                                                            \
-    else if (r && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 1);               \
-    else if (r) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 0);                    \
-    else if (m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 1);                    \
-    else act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 0);                           \
+    else if (lin && r && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 1, kind, al); \
+    else if (r) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 0, kind, al);          \
+    else if (lin && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 1, kind, al);   \
+    else act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 0, kind, al);                 \
 }                                                                                                \
                                                                                                  \
-/* zero (ReLU) as a constant of each instance: the loops stay branch-free selects */            \
+/* kind and zero (ReLU) as constants of each instance: the loops stay branch-free selects */     \
 static inline __attribute__((always_inline)) void act_fwd_any_##SUF(                             \
         const T *x, const T *r, T *y, uint8_t *m, int64_t n, const T *a, const T *b, const int vec, \
-        T sl, int zero) {                                                                        \
-    if (zero) act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 1);                                \
-    else act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0);                                     \
+        T sl, int zero, int kind, T al) {                                                        \
+    switch (kind) {                                                                              \
+    case ACT_ELU: act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_ELU, al); break;        \
+    case ACT_SILU: act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_SILU, al); break;      \
+    case ACT_GELU: act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_GELU, al); break;      \
+    case ACT_GELU_TANH: act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_GELU_TANH, al); break; \
+    default:                                                                                     \
+        if (zero) act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 1, ACT_LINEAR, al);            \
+        else act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_LINEAR, al);                 \
+    }                                                                                            \
 }                                                                                                \
                                                                                                  \
 static void act_fwd_task_##SUF(void *p, int t, int nt) {                                         \
@@ -1577,41 +1888,41 @@ static void act_fwd_task_##SUF(void *p, int t, int nt) {                        
     const T *B = (const T *)a->shift;                                                            \
     T *y = (T *)a->y;                                                                            \
     uint8_t *m = (uint8_t *)a->mask;                                                             \
-    const T sl = (T)a->slope;                                                                    \
-    const int zero = a->slope == 0.0;                                                            \
+    const T sl = (T)a->slope, al = (T)a->act_alpha;                                              \
+    const int zero = a->slope == 0.0, kind = a->act;                                             \
     const int64_t C = a->c, S = a->s, L_ = a->cl ? C : S;                                        \
     int64_t lo, hi;                                                                              \
     split(a->n * (a->cl ? S : C), t, nt, &lo, &hi);                                              \
     for (int64_t row = lo; row < hi; row++) {                                                    \
         const int64_t o = row * L_;                                                              \
         if (a->cl)                                                                               \
-            act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, C, A, B, 1, sl, zero); \
+            act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, C, A, B, 1, sl, zero, \
+                              kind, al);                                                         \
         else                                                                                     \
             act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, S, A + row % C,  \
-                              B + row % C, 0, sl, zero);                                         \
+                              B + row % C, 0, sl, zero, kind, al);                               \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* The knobs every backward span is instantiated for, as constants. */                           \
-struct act_how_##SUF { T sl, isl, mu; int zero; };                                               \
-                                                                                                 \
-/* Rows: one span of n values of one channel into lane accumulators l1, l2 (L each), which   \
+/* Rows: one span of n values of one channel into lane accumulators l1, l2 (L each), which       \
  * persist across the channel's rows (short rows cost no horizontal sums). */                    \
 static inline __attribute__((always_inline)) void act_sums_span_##SUF(                           \
         const T *restrict g, const T *restrict v, const uint8_t *restrict m, const T *restrict r, \
-        int64_t n, const T *restrict a, const T *restrict b, T mu, T sl, T isl, const int zero,  \
-        T *restrict l1, T *restrict l2, const int output, const int has_m, const int has_r) {    \
+        int64_t n, const T *restrict a, const T *restrict b, T mu, T sl, T isl, T al,            \
+        const int zero, T *restrict l1, T *restrict l2, T *restrict dz, const int output,        \
+        const int has_m, const int has_r, const int has_dz, const int kind) {                    \
     const int vec = 0;                                                                           \
     int64_t i = 0;                                                                               \
     if (has_m) {                                                                                 \
-        /* gcc leaves the lane loop scalar when it reads the byte mask (6x slower): one         \
+        /* gcc leaves the lane loop scalar when it reads the byte mask (6x slower): one          \
          * vectorized reduction over the span instead, its sums into lane 0 */                   \
         for (int64_t k0 = 0; k0 < n; k0 += ACT_FLUSH) {                                          \
             const int64_t k1 = k0 + ACT_FLUSH < n ? k0 + ACT_FLUSH : n;                          \
             T s1 = 0, s2 = 0;                                                                    \
             _Pragma("omp simd reduction(+:s1,s2)")                                               \
             for (int64_t k = k0; k < k1; k++) {                                                  \
-                ACT_VALUE(T, FMA, k)                                                             \
+                ACT_VALUE(T, SUF, FMA, k)                                                        \
+                if (has_dz) dz[k] = d;                                                           \
                 s1 += d;                                                                         \
                 s2 += d * (u - mu);                                                              \
             }                                                                                    \
@@ -1623,51 +1934,54 @@ static inline __attribute__((always_inline)) void act_sums_span_##SUF(          
     for (; i + L <= n; i += L) {                                                                 \
         _Pragma("omp simd")                                                                      \
         for (int l = 0; l < L; l++) {                                                            \
-            ACT_VALUE(T, FMA, i + l)                                                             \
+            ACT_VALUE(T, SUF, FMA, i + l)                                                        \
+            if (has_dz) dz[i + l] = d;                                                           \
             l1[l] += d;                                                                          \
             l2[l] += d * (u - mu);                                                               \
         }                                                                                        \
     }                                                                                            \
     for (int l = 0; i < n; i++, l++) {                                                           \
-        ACT_VALUE(T, FMA, i)                                                                     \
+        ACT_VALUE(T, SUF, FMA, i)                                                                \
+        if (has_dz) dz[i] = d;                                                                   \
         l1[l] += d;                                                                              \
         l2[l] += d * (u - mu);                                                                   \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* Channels-innermost: one row of C values added into float accumulators b1, b2. */             \
+/* Channels-innermost: one row of C values added into float accumulators b1, b2. */              \
 static inline __attribute__((always_inline)) void act_sums_row_##SUF(                            \
         const T *restrict g, const T *restrict v, const uint8_t *restrict m, const T *restrict r, \
         int64_t C, const T *restrict a, const T *restrict b, const T *restrict mu, T sl, T isl,  \
-        const int zero, T *restrict b1, T *restrict b2, const int output, const int has_m,       \
-        const int has_r) {                                                                       \
+        T al, const int zero, T *restrict b1, T *restrict b2, T *restrict dz, const int output,  \
+        const int has_m, const int has_r, const int has_dz, const int kind) {                    \
     const int vec = 1;                                                                           \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < C; i++) {                                                            \
-        ACT_VALUE(T, FMA, i)                                                                     \
+        ACT_VALUE(T, SUF, FMA, i)                                                                \
+        if (has_dz) dz[i] = d;                                                                   \
         b1[i] += d;                                                                              \
         b2[i] += d * (u - mu[i]);                                                                \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* Every instance of the two above the kernels need: zero, output, has_m, has_r constant. */     \
+/* Every instance of the two above the kernels need: kind, zero, output, has_m, has_r            \
+ * constant. */                                                                                  \
 static inline __attribute__((always_inline)) void act_sums_any_##SUF(                            \
-        const T *g, const T *v, const uint8_t *m, const T *r, int64_t n, const T *a, const T *b,  \
-        const T *mu, T sl, T isl, int zero, int output, T *l1, T *l2, const int rows) {          \
-    if (rows) {                                                                                  \
-        if (output && r) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 0, l1, l2, 1, 0, 1); \
-        else if (output) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 0, l1, l2, 1, 0, 0); \
-        else if (m && zero) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 1, l1, l2, 0, 1, 0); \
-        else if (m) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 0, l1, l2, 0, 1, 0); \
-        else if (zero) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 1, l1, l2, 0, 0, 0); \
-        else act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, 0, l1, l2, 0, 0, 0);       \
-    } else {                                                                                     \
-        if (output && r) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 0, l1, l2, 1, 0, 1); \
-        else if (output) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 0, l1, l2, 1, 0, 0); \
-        else if (m && zero) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 1, l1, l2, 0, 1, 0); \
-        else if (m) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 0, l1, l2, 0, 1, 0);    \
-        else if (zero) act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 1, l1, l2, 0, 0, 0); \
-        else act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, 0, l1, l2, 0, 0, 0);           \
+        const T *g, const T *v, const uint8_t *m, const T *r, int64_t n, const T *a, const T *b, \
+        const T *mu, T sl, T isl, T al, int zero, int output, int kind, T *l1, T *l2, T *dz,     \
+        const int rows) {                                                                        \
+    switch (kind) {                                                                              \
+    case ACT_ELU: ACT_SUMS_SMOOTH(SUF, ACT_ELU) break;                                           \
+    case ACT_SILU: ACT_SUMS_SMOOTH(SUF, ACT_SILU) break;                                         \
+    case ACT_GELU: ACT_SUMS_SMOOTH(SUF, ACT_GELU) break;                                         \
+    case ACT_GELU_TANH: ACT_SUMS_SMOOTH(SUF, ACT_GELU_TANH) break;                               \
+    default:                                                                                     \
+        if (output && r) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 0, 1, 0, 1, 0) }                       \
+        else if (output) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 0, 1, 0, 0, 0) }                       \
+        else if (m && zero) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 1, 0, 1, 0, 0) }                    \
+        else if (m) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 0, 0, 1, 0, 0) }                            \
+        else if (zero) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 1, 0, 0, 0, 0) }                         \
+        else { ACT_SUMS_CALL(SUF, ACT_LINEAR, 0, 0, 0, 0, 0) }                                   \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
@@ -1677,14 +1991,21 @@ struct act_job_##SUF {                                                          
     T *buf;         /* channels-innermost: 2 * C values per thread */                            \
 };                                                                                               \
                                                                                                  \
+/* The reciprocal of the in-place activation's parameter (slope or alpha), 0 out of place. */    \
+SM_INLINE T act_inverse_##SUF(int output, int kind, double slope, double alpha) {                \
+    return output ? (T)(1.0 / (kind == ACT_ELU ? alpha : slope)) : (T)0;                         \
+}                                                                                                \
+                                                                                                 \
 static void act_sums_task_##SUF(void *p, int t, int nt) {                                        \
     const struct act_job_##SUF *j = (const struct act_job_##SUF *)p;                             \
     const struct bn_act_sums_args *a = j->a;                                                     \
     const T *g = (const T *)a->dy, *v = (const T *)a->v, *r = (const T *)a->r;                   \
     const T *A = (const T *)a->scale, *B = (const T *)a->shift, *mu = (const T *)a->mu;          \
     const uint8_t *m = (const uint8_t *)a->mask;                                                 \
-    const T sl = (T)a->slope, isl = a->output ? (T)(1.0 / a->slope) : (T)0;                      \
-    const int zero = a->slope == 0.0, output = a->output != 0;                                   \
+    T *dz = (T *)a->dz;                                                                          \
+    const T sl = (T)a->slope, isl = act_inverse_##SUF(a->output, a->act, a->slope, a->act_alpha); \
+    const T al = (T)a->act_alpha;                                                                \
+    const int zero = a->slope == 0.0, output = a->output != 0, kind = a->act;                    \
     const int64_t N = a->n, C = a->c, S = a->s;                                                  \
     int64_t lo, hi;                                                                              \
     if (!a->cl) {                                                                                \
@@ -1698,8 +2019,8 @@ static void act_sums_task_##SUF(void *p, int t, int nt) {                       
             for (int64_t n = 0; n < N; n++) {                                                    \
                 const int64_t o = (n * C + c) * S;                                               \
                 act_sums_any_##SUF(g + o, v + o, m ? m + o : NULL, r ? r + o : NULL, S,          \
-                                   A ? A + c : NULL, B ? B + c : NULL, mu + c, sl, isl, zero,    \
-                                   output, l1, l2, 1);                                           \
+                                   A ? A + c : NULL, B ? B + c : NULL, mu + c, sl, isl, al, zero, \
+                                   output, kind, l1, l2, dz ? dz + o : NULL, 1);                 \
                 since += S / L + 1;                                                              \
                 if (since >= ACT_FLUSH || n == N - 1) {                                          \
                     for (int l = 0; l < L; l++) { t1 += l1[l]; t2 += l2[l]; l1[l] = 0; l2[l] = 0; } \
@@ -1721,14 +2042,15 @@ static void act_sums_task_##SUF(void *p, int t, int nt) {                       
         for (int64_t row = r0; row < r1; row++) {                                                \
             const int64_t o = row * C;                                                           \
             act_sums_any_##SUF(g + o, v + o, m ? m + o : NULL, r ? r + o : NULL, C, A, B, mu, sl, \
-                               isl, zero, output, b1, b2, 0);                                    \
+                               isl, al, zero, output, kind, b1, b2, dz ? dz + o : NULL, 0);      \
         }                                                                                        \
         for (int64_t c = 0; c < C; c++) { t1[c] += (double)b1[c]; t2[c] += (double)b2[c]; }      \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* 0, or -1 (out of memory). */                                                                  \
+/* 0, -1 (out of memory) or -2 (arguments these kernels do not take: see act_args_ok). */        \
 static int act_sums_##SUF(const struct bn_act_sums_args *a) {                                    \
+    if (!act_args_ok(a->act, a->output, a->dz != NULL, 1)) return -2;                            \
     struct act_job_##SUF j = {a, NULL, NULL};                                                    \
     int nt = a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt);                        \
     if (!a->cl) {                                                                                \
@@ -1739,7 +2061,7 @@ static int act_sums_##SUF(const struct bn_act_sums_args *a) {                   
     /* zeroed: a share the runtime did not start leaves its totals at 0 */                       \
     j.tot = (double *)calloc((size_t)(2 * nt) * C, sizeof(double));                              \
     j.buf = (T *)malloc((size_t)(2 * nt) * C * sizeof(T));                                       \
-    if (!j.tot || !j.buf) { free(j.tot); free(j.buf); return -1; }                              \
+    if (!j.tot || !j.buf) { free(j.tot); free(j.buf); return -1; }                               \
     run_parallel(act_sums_task_##SUF, &j, nt);                                                   \
     double *s1 = (double *)a->sum_dz, *s2 = (double *)a->sum_dzu;                                \
     for (int64_t c = 0; c < C; c++) {                                                            \
@@ -1755,13 +2077,13 @@ static int act_sums_##SUF(const struct bn_act_sums_args *a) {                   
 static inline __attribute__((always_inline)) void act_dx_span_##SUF(                             \
         const T *restrict g, const T *restrict v, const uint8_t *restrict m, const T *restrict r, \
         T *restrict dx, T *restrict dz, int64_t n, const T *restrict a, const T *restrict b,     \
-        const T *restrict al, const T *restrict be, const T *restrict ga, const int vec, T sl,   \
-        T isl, const int zero, const int output, const int has_m, const int has_r,               \
-        const int has_dx, const int has_dz) {                                                    \
+        const T *restrict al_, const T *restrict be, const T *restrict ga, const int vec, T sl,  \
+        T isl, T al, const int zero, const int output, const int has_m, const int has_r,         \
+        const int has_dx, const int has_dz, const int kind) {                                    \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < n; i++) {                                                            \
-        ACT_VALUE(T, FMA, i)                                                                     \
-        if (has_dx) dx[i] = (vec ? al[i] : al[0]) * d + (vec ? be[i] : be[0]) * u + (vec ? ga[i] : ga[0]); \
+        ACT_VALUE(T, SUF, FMA, i)                                                                \
+        if (has_dx) dx[i] = (vec ? al_[i] : al_[0]) * d + (vec ? be[i] : be[0]) * u + (vec ? ga[i] : ga[0]); \
         if (has_dz) dz[i] = d;                                                                   \
     }                                                                                            \
 }                                                                                                \
@@ -1773,8 +2095,9 @@ static void act_dx_task_##SUF(void *p, int t, int nt) {                         
     const T *be0 = (const T *)q->beta, *ga0 = (const T *)q->gamma;                               \
     const uint8_t *m0 = (const uint8_t *)q->mask;                                                \
     T *dx0 = (T *)q->dx, *dz0 = (T *)q->dz;                                                      \
-    const T sl = (T)q->slope, isl = q->output ? (T)(1.0 / q->slope) : (T)0;                      \
-    const int zero = q->slope == 0.0, output = q->output != 0;                                   \
+    const T sl = (T)q->slope, isl = act_inverse_##SUF(q->output, q->act, q->slope, q->act_alpha); \
+    const T ea = (T)q->act_alpha;                                                                \
+    const int zero = q->slope == 0.0, output = q->output != 0, kind = q->act;                    \
     const int64_t C = q->c, S = q->s, n = q->cl ? C : S;                                         \
     int64_t lo, hi;                                                                              \
     split(q->n * (q->cl ? S : C), t, nt, &lo, &hi);                                              \
@@ -1794,9 +2117,12 @@ static void act_fwd_##SUF(const struct bn_act_fwd_args *a) {                    
     run_parallel(act_fwd_task_##SUF, (void *)a, a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt)); \
 }                                                                                                \
                                                                                                  \
-static void act_dx_##SUF(const struct bn_act_dx_args *a) {                                       \
-    if (!a->dx && !a->dz) return;                                                                \
+/* 0, or -2 (arguments these kernels do not take: see act_args_ok). */                           \
+static int act_dx_##SUF(const struct bn_act_dx_args *a) {                                        \
+    if (!act_args_ok(a->act, a->output, 0, 0)) return -2;                                        \
+    if (!a->dx && !a->dz) return 0;                                                              \
     run_parallel(act_dx_task_##SUF, (void *)a, a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt)); \
+    return 0;                                                                                    \
 }
 
 DEFINE_ACT(float, f32, fmaf, 16)
@@ -1804,7 +2130,7 @@ DEFINE_ACT(double, f64, fma, 8)
 
 /* ---------------------------------------------------------------------------------------
  * The entry points. Return values: stats, sums, train_bwd: 0, or -1 (out of memory);
- * act_sums: 0, or -1 (out of memory);
+ * act_sums: 0, -1 (out of memory) or -2 (arguments it does not take); act_dx: 0 or -2;
  * train_fwd: 0, 1 (a statistic is NaN/Inf) or -1 (out of memory); masked_fwd: the number of
  * valid positions; check_stats: 0, 1 or 2 (above).
  * ------------------------------------------------------------------------------------- */
@@ -1838,8 +2164,8 @@ void bn_act_fwd_f64(const struct bn_act_fwd_args *a) { act_fwd_f64(a); }
 int bn_act_sums_f32(const struct bn_act_sums_args *a) { return act_sums_f32(a); }
 int bn_act_sums_f64(const struct bn_act_sums_args *a) { return act_sums_f64(a); }
 
-void bn_act_dx_f32(const struct bn_act_dx_args *a) { act_dx_f32(a); }
-void bn_act_dx_f64(const struct bn_act_dx_args *a) { act_dx_f64(a); }
+int bn_act_dx_f32(const struct bn_act_dx_args *a) { return act_dx_f32(a); }
+int bn_act_dx_f64(const struct bn_act_dx_args *a) { return act_dx_f64(a); }
 
 int bn_check_stats_f32(const struct bn_check_stats_args *a) { return check_stats(a, 0); }
 int bn_check_stats_f64(const struct bn_check_stats_args *a) { return check_stats(a, 1); }
@@ -1901,21 +2227,24 @@ static const int64_t layout_act_fwd[] = {
     sizeof(struct bn_act_fwd_args), FIELD(bn_act_fwd_args, x), FIELD(bn_act_fwd_args, r), FIELD(bn_act_fwd_args, y),
     FIELD(bn_act_fwd_args, mask), FIELD(bn_act_fwd_args, scale), FIELD(bn_act_fwd_args, shift),
     FIELD(bn_act_fwd_args, n), FIELD(bn_act_fwd_args, c), FIELD(bn_act_fwd_args, s), FIELD(bn_act_fwd_args, slope),
-    FIELD(bn_act_fwd_args, cl), FIELD(bn_act_fwd_args, nt)};
+    FIELD(bn_act_fwd_args, act_alpha), FIELD(bn_act_fwd_args, act), FIELD(bn_act_fwd_args, cl),
+    FIELD(bn_act_fwd_args, nt)};
 static const int64_t layout_act_sums[] = {
     sizeof(struct bn_act_sums_args), FIELD(bn_act_sums_args, dy), FIELD(bn_act_sums_args, v),
     FIELD(bn_act_sums_args, mask), FIELD(bn_act_sums_args, r), FIELD(bn_act_sums_args, scale),
     FIELD(bn_act_sums_args, shift), FIELD(bn_act_sums_args, mu), FIELD(bn_act_sums_args, sum_dz),
-    FIELD(bn_act_sums_args, sum_dzu), FIELD(bn_act_sums_args, n), FIELD(bn_act_sums_args, c),
-    FIELD(bn_act_sums_args, s), FIELD(bn_act_sums_args, slope), FIELD(bn_act_sums_args, output),
-    FIELD(bn_act_sums_args, cl), FIELD(bn_act_sums_args, nt)};
+    FIELD(bn_act_sums_args, sum_dzu), FIELD(bn_act_sums_args, dz), FIELD(bn_act_sums_args, n), FIELD(bn_act_sums_args, c),
+    FIELD(bn_act_sums_args, s), FIELD(bn_act_sums_args, slope), FIELD(bn_act_sums_args, act_alpha),
+    FIELD(bn_act_sums_args, act), FIELD(bn_act_sums_args, output), FIELD(bn_act_sums_args, cl),
+    FIELD(bn_act_sums_args, nt)};
 static const int64_t layout_act_dx[] = {
     sizeof(struct bn_act_dx_args), FIELD(bn_act_dx_args, dy), FIELD(bn_act_dx_args, v), FIELD(bn_act_dx_args, mask),
     FIELD(bn_act_dx_args, r), FIELD(bn_act_dx_args, scale), FIELD(bn_act_dx_args, shift),
     FIELD(bn_act_dx_args, alpha), FIELD(bn_act_dx_args, beta), FIELD(bn_act_dx_args, gamma),
     FIELD(bn_act_dx_args, dx), FIELD(bn_act_dx_args, dz), FIELD(bn_act_dx_args, n), FIELD(bn_act_dx_args, c),
-    FIELD(bn_act_dx_args, s), FIELD(bn_act_dx_args, slope), FIELD(bn_act_dx_args, output),
-    FIELD(bn_act_dx_args, cl), FIELD(bn_act_dx_args, nt)};
+    FIELD(bn_act_dx_args, s), FIELD(bn_act_dx_args, slope), FIELD(bn_act_dx_args, act_alpha),
+    FIELD(bn_act_dx_args, act), FIELD(bn_act_dx_args, output), FIELD(bn_act_dx_args, cl),
+    FIELD(bn_act_dx_args, nt)};
 #undef FIELD
 
 #define LAYOUT(kind, table) {kind, table, (int64_t)(sizeof table / sizeof table[0])}

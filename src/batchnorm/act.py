@@ -10,13 +10,14 @@ in a residual network it is the block's input, which the network keeps anyway).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import math
+from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as torch_F
 from torch import Tensor
 
-from . import _fused, _operator, _stats
+from . import _fused, _operator, _reference, _stats
 from . import functional as F
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -115,8 +116,9 @@ class _InplaceBNAct(torch.autograd.Function):
         scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
         shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
         if lay is not None:  # the kernels: one pass, y written over x
-            _fused.act_forward(x, lay, scale.to(x.dtype), shift.to(x.dtype), _kernel_slope(act, kw), residual,
-                               inplace=True)
+            spec = _kernel_act(act, kw)
+            _fused.act_forward(x, lay, scale.to(x.dtype), shift.to(x.dtype), spec.slope, residual, inplace=True,
+                               kind=spec.kind, act_alpha=spec.alpha)
         else:
             x.mul_(scale.view(shape).to(x.dtype)).add_(shift.view(shape).to(x.dtype))
             if residual is not None:
@@ -171,9 +173,10 @@ class _InplaceBNAct(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_x, need_r = need[0], need[3] and residual is not None
         dt, C = y.dtype, y.size(1)
-        slope = _kernel_slope(ctx.act, ctx.kw)
+        spec = _kernel_act(ctx.act, ctx.kw)
         beta = torch.zeros(C, dtype=dt) if bias is None else bias.detach()
-        sums = _fused.act_sums(dy, y, ctx.lay, None, None, slope, None, beta, residual, output=True)
+        sums, _ = _fused.act_sums(dy, y, ctx.lay, None, None, spec.slope, None, beta, residual, output=True,
+                                  kind=spec.kind, act_alpha=spec.alpha)
         gamma = torch.ones(C, dtype=torch.float64) if weight is None else weight.detach().double()
         s1, sxh = sums[0], sums[1] / gamma                                  # sum dz, sum dz * xhat
         dw = sxh.to(dt) if weight is not None and need[1] else None
@@ -187,59 +190,103 @@ class _InplaceBNAct(torch.autograd.Function):
                 ga = -k * s1 / m - be * beta.double()
             else:
                 be = ga = torch.zeros(C, dtype=torch.float64)
-            dx, dz = _fused.act_grad(dy, y, ctx.lay, None, None, slope, None, k.to(dt), be.to(dt), ga.to(dt),
-                                     need_x, need_r, residual, output=True)
+            dx, dz = _fused.act_grad(dy, y, ctx.lay, None, None, spec.slope, None, k.to(dt), be.to(dt), ga.to(dt),
+                                     need_x, need_r, residual, output=True, kind=spec.kind, act_alpha=spec.alpha)
         return dx, dw, db, dz, None, None, None, None, None, None
 
 
-def _kernel_slope(act: str, kw: Dict[str, Any]) -> Optional[float]:
-    """The slope below zero of the activations our kernels run (piecewise linear), or None."""
+class _KernelAct(NamedTuple):
+    """An activation as the kernels take it: its code (:data:`batchnorm._fused.LINEAR`,
+    ``ELU``, ``SILU``, ``GELU``, ``GELU_TANH``), the slope below zero of the piecewise-linear
+    ones, elu's alpha."""
+    kind: int
+    slope: float = 0.0
+    alpha: float = 1.0
+
+
+def _kernel_act(act: str, kw: Dict[str, Any]) -> Optional[_KernelAct]:
+    """The activation as our kernels run it, or None where they do not (a parameter that is
+    not finite, a gelu approximation torch does not know: torch operations, and their errors)."""
     if act == "identity":
-        return 1.0
+        return _KernelAct(_fused.LINEAR, 1.0)
     if act == "relu":
-        return 0.0
-    if act == "leaky_relu" and kw["negative_slope"] != 0:  # slope 0 would be ReLU, but NaN-free at -inf
-        return float(kw["negative_slope"])
+        return _KernelAct(_fused.LINEAR, 0.0)
+    if act == "leaky_relu":  # slope 0 would be ReLU, but NaN-free at -inf
+        slope = float(kw["negative_slope"])
+        return _KernelAct(_fused.LINEAR, slope) if slope != 0 and math.isfinite(slope) else None
+    if act == "elu":
+        alpha = float(kw["alpha"])
+        return _KernelAct(_fused.ELU, alpha=alpha) if math.isfinite(alpha) else None
+    if act == "silu":
+        return _KernelAct(_fused.SILU)
+    if act == "gelu" and kw["approximate"] in ("none", "tanh"):
+        return _KernelAct(_fused.GELU if kw["approximate"] == "none" else _fused.GELU_TANH)
     return None
 
 
+_SQRT1_2, _INV_SQRT_2PI = math.sqrt(0.5), 1 / math.sqrt(2 * math.pi)
+_TANH_BETA, _TANH_KAPPA = math.sqrt(2 / math.pi), 0.044715  # torch's tanh gelu: u = beta (z + kappa z^3)
+
+
+def _smooth_grad(z: Tensor, spec: _KernelAct) -> Tensor:
+    """act'(z) of a smooth activation in torch operations, differentiable again (the double
+    backward's), by the kernels' formulas."""
+    if spec.kind == _fused.ELU:  # exp of z <= 0 only: no inf * 0 in the second derivative
+        return torch.where(z > 0, torch.ones_like(z), spec.alpha * torch.exp(z.clamp(max=0)))
+    if spec.kind == _fused.SILU:
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if spec.kind == _fused.GELU:
+        return 0.5 * torch.erfc(z * -_SQRT1_2) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    s = torch.sigmoid(2 * _TANH_BETA * (z + _TANH_KAPPA * z * z * z))  # (1 + tanh u) / 2
+    return s + 2 * z * s * (1 - s) * _TANH_BETA * (1 + 3 * _TANH_KAPPA * z * z)
+
+
 class _FusedBNAct(torch.autograd.Function):
-    """y = act(scale * x + shift + residual) on the fused kernels (act piecewise linear, of
-    slope ``slope`` below zero), scale = gamma * invstd and shift = beta - mean * scale from
-    the batch's statistics (``batch``: their gradient is part of the backward, Section 3) or
-    the running ones. One pass forward; backward: one pass for the two sums of
-    dz = dy * act'(z), one for dx (and dz, the residual's gradient). Saves x and, with a
-    residual, the sign of z as one byte per value (without one, the sign is recomputed from x,
-    exactly as the forward found it); not the output, not the residual."""
+    """y = act(scale * x + shift + residual) on the fused kernels (``spec``, a
+    :class:`_KernelAct`), scale = gamma * invstd and shift = beta - mean * scale from the
+    batch's statistics (``batch``: their gradient is part of the backward, Section 3) or the
+    running ones. One pass forward; backward: one pass for the two sums of dz = dy * act'(z),
+    one for dx (and dz, the residual's gradient). The backward recomputes z from x exactly as
+    the forward found it (z = fma(scale, x, shift) + residual, the same rounding), so it saves
+    x and, with a residual: for a piecewise-linear act the sign of z as one byte per value,
+    for a smooth one (elu, silu, gelu) the residual itself (the caller's tensor, not a copy:
+    in a residual network the block's input, which the network keeps anyway), read once more
+    by each backward pass; never the output."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, invstd, batch, slope, lay, eps):
+    def forward(ctx, x, weight, bias, residual, mean, invstd, batch, spec, lay, eps):
         scale = invstd if weight is None else weight.detach() * invstd
         shift = -mean * scale if bias is None else bias.detach() - mean * scale
-        y, mask = _fused.act_forward(x, lay, scale, shift, slope, residual,
-                                     want_mask=residual is not None and slope != 1.0)
-        ctx.save_for_backward(x, weight, mean, invstd, scale, shift, mask)
-        ctx.meta = (batch, slope, lay, eps, bias is not None, residual is not None)
+        linear = spec.kind == _fused.LINEAR
+        y, mask = _fused.act_forward(x, lay, scale, shift, spec.slope, residual,
+                                     want_mask=residual is not None and linear and spec.slope != 1.0,
+                                     kind=spec.kind, act_alpha=spec.alpha)
+        ctx.save_for_backward(x, weight, bias, None if linear else residual, mean, invstd, scale, shift, mask)
+        ctx.meta = (batch, spec, lay, eps, residual is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, invstd, scale, shift, mask = ctx.saved_tensors
-        batch, slope, lay, eps, has_bias, has_res = ctx.meta
+        x, weight, bias, res, mean, invstd, scale, shift, mask = ctx.saved_tensors
+        batch, spec, lay, eps, has_res = ctx.meta
         need = ctx.needs_input_grad
-        need_x, need_w, need_b = need[0], need[1] and weight is not None, need[2] and has_bias
+        need_x, need_w, need_b = need[0], need[1] and weight is not None, need[2] and bias is not None
         need_r = need[3] and has_res
         if _operator.special(dy):
-            return _FusedBNAct._special(dy, x, weight, mean, invstd, scale, shift, mask, batch, slope, lay, eps,
-                                        (need_x, need_w, need_b, need_r))
+            return _FusedBNAct._special(dy, x, weight, bias, res, mean, invstd, scale, shift, mask, batch, spec, lay,
+                                        eps, (need_x, need_w, need_b, need_r))
         dt, C = x.dtype, x.size(1)
-        gw = gb = None
-        al = be = ga = None
-        if batch or need_w or need_b:
-            sums = _fused.act_sums(dy, x, lay, scale, shift, slope, mask, mean)        # float64 (2, C)
-            s1, s2 = sums[0], sums[1]
+        act = {"kind": spec.kind, "act_alpha": spec.alpha}
+        smooth = spec.kind != _fused.LINEAR
+        gw = gb = dz = None
+        if batch or need_w or need_b or smooth:  # a smooth act's dz comes with the sums
+            sums, dz = _fused.act_sums(dy, x, lay, scale, shift, spec.slope, mask, mean, res, **act)
+            s1, s2 = sums[0], sums[1]                                                  # float64 (C,) each
             gb = s1.to(dt) if need_b else None
             gw = (s2 * invstd).to(dt) if need_w else None
+        # dx = al * dz + be * x + ga (Section 3, the sums' terms in be and ga)
+        al = be = ga = None
         if need_x:
             k = invstd.double() if weight is None else invstd.double() * weight.detach().double()
             al = k
@@ -250,24 +297,47 @@ class _FusedBNAct(torch.autograd.Function):
             else:
                 be = ga = torch.zeros(C, dtype=torch.float64)
             al, be, ga = al.to(dt), be.to(dt), ga.to(dt)
-        dx = dz = None
-        if need_x or need_r:
+        dx = None
+        if smooth:
+            if need_x and batch:
+                dx = torch.empty_like(x)
+                _fused.grad_input(dz, x, lay, al, be, ga, dx)
+            elif need_x:  # eval: dx = k * dz, x not read (an infinite x gives no inf * 0)
+                dx = torch.empty_like(x)
+                _fused.affine(dz, lay, al, be, dx)
+        elif need_x or need_r:
             zeros = torch.zeros(C, dtype=dt)
-            dx, dz = _fused.act_grad(dy, x, lay, scale, shift, slope, mask, zeros if al is None else al,
-                                     zeros if be is None else be, zeros if ga is None else ga, need_x, need_r)
-        return dx, gw, gb, dz, None, None, None, None, None, None
+            dx, dz = _fused.act_grad(dy, x, lay, scale, shift, spec.slope, mask, zeros if al is None else al,
+                                     zeros if be is None else be, zeros if ga is None else ga, need_x, need_r, res,
+                                     **act)
+        return dx, gw, gb, dz if need_r else None, None, None, None, None, None, None
 
     @staticmethod
-    def _special(dy, x, weight, mean, invstd, scale, shift, mask, batch, slope, lay, eps, needs):
-        """Double backward (create_graph=True) and batched gradients: torch operations. act' is
-        piecewise constant (its own derivative is 0), taken from the kernels, so it agrees with
-        the forward's sign exactly; then BN's gradients as the core operator's special path."""
+    def _special(dy, x, weight, bias, res, mean, invstd, scale, shift, mask, batch, spec, lay, eps, needs):
+        """Double backward (create_graph=True) and batched gradients: torch operations. act'(z)
+        from the kernels, so that it agrees with the forward's z exactly, except in the double
+        backward of a smooth act, whose act'(z) must be differentiable again: there z is
+        recomputed in torch operations from x, gamma, beta (the statistics from x in
+        training) and the residual, and act' is :func:`_smooth_grad`; for a piecewise-linear
+        act, act' is piecewise constant (its own derivative is 0). Then BN's gradients as the
+        core operator's special path."""
         need_x, need_w, need_b, need_r = needs
-        ones = torch.ones_like(x)
-        zeros = torch.zeros(x.size(1), dtype=x.dtype)
-        _, deriv = _fused.act_grad(ones, x, lay, scale, shift, slope, mask, zeros, zeros, zeros, False, True)
-        dz = dy * deriv
         shape = (1, -1) + (1,) * (x.dim() - 2)
+        if spec.kind != _fused.LINEAR and torch.is_grad_enabled():
+            if batch:
+                z = _reference.forward(x.unsqueeze(0), weight, bias, eps).squeeze(0)
+            else:
+                k = invstd if weight is None else weight * invstd
+                z = (x - mean.view(shape)) * k.view(shape) + (0 if bias is None else bias.view(shape))
+            deriv = _smooth_grad(z if res is None else z + res, spec)
+        elif spec.kind != _fused.LINEAR:
+            _, deriv = _fused.act_sums(torch.ones_like(x), x, lay, scale, shift, spec.slope, mask, mean, res,
+                                       kind=spec.kind, act_alpha=spec.alpha)
+        else:
+            zeros = torch.zeros(x.size(1), dtype=x.dtype)
+            _, deriv = _fused.act_grad(torch.ones_like(x), x, lay, scale, shift, spec.slope, mask, zeros, zeros, zeros,
+                                       False, True, kind=spec.kind, act_alpha=spec.alpha)
+        dz = dy * deriv
         dims = [d for d in range(x.dim()) if d != 1]
         gx = gw = gb = None
         if batch:
@@ -350,11 +420,11 @@ class _BatchNormAct:
                 and not (F.statistics_sinks and F.statistics_sinks.get(self) is not None))
 
     def _kernel_layout(self, input: Tensor, residual: Optional[Tensor]):
-        """The fused kernels' layout of ``input`` where they run this step, else None: a
-        piecewise-linear activation, impl "auto" or "kernels", a plain float32/float64 CPU
-        tensor with parameters of its dtype, and no residual or one of its exact shape and
-        dtype (anything else, broadcasting included, takes torch operations)."""
-        if (self.impl not in ("auto", "kernels") or _kernel_slope(self.act, self.act_kwargs) is None
+        """The fused kernels' layout of ``input`` where they run this step, else None: an
+        activation they run (:func:`_kernel_act`), impl "auto" or "kernels", a plain
+        float32/float64 CPU tensor with parameters of its dtype, and no residual or one of its
+        exact shape and dtype (anything else, broadcasting included, takes torch operations)."""
+        if (self.impl not in ("auto", "kernels") or _kernel_act(self.act, self.act_kwargs) is None
                 or not _fused.available() or input.dim() not in self._ranks):
             return None
         if residual is not None and (type(residual) is not Tensor or residual.shape != input.shape
@@ -367,7 +437,7 @@ class _BatchNormAct:
     def _fused_step(self, input: Tensor, residual: Optional[Tensor], lay) -> Tensor:
         weight, bias, mean, invstd, batch = self._statistics(input)
         return _FusedBNAct.apply(input, weight, bias, residual, mean.to(input.dtype), invstd.to(input.dtype), batch,
-                                 _kernel_slope(self.act, self.act_kwargs), lay, self.eps)
+                                 _kernel_act(self.act, self.act_kwargs), lay, self.eps)
 
     def _inplace_step(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         F.check_input(input, self.num_features, self._ranks, self._name)
@@ -461,20 +531,28 @@ _DOC = """BN then an activation, after an optional residual add: ``act(BN(input)
             is). Its backward has first derivatives only (create_graph=True raises; inplace=False
             layers differentiate to any order). Default: False.
 
-    Fused kernels: with act "identity", "relu" or "leaky_relu" (in place: "identity" or
-    "leaky_relu") on float32 or float64 CPU input (NCHW-contiguous or channels_last) and a
-    residual, if any, of the input's shape and dtype, the layer runs on this package's C
+    Fused kernels: with any of the activations (gelu exact or tanh; in place: "identity",
+    "leaky_relu" or "elu") on float32 or float64 CPU input (NCHW-contiguous or channels_last)
+    and a residual, if any, of the input's shape and dtype, the layer runs on this package's C
     kernels: the statistics pass, one pass writing act(scale * x + shift + residual) (in
-    place: over x); backward one pass for the two gradient sums, one for dx and the
-    residual's gradient. Anything else (elu, silu, gelu, a broadcast residual, impl="torch"
-    or "reference", graph capture, torch.func transforms, ghost batches, synchronized
-    statistics) runs on torch operations, with the same results.
+    place: over x); backward one pass for the two gradient sums (for elu, silu and gelu out
+    of place it also writes dz = dy * act'(z), the residual's gradient), one for dx (and, for
+    the piecewise-linear ones and in place, the residual's gradient). The smooth
+    activations' exp, expm1, log1p and normal cdf are the kernels' own vectorized
+    polynomials, within a few units in the last place of torch's results (documented in
+    _kernels.c). Anything else (a broadcast residual, a non-finite negative_slope or alpha,
+    impl="torch" or "reference", graph capture, torch.func transforms, ghost batches,
+    synchronized statistics) runs on torch operations, with the same results.
 
-    What the backward keeps, per layer: on the fused kernels, the input (and, with a
-    residual, the sign of the pre-activation, one byte per value), not the output; on torch
-    operations out of place, the BN's input and output (relu, leaky_relu, elu act on the
-    output in place, so no third tensor) or, for silu and gelu, the BN's input and the
-    activation's input; in place, the output (and the residual).
+    What the backward keeps, per layer: on the fused kernels out of place, the input and,
+    with a residual, for identity, relu and leaky_relu the sign of the pre-activation (one
+    byte per value), for elu, silu and gelu the residual itself (the caller's tensor, not a
+    copy: in a residual network the block's input, which the network keeps anyway; the
+    pre-activation is recomputed from the input and the residual exactly as the forward
+    computed it); never the output. On torch operations out of place, the BN's input and
+    output (relu, leaky_relu, elu act on the output in place, so no third tensor) or, for
+    silu and gelu, the BN's input and the activation's input; in place, the output (and the
+    residual).
 
     Shape:
         Input: {shape}; residual (optional): the input's shape. Output: the input's shape.
