@@ -1469,7 +1469,7 @@ DEFINE_LERP(double, f64, fma)
  *     erfc(x) exp(x^2) / t (between 0.14 and 1, analytic on [-1, 1]) a polynomial in y: the
  *     power form of g's Chebyshev series truncated below 3e-18 (double, 25 terms) resp. 3e-10
  *     (float, 14 terms), computed with mpmath (the sum of the coefficients' magnitudes is 1.0,
- *     so Horner's rule loses nothing to cancellation). x^2 = z^2 / 2 enters exp as an exact
+ *     so their sum loses nothing to cancellation). x^2 = z^2 / 2 enters exp as an exact
  *     pair (z*z and fma(z, z, -z*z)): rounded, it would cost up to 2^-53 * 800 of relative
  *     accuracy in the tail. |z| is clamped at 40 (double) / 15 (float), beyond which erfc
  *     underflows to 0 anyway; ``pdf`` receives phi(z) = exp(-z^2/2) / sqrt(2 pi).
@@ -1493,6 +1493,7 @@ DEFINE_LERP(double, f64, fma)
 #define SM_EXP_MIN_f64 -746.0 /* exp(-746) is below half the smallest subnormal */
 #define SM_EM1_MIN_f64 -40.0  /* expm1(-40) rounds to -1 */
 #define SM_ZMAX_f64 40.0      /* erfc(40 / sqrt 2) underflows */
+#define SM_FABS_f64 fabs
 #define SM_ONE_f64 0x3ff0000000000000u  /* bits of 1.0 */
 #define SM_SQRTH_f64 0x3fe6a09e667f3bcdu  /* bits of sqrt(1/2) */
 #define SM_MANT_f64 0x000fffffffffffffu
@@ -1510,6 +1511,7 @@ DEFINE_LERP(double, f64, fma)
 #define SM_EXP_MIN_f32 -104.0f
 #define SM_EM1_MIN_f32 -20.0f
 #define SM_ZMAX_f32 15.0f
+#define SM_FABS_f32 fabsf
 #define SM_ONE_f32 0x3f800000u
 #define SM_SQRTH_f32 0x3f3504f3u
 #define SM_MANT_f32 0x007fffffu
@@ -1557,12 +1559,22 @@ static const float sm_erfc_f32[] = {
 #define ACT_GELU_TANH 4  /* z * (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))) / 2 */
 
 #define SM_INLINE static inline __attribute__((always_inline))
-#define SM_HORNER(FMA, c, x, p)                                                                  \
+/* p = sum c[j] x^j as four interleaved Horner chains in x^4, combined by Estrin's scheme: a
+ * quarter of Horner's dependency chain (the loops are latency-bound otherwise). */
+#define SM_POLY(T, FMA, c, x, p)                                                                 \
     do {                                                                                         \
         const int nc_ = (int)(sizeof c / sizeof c[0]);                                           \
-        p = c[nc_ - 1];                                                                          \
+        const T x2_ = (x) * (x), x4_ = x2_ * x2_;                                                \
+        T a0_ = 0, a1_ = 0, a2_ = 0, a3_ = 0;                                                    \
         _Pragma("GCC unroll 32")                                                                 \
-        for (int j_ = nc_ - 2; j_ >= 0; j_--) p = FMA(p, x, c[j_]);                              \
+        for (int j_ = nc_ - 1; j_ >= 0; j_--) {                                                  \
+            const int first_ = j_ + 4 >= nc_;                                                    \
+            if (j_ % 4 == 0) a0_ = first_ ? c[j_] : FMA(a0_, x4_, c[j_]);                        \
+            else if (j_ % 4 == 1) a1_ = first_ ? c[j_] : FMA(a1_, x4_, c[j_]);                   \
+            else if (j_ % 4 == 2) a2_ = first_ ? c[j_] : FMA(a2_, x4_, c[j_]);                   \
+            else a3_ = first_ ? c[j_] : FMA(a3_, x4_, c[j_]);                                    \
+        }                                                                                        \
+        p = FMA(FMA(a3_, x, a2_), x2_, FMA(a1_, x, a0_));                                        \
     } while (0)
 
 #define DEFINE_SMOOTH(T, SUF, U, FMA)                                                            \
@@ -1579,7 +1591,7 @@ SM_INLINE T sm_pow2_##SUF(T k) {                                                
 /* expm1(r) for |r| <= ln2 / 2 */                                                                \
 SM_INLINE T sm_em1_poly_##SUF(T r) {                                                             \
     T p;                                                                                         \
-    SM_HORNER(FMA, sm_em1_##SUF, r, p);                                                          \
+    SM_POLY(T, FMA, sm_em1_##SUF, r, p);                                                          \
     return FMA(p, r * r, r);                                                                     \
 }                                                                                                \
                                                                                                  \
@@ -1588,14 +1600,26 @@ SM_INLINE T sm_em1_poly_##SUF(T r) {                                            
  * for every argument, then +inf above SM_EXP_MAX and f * 0 below SM_EXP_MIN selected (there     \
  * k would leave the exponent range; f * 0 keeps f's sign, and is NaN for an infinite f); NaN    \
  * propagates through the arithmetic. */                                                         \
-SM_INLINE T sm_exp2_##SUF(T hi, T lo, const int has_lo, T f) {                                   \
-    const T x = has_lo ? hi + lo : hi;                                                           \
-    const T k = FMA(x, SM_LOG2E_##SUF, SM_SHIFT_##SUF) - SM_SHIFT_##SUF;                         \
+SM_INLINE T sm_exp_parts_##SUF(T hi, T lo, const int has_lo, T *x, T *s1, T *s2) {               \
+    *x = has_lo ? hi + lo : hi;                 /* exp(hi + lo) = m * s1 * s2 */                 \
+    const T k = FMA(*x, SM_LOG2E_##SUF, SM_SHIFT_##SUF) - SM_SHIFT_##SUF;                        \
     T r = FMA(-k, SM_LN2LO_##SUF, FMA(-k, SM_LN2HI_##SUF, hi));                                  \
     if (has_lo) r += lo;                                                                         \
-    const T k1 = (k * (T)0.5 + SM_SHIFT_##SUF) - SM_SHIFT_##SUF, k2 = k - k1;                    \
-    const T y = ((((T)1 + sm_em1_poly_##SUF(r)) * f) * sm_pow2_##SUF(k1)) * sm_pow2_##SUF(k2);   \
+    const T k1 = (k * (T)0.5 + SM_SHIFT_##SUF) - SM_SHIFT_##SUF;                                 \
+    *s1 = sm_pow2_##SUF(k1);                                                                     \
+    *s2 = sm_pow2_##SUF(k - k1);                                                                 \
+    return (T)1 + sm_em1_poly_##SUF(r);                                                          \
+}                                                                                                \
+                                                                                                 \
+SM_INLINE T sm_exp_finish_##SUF(T x, T m, T f, T s1, T s2) {                                     \
+    const T y = ((m * f) * s1) * s2;                                                             \
     return x > SM_EXP_MAX_##SUF ? (T)INFINITY : (x < SM_EXP_MIN_##SUF ? f * (T)0 : y);           \
+}                                                                                                \
+                                                                                                 \
+SM_INLINE T sm_exp2_##SUF(T hi, T lo, const int has_lo, T f) {                                   \
+    T x, s1, s2;                                                                                 \
+    const T m = sm_exp_parts_##SUF(hi, lo, has_lo, &x, &s1, &s2);                                \
+    return sm_exp_finish_##SUF(x, m, f, s1, s2);                                                 \
 }                                                                                                \
                                                                                                  \
 SM_INLINE T sm_exp_##SUF(T x) { return sm_exp2_##SUF(x, 0, 0, 1); }                              \
@@ -1612,31 +1636,34 @@ SM_INLINE T sm_expm1_##SUF(T x) {                                               
                                                                                                  \
 /* erfc(|z| / sqrt 2) / 2 = exp(hi + lo) * (the value returned), hi + lo = -z^2/2 exactly */     \
 SM_INLINE T sm_half_erfc_##SUF(T z, T *hi, T *lo) {                                              \
-    T zc = z > SM_ZMAX_##SUF ? SM_ZMAX_##SUF : z;                                                \
-    zc = zc < -SM_ZMAX_##SUF ? -SM_ZMAX_##SUF : zc;                                              \
-    const T x = (zc < 0 ? -zc : zc) * (T)0x1.6a09e667f3bcdp-1;   /* |z| / sqrt 2 */              \
+    /* |z| clamped (a NaN z may come out as SM_ZMAX: the callers' products with z keep it NaN); a\
+     * plain min, not a chain of selects, which gcc would if-convert by duplicating the paths */ \
+    const T az = SM_FABS_##SUF(z), a = az < SM_ZMAX_##SUF ? az : SM_ZMAX_##SUF;                  \
+    const T x = a * (T)0x1.6a09e667f3bcdp-1;   /* |z| / sqrt 2 */                                \
     const T q = (T)1 / ((T)4 + x), t = (T)4 * q, y = ((T)4 - x) * q;                             \
     T g;                                                                                         \
-    SM_HORNER(FMA, sm_erfc_##SUF, y, g);                                                         \
-    const T zz = zc * zc;                                                                        \
-    *hi = zz * (T)-0.5;                                                                          \
-    *lo = FMA(zc, zc, -zz) * (T)-0.5;                                                            \
+    SM_POLY(T, FMA, sm_erfc_##SUF, y, g);                                                        \
+    const T aa = a * a;                                                                          \
+    *hi = aa * (T)-0.5;                                                                          \
+    *lo = FMA(a, a, -aa) * (T)-0.5;                                                              \
     return (T)0.5 * (t * g);                                                                     \
 }                                                                                                \
                                                                                                  \
 /* Phi(z); *pdf = phi(z) */                                                                      \
 SM_INLINE T sm_phi_##SUF(T z, T *pdf) {                                                          \
-    T hi, lo;                                                                                    \
-    const T f = sm_half_erfc_##SUF(z, &hi, &lo), half_erfc = sm_exp2_##SUF(hi, lo, 1, f);        \
-    *pdf = sm_exp2_##SUF(hi, lo, 1, (T)0x1.9884533d43651p-2);                                    \
+    T hi, lo, x, s1, s2;                                                                         \
+    const T f = sm_half_erfc_##SUF(z, &hi, &lo), m = sm_exp_parts_##SUF(hi, lo, 1, &x, &s1, &s2);\
+    const T half_erfc = sm_exp_finish_##SUF(x, m, f, s1, s2);                                    \
+    *pdf = sm_exp_finish_##SUF(x, m, (T)0x1.9884533d43651p-2, s1, s2);                           \
     return z < 0 ? half_erfc : (T)1 - half_erfc;                                                 \
 }                                                                                                \
                                                                                                  \
 /* gelu(z) = z Phi(z); below zero z enters exp's factor (a subnormal result rounded once) */     \
 SM_INLINE T sm_gelu_##SUF(T z) {                                                                 \
-    T hi, lo;                                                                                    \
-    const T f = sm_half_erfc_##SUF(z, &hi, &lo);                                                 \
-    const T neg = sm_exp2_##SUF(hi, lo, 1, f * z), pos = z * ((T)1 - sm_exp2_##SUF(hi, lo, 1, f)); \
+    T hi, lo, x, s1, s2;                                                                         \
+    const T f = sm_half_erfc_##SUF(z, &hi, &lo), m = sm_exp_parts_##SUF(hi, lo, 1, &x, &s1, &s2);\
+    const T neg = sm_exp_finish_##SUF(x, m, f * z, s1, s2);                                      \
+    const T pos = z * ((T)1 - sm_exp_finish_##SUF(x, m, f, s1, s2));                             \
     return z < 0 ? neg : pos;                                                                    \
 }                                                                                                \
                                                                                                  \
@@ -1655,7 +1682,7 @@ SM_INLINE T sm_log1p_##SUF(T w) {                                               
     kf = (kf - SM_TWO52_##SUF) - SM_BIAS_##SUF;                                                  \
     const T f = m - (T)1, s = f / ((T)2 + f), s2 = s * s;                                        \
     T p;                                                                                         \
-    SM_HORNER(FMA, sm_atanh_##SUF, s2, p);                                                       \
+    SM_POLY(T, FMA, sm_atanh_##SUF, s2, p);                                                       \
     const T c = (w - (u - (T)1)) / u;                                                            \
     const T lg = FMA(kf, SM_LN2HI_##SUF, FMA(kf, SM_LN2LO_##SUF, c) + FMA((T)2 * s * s2, p, (T)2 * s)); \
     return u > 0 ? lg : (w == w ? -(T)INFINITY : w);                                             \
