@@ -251,8 +251,15 @@ class _FusedBNAct(torch.autograd.Function):
                 be = ga = torch.zeros(C, dtype=torch.float64)
             al, be, ga = al.to(dt), be.to(dt), ga.to(dt)
         dx = dz = None
-        if need_x or need_r:
-            zeros = torch.zeros(C, dtype=dt)
+        zeros = torch.zeros(C, dtype=dt)
+        if need_x and not batch:
+            # Eval: dx = k * dz. Through dz, not the training formula with zero coefficients:
+            # 0 * x would make an infinite x a NaN gradient where torch's is finite.
+            _, dz = _fused.act_grad(dy, x, lay, scale, shift, slope, mask, zeros, zeros, zeros, False, True)
+            dx = torch.empty_like(x)
+            _fused.affine(dz, lay, al, zeros, dx)
+            dz = dz if need_r else None
+        elif need_x or need_r:
             dx, dz = _fused.act_grad(dy, x, lay, scale, shift, slope, mask, zeros if al is None else al,
                                      zeros if be is None else be, zeros if ga is None else ga, need_x, need_r)
         return dx, gw, gb, dz, None, None, None, None, None, None
