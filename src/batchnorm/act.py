@@ -242,16 +242,13 @@ class _FusedBNAct(torch.autograd.Function):
             gw = (s2 * invstd).to(dt) if need_w else None
         if need_x:
             k = invstd.double() if weight is None else invstd.double() * weight.detach().double()
-            al = k
+            al = k.to(dt)
             if batch:
                 m = x.numel() // C
                 b2 = k * s2 * invstd.double() ** 2 / m
-                be, ga = -b2, b2 * mean.double() - k * s1 / m
-            else:
-                be = ga = torch.zeros(C, dtype=torch.float64)
-            al, be, ga = al.to(dt), be.to(dt), ga.to(dt)
+                be, ga = (-b2).to(dt), (b2 * mean.double() - k * s1 / m).to(dt)
         dx = dz = None
-        zeros = torch.zeros(C, dtype=dt)
+        zeros = torch.zeros(C, dtype=dt) if need_x or need_r else None
         if need_x and not batch:
             # Eval: dx = k * dz. Through dz, not the training formula with zero coefficients:
             # 0 * x would make an infinite x a NaN gradient where torch's is finite.
