@@ -342,6 +342,35 @@ def test_relu_gradient_is_zero_where_relu_cut_it_even_for_nan():
     torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("act", KERNEL_ACTS)
+def test_eval_gradient_of_an_infinite_input_is_torchs(act, residual, memory_format, dtype):
+    """In eval dL/dx = gamma * invstd * dz, finite where x is infinite (torch's too): the
+    kernels' training formula, whose x term has a zero coefficient in eval, would give
+    0 * inf = NaN there."""
+    ours, theirs = _pair(act, 16)
+    ours.to(dtype).eval(), theirs.to(dtype).eval()
+    with torch.no_grad():
+        theirs.running_mean.uniform_(-1, 1)
+        theirs.running_var.uniform_(0.5, 2)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(SHAPES["fused"], dtype=dtype).to(memory_format=memory_format)
+    x[0, 0, 0, 0], x[1, 2, 3, 4] = float("inf"), -float("inf")
+    r = torch.randn_like(x) if residual else None
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = ours(xa, r) if residual else ours(xa)
+    z = theirs(xb) + r if residual else theirs(xb)
+    want = ACTS[act][1](z)
+    g = torch.randn_like(x)
+    (got,) = torch.autograd.grad(y, xa, g)
+    (expect,) = torch.autograd.grad(want, xb, g)
+    assert torch.isfinite(got).all()
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expect, rtol=tol, atol=tol)
+
+
 def test_residual_that_broadcasts_takes_torch_operations():
     """A residual of another shape (broadcast) or dtype is not the kernels' case: torch
     operations, with torch's broadcasting and type promotion."""

@@ -282,3 +282,43 @@ def test_running_var_precision_large_eps(name, factory, shape, kw):
         var = xd.transpose(0, 1).reshape(16, -1).var(dim=1)
     rel = ((m.running_var.double() - var) / var).abs().max()
     assert rel < 1e-5, float(rel)
+
+
+def test_kernel_argument_structs_are_filled_by_their_field_names():
+    """A ctypes Structure takes an unknown keyword (or attribute) silently, as a Python
+    attribute, leaving the real field 0: a misspelled argument would reach the kernel as a
+    NULL pointer or a zero size. Every struct filled in batchnorm._fused names only its
+    fields (read from the source, so that no call pays for the check)."""
+    import ast
+    import inspect
+
+    from batchnorm import _fused, _jit
+
+    structs = {s.__name__: {name for name, _ in s._fields_} for s, _ in _jit.ENTRY_POINTS.values()}
+    tree = ast.parse(inspect.getsource(_fused))
+    checked = 0
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        bound = {}  # local name -> struct name
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in structs:
+                fields = structs[node.func.id]
+                assert len(node.args) <= len(fields), (fn.name, node.func.id)
+                for kw in node.keywords:
+                    assert kw.arg in fields, f"{fn.name}: {node.func.id} has no field {kw.arg!r}"
+                checked += 1
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                    and isinstance(node.value.func, ast.Name) and node.value.func.id in structs):
+                for t in node.targets:
+                    if isinstance(t, ast.Name):
+                        bound[t.id] = node.value.func.id
+        for node in ast.walk(fn):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for t in targets:
+                for a in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                    if isinstance(a, ast.Attribute) and isinstance(a.value, ast.Name) and a.value.id in bound:
+                        assert a.attr in structs[bound[a.value.id]], f"{fn.name}: {bound[a.value.id]} has no " \
+                                                                     f"field {a.attr!r}"
+                        checked += 1
+    assert checked >= len(structs)  # every struct is filled somewhere

@@ -289,24 +289,28 @@ class _FusedBNAct(torch.autograd.Function):
         al = be = ga = None
         if need_x:
             k = invstd.double() if weight is None else invstd.double() * weight.detach().double()
-            al = k
+            al = k.to(dt)
             if batch:
                 m = x.numel() // C
                 b2 = k * s2 * invstd.double() ** 2 / m
-                be, ga = -b2, b2 * mean.double() - k * s1 / m
-            else:
-                be = ga = torch.zeros(C, dtype=torch.float64)
-            al, be, ga = al.to(dt), be.to(dt), ga.to(dt)
+                be, ga = (-b2).to(dt), (b2 * mean.double() - k * s1 / m).to(dt)
         dx = None
+        zeros = torch.zeros(C, dtype=dt) if (need_x and not batch) or (not smooth and (need_x or need_r)) else None
         if smooth:
             if need_x and batch:
                 dx = torch.empty_like(x)
                 _fused.grad_input(dz, x, lay, al, be, ga, dx)
             elif need_x:  # eval: dx = k * dz, x not read (an infinite x gives no inf * 0)
                 dx = torch.empty_like(x)
-                _fused.affine(dz, lay, al, be, dx)
+                _fused.affine(dz, lay, al, zeros, dx)
+        elif need_x and not batch:
+            # Eval: dx = k * dz. Through dz, not the training formula with zero coefficients:
+            # 0 * x would make an infinite x a NaN gradient where torch's is finite.
+            _, dz = _fused.act_grad(dy, x, lay, scale, shift, spec.slope, mask, zeros, zeros, zeros, False, True, res,
+                                    **act)
+            dx = torch.empty_like(x)
+            _fused.affine(dz, lay, al, zeros, dx)
         elif need_x or need_r:
-            zeros = torch.zeros(C, dtype=dt)
             dx, dz = _fused.act_grad(dy, x, lay, scale, shift, spec.slope, mask, zeros if al is None else al,
                                      zeros if be is None else be, zeros if ga is None else ga, need_x, need_r, res,
                                      **act)
