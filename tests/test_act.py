@@ -535,6 +535,36 @@ def test_smooth_kernels_run_and_match_torch(name, residual, dtype, memory_format
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("shape,memory_format", [((4, 3, 67, 83), torch.contiguous_format),
+                                                  ((2, 300, 11, 11), torch.channels_last)], ids=["nchw", "cl"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("name,inplace", [("elu", False), ("elu", True), ("silu", False), ("gelu", False),
+                                          ("gelu_tanh", False)])
+def test_smooth_kernels_across_chunk_boundaries(name, inplace, residual, shape, memory_format):
+    """The smooth kinds run in chunks of 256 values: spans (NCHW, 5561 values per row) and rows
+    (channels_last, 300 channels) that end inside a chunk give torch's outputs, gradients and
+    running statistics, in float64, out of place and (elu) in place."""
+    ours, theirs, f = _smooth_pair(name, shape[1], torch.float64, inplace=inplace)
+    tol = {"rtol": 1e-9, "atol": 1e-10}
+    for train in (True, False):
+        ours.train(train)
+        theirs.train(train)
+        x0 = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(memory_format=memory_format).requires_grad_()
+        r = torch.randn(shape, dtype=torch.float64, requires_grad=True) if residual else None
+        x = x0.clone() if inplace else x0  # in place overwrites a non-leaf
+        y = ours(x, r)
+        assert type(y.grad_fn).__name__ in ("_FusedBNActBackward", "_InplaceBNActBackward")
+        want = f(theirs(x0) + (r if residual else 0))
+        torch.testing.assert_close(y, want, **tol)
+        g = torch.randn_like(y)
+        extra = [] if r is None else [r]
+        got = torch.autograd.grad(y, [x0, ours.weight, ours.bias] + extra, g)
+        expected = torch.autograd.grad(want, [x0, theirs.weight, theirs.bias] + extra, g)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+
+
 @pytest.mark.parametrize("name,residual", [("gelu", False), ("gelu", True), ("elu", False), ("silu", True),
                                            ("gelu_tanh", False)])
 def test_smooth_kernels_gradcheck_small(name, residual):

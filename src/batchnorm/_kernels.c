@@ -523,7 +523,7 @@ static int cl_sums_fast_f64(const double *x, const double *dy, int64_t C, int64_
 
 #define DEFINE_KERNELS(T, SUF, L)                                                                \
                                                                                                  \
-/* Lane accumulators over one channel's rows: a1 += x - k, a2 += (x - k)^2 (stats), or          \
+/* Lane accumulators over one channel's rows: a1 += x - k, a2 += (x - k)^2 (stats), or           \
  * a1 += dy, a2 += dy * (x - k) (sums, when dy != NULL). Double totals in s1, s2. */             \
 __attribute__((unused)) static void channel_sums_generic_##SUF(const T *x, const T *dy, int64_t N, int64_t C, int64_t S,         \
                                int64_t c, T k, double *s1, double *s2) {                         \
@@ -561,7 +561,7 @@ __attribute__((unused)) static void channel_sums_generic_##SUF(const T *x, const
     *s2 = t2;                                                                                    \
 }                                                                                                \
                                                                                                  \
-/* Channels-innermost: rows [lo, hi) of (M, C) into double totals s1[C], s2[C]; b is 2*C       \
+/* Channels-innermost: rows [lo, hi) of (M, C) into double totals s1[C], s2[C]; b is 2*C         \
  * float scratch. dy == NULL: stats of x - k[c]; else sums dy, dy * (x - k[c]). */               \
 static void cl_sums_##SUF(const T *x, const T *dy, int64_t C, int64_t lo, int64_t hi,            \
                           const T *restrict k, double *restrict s1, double *restrict s2,         \
@@ -594,12 +594,12 @@ static void cl_sums_##SUF(const T *x, const T *dy, int64_t C, int64_t lo, int64_
 struct job_##SUF {                                                                               \
     const T *x, *dy; T *out; int64_t N, C, S; int stream;                                        \
     const T *k;            /* per-channel shift (stats) or mean (sums) */                        \
-    double *s1, *s2;       /* totals: C (rows) or nt * C (channels-innermost) */                \
-    T *scratch;            /* 2 * C floats per thread (channels-innermost) */                   \
-    const T *c0, *c1, *c2; /* per-channel coefficients of the elementwise pass */               \
+    double *s1, *s2;       /* totals: C (rows) or nt * C (channels-innermost) */                 \
+    T *scratch;            /* 2 * C floats per thread (channels-innermost) */                    \
+    const T *c0, *c1, *c2; /* per-channel coefficients of the elementwise pass */                \
     /* whole steps */                                                                            \
     const T *w, *b; double eps, var_scale; T *mean, *invstd, *var, *dw, *db;                     \
-    /* Batch Renormalization (rd != NULL): r and d from the running statistics ren_mean,        \
+    /* Batch Renormalization (rd != NULL): r and d from the running statistics ren_mean,         \
      * ren_var (only read) and the limits; rd holds r then d (C each). */                        \
     const T *ren_mean, *ren_var; double r_max, d_max; T *rd;                                     \
 };                                                                                               \
@@ -618,13 +618,13 @@ static void cl_sums_task_##SUF(void *p, int t, int nt) {                        
     struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
     int64_t lo, hi;                                                                              \
     split(j->N * j->S, t, nt, &lo, &hi);                                                         \
-    if (!cl_sums_fast_##SUF(j->x, j->dy, j->C, lo, hi, j->k, j->s1 + (int64_t)t * j->C,            \
+    if (!cl_sums_fast_##SUF(j->x, j->dy, j->C, lo, hi, j->k, j->s1 + (int64_t)t * j->C,          \
                             j->s2 + (int64_t)t * j->C, j->scratch + (int64_t)t * 2 * j->C))      \
         cl_sums_##SUF(j->x, j->dy, j->C, lo, hi, j->k, j->s1 + (int64_t)t * j->C,                \
                       j->s2 + (int64_t)t * j->C, j->scratch + (int64_t)t * 2 * j->C);            \
 }                                                                                                \
                                                                                                  \
-/* out = c0[c] * dy + c1[c] * x + c2[c] (dy == NULL: out = c1[c] * x + c2[c]) */                \
+/* out = c0[c] * dy + c1[c] * x + c2[c] (dy == NULL: out = c1[c] * x + c2[c]) */                 \
 static void ew_task_##SUF(void *p, int t, int nt) {                                              \
     struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
     const int64_t C = j->C, S = j->S;                                                            \
@@ -634,7 +634,7 @@ static void ew_task_##SUF(void *p, int t, int nt) {                             
         for (int64_t r = lo; r < hi; r++) {                                                      \
             const int64_t c = r % C;                                                             \
             if (j->dy)                                                                           \
-                dx_row_##SUF(j->dy + r * S, j->x + r * S, j->out + r * S, S, j->c0[c], j->c1[c],  \
+                dx_row_##SUF(j->dy + r * S, j->x + r * S, j->out + r * S, S, j->c0[c], j->c1[c], \
                              j->c2[c], j->stream);                                               \
             else                                                                                 \
                 affine_row_##SUF(j->x + r * S, j->out + r * S, S, j->c1[c], j->c2[c], j->stream); \
@@ -646,14 +646,14 @@ static void ew_task_##SUF(void *p, int t, int nt) {                             
                 dx_vec_##SUF(j->dy + r * C, j->x + r * C, j->out + r * C, C, j->c0, j->c1, j->c2,  \
                              j->stream);                                                         \
             else                                                                                 \
-                affine_vec_##SUF(j->x + r * C, j->out + r * C, C, j->c1, j->c2, j->stream);       \
+                affine_vec_##SUF(j->x + r * C, j->out + r * C, C, j->c1, j->c2, j->stream);      \
         }                                                                                        \
     }                                                                                            \
     fence(j->stream);                                                                            \
 }                                                                                                \
                                                                                                  \
-/* Totals s1, s2 per channel (C doubles each): rows or channels-innermost, x - shift stats     \
- * (dy == NULL, shift = first value of each channel) or dy sums around k. 0 or -1 (memory). */ \
+/* Totals s1, s2 per channel (C doubles each): rows or channels-innermost, x - shift stats       \
+ * (dy == NULL, shift = first value of each channel) or dy sums around k. 0 or -1 (memory). */   \
 static int totals_##SUF(const T *x, const T *dy, int64_t N, int64_t C, int64_t S, int cl,        \
                         const T *k, double *s1, double *s2, int nt) {                            \
     struct job_##SUF j;                                                                          \
@@ -670,11 +670,11 @@ static int totals_##SUF(const T *x, const T *dy, int64_t N, int64_t C, int64_t S
     if (!s || !scr) { free(s); free(scr); return -1; }                                           \
     for (int tt = 0; tt < 2 * nt; tt++) memset(s + tt * C, 0, (size_t)C * sizeof(double));       \
     j.s1 = s; j.s2 = s + (int64_t)nt * C; j.scratch = scr;                                       \
-    if (!dy) j.k = x; /* the first row is one sample of every channel */                        \
+    if (!dy) j.k = x; /* the first row is one sample of every channel */                         \
     run_parallel(cl_sums_task_##SUF, &j, nt);                                                    \
     for (int64_t c = 0; c < C; c++) {                                                            \
         double u = 0.0, q = 0.0;                                                                 \
-        for (int tt = 0; tt < nt; tt++) { u += j.s1[tt * C + c]; q += j.s2[tt * C + c]; }         \
+        for (int tt = 0; tt < nt; tt++) { u += j.s1[tt * C + c]; q += j.s2[tt * C + c]; }        \
         s1[c] = u;                                                                               \
         s2[c] = q;                                                                               \
     }                                                                                            \
@@ -686,7 +686,7 @@ static int stream_ok_##SUF(int64_t N, int64_t C, int64_t S) {                   
     return (double)N * C * S * sizeof(T) >= (double)STREAM_MIN;                                  \
 }                                                                                                \
                                                                                                  \
-static void elementwise_##SUF(const T *dy, const T *x, T *out, int64_t N, int64_t C, int64_t S, \
+static void elementwise_##SUF(const T *dy, const T *x, T *out, int64_t N, int64_t C, int64_t S,  \
                               int cl, const T *c0, const T *c1, const T *c2, int nt) {           \
     struct job_##SUF j;                                                                          \
     memset(&j, 0, sizeof j);                                                                     \
@@ -1022,7 +1022,7 @@ static inline __m512 ld_row(const float *p, int last, __mmask16 tail) {
 #define LDV(p) ld_row((p) + 16 * v, masked && v == WV - 1, tail)
 #define DEFINE_ROWS(W)                                                                           \
 static inline __attribute__((always_inline)) void cl_rows_body##W(                               \
-        const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,     \
+        const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi, const float *k,      \
         double *s1, double *s2, const int masked, __mmask16 tail) {                              \
     enum { NR = W < 15 ? W : 15, WV = W };                                                       \
     float t1[16 * W], t2[16 * W];                                                                \
@@ -1061,11 +1061,11 @@ static inline __attribute__((always_inline)) void cl_rows_body##W(              
             }                                                                                    \
         }                                                                                        \
         for (int v = 0; v < NR; v++) { _mm512_storeu_ps(t1 + 16 * v, a[v]); _mm512_storeu_ps(t2 + 16 * v, b[v]); } \
-        for (int64_t l = 0; l < (masked ? C : 16 * W); l++) { s1[l] += t1[l]; s2[l] += t2[l]; }   \
+        for (int64_t l = 0; l < (masked ? C : 16 * W); l++) { s1[l] += t1[l]; s2[l] += t2[l]; }  \
     }                                                                                            \
 }                                                                                                \
-/* Two functions: plain loads throughout for C % 16 == 0, the last vector masked otherwise \
- * (one function holding both was slower on the unmasked widths). */                     \
+/* Two functions: plain loads throughout for C % 16 == 0, the last vector masked otherwise       \
+ * (one function holding both was slower on the unmasked widths). */                             \
 static void cl_rows##W(const float *x, const float *dy, int64_t C, int64_t lo, int64_t hi,       \
                        const float *k, double *s1, double *s2, __mmask16 tail) {                 \
     cl_rows_body##W(x, dy, C, lo, hi, k, s1, s2, 0, tail);                                       \
@@ -1306,7 +1306,7 @@ static void masked_fwd_task_##SUF(void *p, int t, int nt) {                     
     int64_t lo, hi;                                                                              \
     split(C, t, nt, &lo, &hi);                                                                   \
     for (int64_t c = lo; c < hi; c++) {                                                          \
-        const T k = a->x[(a->n0 * C + c) * L + a->l0]; /* a valid sample of the channel */     \
+        const T k = a->x[(a->n0 * C + c) * L + a->l0]; /* a valid sample of the channel */       \
         double s1 = 0.0, s2 = 0.0;                                                               \
         if (!masked_sums_fast_##SUF(a->x, a->w8, N, C, L, c, k, &s1, &s2)) {                     \
             for (int64_t n = 0; n < N; n++) {                                                    \
@@ -1323,12 +1323,12 @@ static void masked_fwd_task_##SUF(void *p, int t, int nt) {                     
                 s2 += b2;                                                                        \
             }                                                                                    \
         }                                                                                        \
-        const double d = s1 / a->m, v = clamp_var(s2 / a->m - d * d), mu = (double)k + d;       \
+        const double d = s1 / a->m, v = clamp_var(s2 / a->m - d * d), mu = (double)k + d;        \
         const double is = 1.0 / sqrt(v + a->eps), sc = a->w ? is * (double)a->w[c] : is;         \
         const T scale = (T)sc, shift = (T)((a->b ? (double)a->b[c] : 0.0) - mu * sc);            \
         a->mean[c] = (T)mu; a->invstd[c] = (T)is; a->var[c] = (T)v;                              \
         for (int64_t n = 0; n < N; n++)                                                          \
-            affine_row_##SUF(a->x + (n * C + c) * L, a->out + (n * C + c) * L, L, scale, shift,      \
+            affine_row_##SUF(a->x + (n * C + c) * L, a->out + (n * C + c) * L, L, scale, shift,  \
                              a->stream);                                                         \
     }                                                                                            \
     fence(a->stream);                                                                            \
@@ -1591,7 +1591,7 @@ SM_INLINE T sm_pow2_##SUF(T k) {                                                
 /* expm1(r) for |r| <= ln2 / 2 */                                                                \
 SM_INLINE T sm_em1_poly_##SUF(T r) {                                                             \
     T p;                                                                                         \
-    SM_POLY(T, FMA, sm_em1_##SUF, r, p);                                                          \
+    SM_POLY(T, FMA, sm_em1_##SUF, r, p);                                                         \
     return FMA(p, r * r, r);                                                                     \
 }                                                                                                \
                                                                                                  \
@@ -1682,7 +1682,7 @@ SM_INLINE T sm_log1p_##SUF(T w) {                                               
     kf = (kf - SM_TWO52_##SUF) - SM_BIAS_##SUF;                                                  \
     const T f = m - (T)1, s = f / ((T)2 + f), s2 = s * s;                                        \
     T p;                                                                                         \
-    SM_POLY(T, FMA, sm_atanh_##SUF, s2, p);                                                       \
+    SM_POLY(T, FMA, sm_atanh_##SUF, s2, p);                                                      \
     const T c = (w - (u - (T)1)) / u;                                                            \
     const T lg = FMA(kf, SM_LN2HI_##SUF, FMA(kf, SM_LN2LO_##SUF, c) + FMA((T)2 * s * s2, p, (T)2 * s)); \
     return u > 0 ? lg : (w == w ? -(T)INFINITY : w);                                             \
@@ -1791,76 +1791,116 @@ static inline int act_args_ok(int act, int output, int has_dz, int sums) {
     return sums && has_dz;
 }
 
-/* d = dz and u of value i inside a span whose variables are g, v, m, r, a, b, vec, sl, isl,
- * zero, al and the constants kind, output, has_m, has_r. */
+/* d = dz and u of value i of the piecewise-linear kind inside a span whose variables are g, v,
+ * m, r, a, b, vec, sl, isl, zero and the constants output, has_m, has_r (the smooth kinds go
+ * through the chunk functions of DEFINE_ACT instead). */
 #define ACT_VALUE(T, SUF, FMA, i)                                                                \
     const T vi = v[i];                                                                           \
-    T d, u;                                                                                      \
-    if (kind == ACT_LINEAR) {                                                                    \
-        const int pos = output ? vi > 0                                                          \
-                      : has_m ? m[i] != 0 : FMA(vec ? a[i] : a[0], vi, vec ? b[i] : b[0]) > 0;   \
-        d = pos ? g[i] : (zero ? (T)0 : sl * g[i]);                                              \
-        u = output ? (pos ? vi : vi * isl) : vi;                                                 \
-        if (output && has_r) u -= r[i];                                                          \
-    } else if (output) { /* elu in place: isl = 1 / alpha */                                     \
-        const int pos = vi > 0;                                                                  \
-        d = g[i] * (pos ? (T)1 : vi + al);                                                       \
-        u = pos ? vi : sm_log1p_##SUF(vi * isl);                                                 \
-        if (has_r) u -= r[i];                                                                    \
-    } else {                                                                                     \
-        T z = FMA(vec ? a[i] : a[0], vi, vec ? b[i] : b[0]);                                     \
-        if (has_r) z += r[i];                                                                    \
-        d = g[i] * sm_grad_##SUF(kind, z, al);                                                   \
-        u = vi;                                                                                  \
-    }
+    const int pos = output ? vi > 0                                                              \
+                  : has_m ? m[i] != 0 : FMA(vec ? a[i] : a[0], vi, vec ? b[i] : b[0]) > 0;       \
+    const T d = pos ? g[i] : (zero ? (T)0 : sl * g[i]);                                          \
+    T u = output ? (pos ? vi : vi * isl) : vi;                                                   \
+    if (output && has_r) u -= r[i];
 
 /* act_dx's span instances by what is read (output, mask, residual) and written (dx, dz),
  * inside act_dx_task (its variables); K: the activation (a constant). */
-#define ACT_DX_OUT(SUF, VEC, K, Z, O, M, R)                                                      \
-    if (dx && dz) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, ea, Z, O, M, R, 1, 1, K); \
-    else if (dx) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, ea, Z, O, M, R, 1, 0, K); \
-    else act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, ea, Z, O, M, R, 0, 1, K);
+#define ACT_DX_OUT(SUF, VEC, Z, O, M, R)                                                         \
+    if (dx && dz) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, Z, O, M, R, 1, 1); \
+    else if (dx) act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, Z, O, M, R, 1, 0); \
+    else act_dx_span_##SUF(g, v, m, r, dx, dz, n, a, b, al, be, ga, VEC, sl, isl, Z, O, M, R, 0, 1);
 #define ACT_DX_LINEAR(SUF, VEC)                                                                  \
-    if (output && r) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 0, 1, 0, 1) }                            \
-    else if (output) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 0, 1, 0, 0) }                            \
-    else if (m && zero) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 1, 0, 1, 0) }                         \
-    else if (m) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 0, 0, 1, 0) }                                 \
-    else if (zero) { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 1, 0, 0, 0) }                              \
-    else { ACT_DX_OUT(SUF, VEC, ACT_LINEAR, 0, 0, 0, 0) }
+    if (output && r) { ACT_DX_OUT(SUF, VEC, 0, 1, 0, 1) }                                        \
+    else if (output) { ACT_DX_OUT(SUF, VEC, 0, 1, 0, 0) }                                        \
+    else if (m && zero) { ACT_DX_OUT(SUF, VEC, 1, 0, 1, 0) }                                     \
+    else if (m) { ACT_DX_OUT(SUF, VEC, 0, 0, 1, 0) }                                             \
+    else if (zero) { ACT_DX_OUT(SUF, VEC, 1, 0, 0, 0) }                                          \
+    else { ACT_DX_OUT(SUF, VEC, 0, 0, 0, 0) }
 /* the smooth kinds: elu in place only (act_args_ok) */
 #define ACT_DX_ALL(SUF, VEC)                                                                     \
-    if (kind == ACT_ELU && r) { ACT_DX_OUT(SUF, VEC, ACT_ELU, 0, 1, 0, 1) }                      \
-    else if (kind == ACT_ELU) { ACT_DX_OUT(SUF, VEC, ACT_ELU, 0, 1, 0, 0) }                      \
+    if (kind == ACT_ELU) act_dx_elu_##SUF(g, v, r, dx, dz, n, al, be, ga, VEC, isl, ea);         \
     else { ACT_DX_LINEAR(SUF, VEC) }
 
 /* act_sums' span (rows) or row (channels-innermost) instances, inside act_sums_any. */
-#define ACT_SUMS_CALL(SUF, K, Z, O, M, R, D)                                                     \
-    if (rows) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, al, Z, l1, l2, dz, O, M, R, D, K); \
-    else act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, al, Z, l1, l2, dz, O, M, R, D, K);
-/* smooth: in place (elu) as the piecewise-linear kind; out of place dz is written too */
-#define ACT_SUMS_SMOOTH(SUF, K)                                                                  \
-    if (K == ACT_ELU && output && r) { ACT_SUMS_CALL(SUF, K, 0, 1, 0, 1, 0) }                    \
-    else if (K == ACT_ELU && output) { ACT_SUMS_CALL(SUF, K, 0, 1, 0, 0, 0) }                    \
-    else if (r) { ACT_SUMS_CALL(SUF, K, 0, 0, 0, 1, 1) }                                         \
-    else { ACT_SUMS_CALL(SUF, K, 0, 0, 0, 0, 1) }
+#define ACT_SUMS_CALL(SUF, Z, O, M, R)                                                           \
+    if (rows) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, Z, l1, l2, O, M, R);      \
+    else act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, Z, l1, l2, O, M, R);
+#define SM_CHUNK 256  /* values per chunk of a smooth kind: a multiple of every L */
+/* sm_chunk's two loops for the smooth kind K (act(z), and g * act'(z)) */
+#define SM_CHUNK_CASES(SUF, K)                                                                   \
+    case 2 * K:                                                                                  \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; i++) y[i] = sm_act_##SUF(K, z[i], al);                        \
+        break;                                                                                   \
+    case 2 * K + 1:                                                                              \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; i++) y[i] = g[i] * sm_grad_##SUF(K, z[i], al);                \
+        break;
 
 #define DEFINE_ACT(T, SUF, FMA, L)                                                               \
                                                                                                  \
-/* z -> act(z) for a constant kind (piecewise linear: slope sl, zero for ReLU). */               \
-SM_INLINE T act_apply_##SUF(const int kind, T z, T sl, const int zero, T al) {                   \
-    return kind == ACT_LINEAR ? (!(z <= 0) ? z : (zero ? (T)0 : sl * z)) : sm_act_##SUF(kind, z, al); \
+/* z -> act(z) for the piecewise-linear kind: slope sl, zero (a constant) for ReLU. */           \
+SM_INLINE T act_apply_##SUF(T z, T sl, const int zero) {                                         \
+    return !(z <= 0) ? z : (zero ? (T)0 : sl * z);                                               \
+}                                                                                                \
+                                                                                                 \
+/* The smooth kinds, a chunk of at most SM_CHUNK values at a time: z into a buffer (the same     \
+ * fma and add as everywhere, so that forward and backward find the same z), then act(z) or      \
+ * act'(z) over the chunk in one vectorized loop per kind. The costly polynomials so exist once  \
+ * per kind, not once per layout, residual and in-place variant of every loop that reads z. */   \
+static inline void sm_z_##SUF(const T *restrict x, const T *restrict r, const T *restrict a,     \
+                              const T *restrict b, const int vec, int64_t n, T *restrict z) {    \
+    if (vec) {                                                                                   \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; i++) z[i] = FMA(a[i], x[i], b[i]);                            \
+    } else {                                                                                     \
+        const T a0 = a[0], b0 = b[0];                                                            \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; i++) z[i] = FMA(a0, x[i], b0);                                \
+    }                                                                                            \
+    if (r) {                                                                                     \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; i++) z[i] += r[i];                                            \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* y = act(z) (grad 0) or y = g * act'(z) (grad 1) over one chunk, kind smooth */                \
+static __attribute__((noinline)) void sm_chunk_##SUF(const int kind, const int grad,             \
+        const T *restrict z, const T *restrict g, T *restrict y, int64_t n, T al) {              \
+    switch (kind * 2 + grad) {                                                                   \
+    SM_CHUNK_CASES(SUF, ACT_ELU) SM_CHUNK_CASES(SUF, ACT_SILU) SM_CHUNK_CASES(SUF, ACT_GELU)     \
+    SM_CHUNK_CASES(SUF, ACT_GELU_TANH)                                                           \
+    default: break;                                                                              \
+    }                                                                                            \
+}                                                                                                \
+                                                                                                 \
+/* elu in place: u = act^-1(y) = log1p(y / alpha) where y <= 0 (isl = 1 / alpha), else y */      \
+static __attribute__((noinline)) void sm_unelu_##SUF(const T *restrict y, T *restrict u,         \
+                                                     int64_t n, T isl) {                         \
+    _Pragma("omp simd")                                                                          \
+    for (int64_t i = 0; i < n; i++) u[i] = y[i] > 0 ? y[i] : sm_log1p_##SUF(y[i] * isl);         \
+}                                                                                                \
+                                                                                                 \
+/* y = act(fma(a, x, b) (+ r)) over one span, smooth kind; y may be x (in place) */              \
+static void act_fwd_smooth_##SUF(const T *x, const T *r, T *y, int64_t n, const T *a, const T *b, \
+                                 const int vec, const int kind, T al) {                          \
+    T z[SM_CHUNK];                                                                               \
+    for (int64_t k0 = 0; k0 < n; k0 += SM_CHUNK) {                                               \
+        const int64_t k = n - k0 < SM_CHUNK ? n - k0 : SM_CHUNK;                                 \
+        sm_z_##SUF(x + k0, r ? r + k0 : NULL, vec ? a + k0 : a, vec ? b + k0 : b, vec, k, z);    \
+        sm_chunk_##SUF(kind, 0, z, NULL, y + k0, k, al);                                         \
+    }                                                                                            \
 }                                                                                                \
                                                                                                  \
 /* One span of n values; per-channel a, b either one value (vec 0) or n of them (vec 1). */      \
 static inline __attribute__((always_inline)) void act_fwd_span_##SUF(                            \
         const T *restrict x, const T *restrict r, T *restrict y, uint8_t *restrict m, int64_t n, \
         const T *restrict a, const T *restrict b, const int vec, T sl, const int zero,           \
-        const int has_r, const int has_m, const int kind, T al) {                                \
+        const int has_r, const int has_m) {                                                      \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < n; i++) {                                                            \
         T z = FMA(vec ? a[i] : a[0], x[i], vec ? b[i] : b[0]);                                   \
         if (has_r) z += r[i];                                                                    \
-        y[i] = act_apply_##SUF(kind, z, sl, zero, al);                                           \
+        y[i] = act_apply_##SUF(z, sl, zero);                                                     \
         if (has_m) m[i] = z > 0;                                                                 \
     }                                                                                            \
 }                                                                                                \
@@ -1868,45 +1908,36 @@ static inline __attribute__((always_inline)) void act_fwd_span_##SUF(           
 /* The same with y written over x (one pointer: no aliasing for the compiler to fear). */        \
 static inline __attribute__((always_inline)) void act_fwd_inplace_span_##SUF(                    \
         T *restrict xy, const T *restrict r, int64_t n, const T *restrict a, const T *restrict b, \
-        const int vec, T sl, const int zero, const int has_r, const int kind, T al) {            \
+        const int vec, T sl, const int zero, const int has_r) {                                  \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < n; i++) {                                                            \
         T z = FMA(vec ? a[i] : a[0], xy[i], vec ? b[i] : b[0]);                                  \
         if (has_r) z += r[i];                                                                    \
-        xy[i] = act_apply_##SUF(kind, z, sl, zero, al);                                          \
+        xy[i] = act_apply_##SUF(z, sl, zero);                                                    \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* Masks for the piecewise-linear kind only; in place for it and elu, the invertible ones (the   \
- * Python side asks for no other in place; were y == x for another, the out-of-place loop        \
- * would still read each x[i] before writing y[i]). */                                           \
+/* The piecewise-linear kind: with or without masks and a residual, or in place. */              \
 static inline __attribute__((always_inline)) void act_fwd_sel_##SUF(                             \
         const T *x, const T *r, T *y, uint8_t *m, int64_t n, const T *a, const T *b, const int vec, \
-        T sl, const int zero, const int kind, T al) {                                            \
-    const int lin = kind == ACT_LINEAR;                                                          \
-    if (y == x && (lin || kind == ACT_ELU)) {                                                    \
-        if (r) act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 1, kind, al);            \
-        else act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 0, kind, al);              \
+        T sl, const int zero) {                                                                  \
+    if (y == x) {                                                                                \
+        if (r) act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 1);                      \
+        else act_fwd_inplace_span_##SUF(y, r, n, a, b, vec, sl, zero, 0);                        \
     }                                                                                            \
-    else if (lin && r && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 1, kind, al); \
-    else if (r) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 0, kind, al);          \
-    else if (lin && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 1, kind, al);   \
-    else act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 0, kind, al);                 \
+    else if (r && m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 1);               \
+    else if (r) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 1, 0);                    \
+    else if (m) act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 1);                    \
+    else act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 0);                           \
 }                                                                                                \
                                                                                                  \
 /* kind and zero (ReLU) as constants of each instance: the loops stay branch-free selects */     \
 static inline __attribute__((always_inline)) void act_fwd_any_##SUF(                             \
         const T *x, const T *r, T *y, uint8_t *m, int64_t n, const T *a, const T *b, const int vec, \
         T sl, int zero, int kind, T al) {                                                        \
-    switch (kind) {                                                                              \
-    case ACT_ELU: act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_ELU, al); break;        \
-    case ACT_SILU: act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_SILU, al); break;      \
-    case ACT_GELU: act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_GELU, al); break;      \
-    case ACT_GELU_TANH: act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_GELU_TANH, al); break; \
-    default:                                                                                     \
-        if (zero) act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 1, ACT_LINEAR, al);            \
-        else act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0, ACT_LINEAR, al);                 \
-    }                                                                                            \
+    if (kind != ACT_LINEAR) act_fwd_smooth_##SUF(x, r, y, n, a, b, vec, kind, al);               \
+    else if (zero) act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 1);                           \
+    else act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0);                                     \
 }                                                                                                \
                                                                                                  \
 static void act_fwd_task_##SUF(void *p, int t, int nt) {                                         \
@@ -1935,9 +1966,8 @@ static void act_fwd_task_##SUF(void *p, int t, int nt) {                        
  * persist across the channel's rows (short rows cost no horizontal sums). */                    \
 static inline __attribute__((always_inline)) void act_sums_span_##SUF(                           \
         const T *restrict g, const T *restrict v, const uint8_t *restrict m, const T *restrict r, \
-        int64_t n, const T *restrict a, const T *restrict b, T mu, T sl, T isl, T al,            \
-        const int zero, T *restrict l1, T *restrict l2, T *restrict dz, const int output,        \
-        const int has_m, const int has_r, const int has_dz, const int kind) {                    \
+        int64_t n, const T *restrict a, const T *restrict b, T mu, T sl, T isl, const int zero,  \
+        T *restrict l1, T *restrict l2, const int output, const int has_m, const int has_r) {    \
     const int vec = 0;                                                                           \
     int64_t i = 0;                                                                               \
     if (has_m) {                                                                                 \
@@ -1949,7 +1979,6 @@ static inline __attribute__((always_inline)) void act_sums_span_##SUF(          
             _Pragma("omp simd reduction(+:s1,s2)")                                               \
             for (int64_t k = k0; k < k1; k++) {                                                  \
                 ACT_VALUE(T, SUF, FMA, k)                                                        \
-                if (has_dz) dz[k] = d;                                                           \
                 s1 += d;                                                                         \
                 s2 += d * (u - mu);                                                              \
             }                                                                                    \
@@ -1962,14 +1991,12 @@ static inline __attribute__((always_inline)) void act_sums_span_##SUF(          
         _Pragma("omp simd")                                                                      \
         for (int l = 0; l < L; l++) {                                                            \
             ACT_VALUE(T, SUF, FMA, i + l)                                                        \
-            if (has_dz) dz[i + l] = d;                                                           \
             l1[l] += d;                                                                          \
             l2[l] += d * (u - mu);                                                               \
         }                                                                                        \
     }                                                                                            \
     for (int l = 0; i < n; i++, l++) {                                                           \
         ACT_VALUE(T, SUF, FMA, i)                                                                \
-        if (has_dz) dz[i] = d;                                                                   \
         l1[l] += d;                                                                              \
         l2[l] += d * (u - mu);                                                                   \
     }                                                                                            \
@@ -1979,36 +2006,80 @@ static inline __attribute__((always_inline)) void act_sums_span_##SUF(          
 static inline __attribute__((always_inline)) void act_sums_row_##SUF(                            \
         const T *restrict g, const T *restrict v, const uint8_t *restrict m, const T *restrict r, \
         int64_t C, const T *restrict a, const T *restrict b, const T *restrict mu, T sl, T isl,  \
-        T al, const int zero, T *restrict b1, T *restrict b2, T *restrict dz, const int output,  \
-        const int has_m, const int has_r, const int has_dz, const int kind) {                    \
+        const int zero, T *restrict b1, T *restrict b2, const int output, const int has_m,       \
+        const int has_r) {                                                                       \
     const int vec = 1;                                                                           \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < C; i++) {                                                            \
         ACT_VALUE(T, SUF, FMA, i)                                                                \
-        if (has_dz) dz[i] = d;                                                                   \
         b1[i] += d;                                                                              \
         b2[i] += d * (u - mu[i]);                                                                \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
+/* act_sums' span (rows: lane accumulators l1, l2 of L values each, mu[0]) or row (channels      \
+ * innermost: per-channel accumulators and mu) for a smooth kind. Out of place d = dy * act'(z)  \
+ * (into dz) and u = x; in place (elu) d = dy * (y > 0 ? 1 : y + alpha), u = act^-1(y) - r. */   \
+static void act_sums_smooth_##SUF(const T *g, const T *v, const T *r, int64_t n, const T *a,     \
+        const T *b, const T *mu, T isl, T al, const int output, const int kind, T *restrict l1,  \
+        T *restrict l2, T *dz, const int rows) {                                                 \
+    T z[SM_CHUNK], db[SM_CHUNK];                                                                 \
+    for (int64_t k0 = 0; k0 < n; k0 += SM_CHUNK) {                                               \
+        const int64_t k = n - k0 < SM_CHUNK ? n - k0 : SM_CHUNK;                                 \
+        const T *gk = g + k0, *vk = v + k0, *u = vk;                                             \
+        T *d = dz ? dz + k0 : db;                                                                \
+        if (output) {                                                                            \
+            sm_unelu_##SUF(vk, z, k, isl);                                                       \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t i = 0; i < k; i++) {                                                    \
+                d[i] = gk[i] * (vk[i] > 0 ? (T)1 : vk[i] + al);                                  \
+                if (r) z[i] -= r[k0 + i];                                                        \
+            }                                                                                    \
+            u = z;                                                                               \
+        } else {                                                                                 \
+            sm_z_##SUF(vk, r ? r + k0 : NULL, rows ? a : a + k0, rows ? b : b + k0, !rows, k, z);\
+            sm_chunk_##SUF(kind, 1, z, gk, d, k, al);                                            \
+        }                                                                                        \
+        if (rows) {                                                                              \
+            const T m0 = mu[0];                                                                  \
+            int64_t i = 0;                                                                       \
+            for (; i + L <= k; i += L) {                                                         \
+                _Pragma("omp simd")                                                              \
+                for (int l = 0; l < L; l++) {                                                    \
+                    l1[l] += d[i + l];                                                           \
+                    l2[l] += d[i + l] * (u[i + l] - m0);                                         \
+                }                                                                                \
+            }                                                                                    \
+            for (int l = 0; i < k; i++, l++) {                                                   \
+                l1[l] += d[i];                                                                   \
+                l2[l] += d[i] * (u[i] - m0);                                                     \
+            }                                                                                    \
+        } else {                                                                                 \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t i = 0; i < k; i++) {                                                    \
+                l1[k0 + i] += d[i];                                                              \
+                l2[k0 + i] += d[i] * (u[i] - mu[k0 + i]);                                        \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+}                                                                                                \
 /* Every instance of the two above the kernels need: kind, zero, output, has_m, has_r            \
  * constant. */                                                                                  \
 static inline __attribute__((always_inline)) void act_sums_any_##SUF(                            \
         const T *g, const T *v, const uint8_t *m, const T *r, int64_t n, const T *a, const T *b, \
         const T *mu, T sl, T isl, T al, int zero, int output, int kind, T *l1, T *l2, T *dz,     \
         const int rows) {                                                                        \
-    switch (kind) {                                                                              \
-    case ACT_ELU: ACT_SUMS_SMOOTH(SUF, ACT_ELU) break;                                           \
-    case ACT_SILU: ACT_SUMS_SMOOTH(SUF, ACT_SILU) break;                                         \
-    case ACT_GELU: ACT_SUMS_SMOOTH(SUF, ACT_GELU) break;                                         \
-    case ACT_GELU_TANH: ACT_SUMS_SMOOTH(SUF, ACT_GELU_TANH) break;                               \
-    default:                                                                                     \
-        if (output && r) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 0, 1, 0, 1, 0) }                       \
-        else if (output) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 0, 1, 0, 0, 0) }                       \
-        else if (m && zero) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 1, 0, 1, 0, 0) }                    \
-        else if (m) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 0, 0, 1, 0, 0) }                            \
-        else if (zero) { ACT_SUMS_CALL(SUF, ACT_LINEAR, 1, 0, 0, 0, 0) }                         \
-        else { ACT_SUMS_CALL(SUF, ACT_LINEAR, 0, 0, 0, 0, 0) }                                   \
+    if (kind != ACT_LINEAR) {                                                                    \
+        act_sums_smooth_##SUF(g, v, r, n, a, b, mu, isl, al, output, kind, l1, l2, dz, rows);    \
+        return;                                                                                  \
+    }                                                                                            \
+    {                                                                                            \
+        if (output && r) { ACT_SUMS_CALL(SUF, 0, 1, 0, 1) }                                      \
+        else if (output) { ACT_SUMS_CALL(SUF, 0, 1, 0, 0) }                                      \
+        else if (m && zero) { ACT_SUMS_CALL(SUF, 1, 0, 1, 0) }                                   \
+        else if (m) { ACT_SUMS_CALL(SUF, 0, 0, 1, 0) }                                           \
+        else if (zero) { ACT_SUMS_CALL(SUF, 1, 0, 0, 0) }                                        \
+        else { ACT_SUMS_CALL(SUF, 0, 0, 0, 0) }                                                  \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
@@ -2105,8 +2176,8 @@ static inline __attribute__((always_inline)) void act_dx_span_##SUF(            
         const T *restrict g, const T *restrict v, const uint8_t *restrict m, const T *restrict r, \
         T *restrict dx, T *restrict dz, int64_t n, const T *restrict a, const T *restrict b,     \
         const T *restrict al_, const T *restrict be, const T *restrict ga, const int vec, T sl,  \
-        T isl, T al, const int zero, const int output, const int has_m, const int has_r,         \
-        const int has_dx, const int has_dz, const int kind) {                                    \
+        T isl, const int zero, const int output, const int has_m, const int has_r,               \
+        const int has_dx, const int has_dz) {                                                    \
     _Pragma("omp simd")                                                                          \
     for (int64_t i = 0; i < n; i++) {                                                            \
         ACT_VALUE(T, SUF, FMA, i)                                                                \
@@ -2115,6 +2186,26 @@ static inline __attribute__((always_inline)) void act_dx_span_##SUF(            
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
+/* act_dx for elu in place: v is the output y, d = dy * (y > 0 ? 1 : y + alpha) and              \
+ * u = act^-1(y) - r; dx = al * d + be * u + ga (per-channel al, be, ga: one value or n) */      \
+static void act_dx_elu_##SUF(const T *g, const T *v, const T *r, T *dx, T *dz, int64_t n,        \
+        const T *al, const T *be, const T *ga, const int vec, T isl, T alpha) {                  \
+    T u[SM_CHUNK];                                                                               \
+    for (int64_t k0 = 0; k0 < n; k0 += SM_CHUNK) {                                               \
+        const int64_t k = n - k0 < SM_CHUNK ? n - k0 : SM_CHUNK;                                 \
+        const T *gk = g + k0, *vk = v + k0;                                                      \
+        const T *ak = vec ? al + k0 : al, *bk = vec ? be + k0 : be, *ck = vec ? ga + k0 : ga;    \
+        sm_unelu_##SUF(vk, u, k, isl);                                                           \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < k; i++) {                                                        \
+            const T d = gk[i] * (vk[i] > 0 ? (T)1 : vk[i] + alpha);                              \
+            const T ui = r ? u[i] - r[k0 + i] : u[i];                                            \
+            if (dx)                                                                              \
+                dx[k0 + i] = (vec ? ak[i] : ak[0]) * d + (vec ? bk[i] : bk[0]) * ui + (vec ? ck[i] : ck[0]);\
+            if (dz) dz[k0 + i] = d;                                                              \
+        }                                                                                        \
+    }                                                                                            \
+}                                                                                                \
 static void act_dx_task_##SUF(void *p, int t, int nt) {                                          \
     const struct bn_act_dx_args *q = (const struct bn_act_dx_args *)p;                           \
     const T *g0 = (const T *)q->dy, *v0 = (const T *)q->v, *r0 = (const T *)q->r;                \
