@@ -536,14 +536,18 @@ def test_smooth_kernels_run_and_match_torch(name, residual, dtype, memory_format
 
 
 @pytest.mark.parametrize("shape,memory_format", [((4, 3, 67, 83), torch.contiguous_format),
-                                                  ((2, 300, 11, 11), torch.channels_last)], ids=["nchw", "cl"])
+                                                  ((64, 21, 7, 7), torch.contiguous_format),
+                                                  ((2, 300, 11, 11), torch.channels_last),
+                                                  ((2, 24, 37, 37), torch.channels_last)],
+                         ids=["nchw-long", "nchw-short", "cl-wide", "cl-narrow"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("name,inplace", [("elu", False), ("elu", True), ("silu", False), ("gelu", False),
                                           ("gelu_tanh", False)])
 def test_smooth_kernels_across_chunk_boundaries(name, inplace, residual, shape, memory_format):
-    """The smooth kinds run in chunks of 256 values: spans (NCHW, 5561 values per row) and rows
-    (channels_last, 300 channels) that end inside a chunk give torch's outputs, gradients and
-    running statistics, in float64, out of place and (elu) in place."""
+    """The smooth kinds run in chunks of 256 values, each a flat range of whole or partial rows:
+    NCHW rows of 5561 values (several chunks per row) and of 49 (several rows per chunk, and
+    rows across chunk ends), channels_last rows of 300 channels and of 24, give torch's
+    outputs, gradients and running statistics, in float64, out of place and (elu) in place."""
     ours, theirs, f = _smooth_pair(name, shape[1], torch.float64, inplace=inplace)
     tol = {"rtol": 1e-9, "atol": 1e-10}
     for train in (True, False):

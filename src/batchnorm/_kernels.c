@@ -1815,10 +1815,6 @@ static inline int act_args_ok(int act, int output, int has_dz, int sums) {
     else if (m) { ACT_DX_OUT(SUF, VEC, 0, 0, 1, 0) }                                             \
     else if (zero) { ACT_DX_OUT(SUF, VEC, 1, 0, 0, 0) }                                          \
     else { ACT_DX_OUT(SUF, VEC, 0, 0, 0, 0) }
-/* the smooth kinds: elu in place only (act_args_ok) */
-#define ACT_DX_ALL(SUF, VEC)                                                                     \
-    if (kind == ACT_ELU) act_dx_elu_##SUF(g, v, r, dx, dz, n, al, be, ga, VEC, isl, ea);         \
-    else { ACT_DX_LINEAR(SUF, VEC) }
 
 /* act_sums' span (rows) or row (channels-innermost) instances, inside act_sums_any. */
 #define ACT_SUMS_CALL(SUF, Z, O, M, R)                                                           \
@@ -1846,20 +1842,36 @@ SM_INLINE T act_apply_##SUF(T z, T sl, const int zero) {                        
 /* The smooth kinds, a chunk of at most SM_CHUNK values at a time: z into a buffer (the same     \
  * fma and add as everywhere, so that forward and backward find the same z), then act(z) or      \
  * act'(z) over the chunk in one vectorized loop per kind. The costly polynomials so exist once  \
- * per kind, not once per layout, residual and in-place variant of every loop that reads z. */   \
-static inline void sm_z_##SUF(const T *restrict x, const T *restrict r, const T *restrict a,     \
-                              const T *restrict b, const int vec, int64_t n, T *restrict z) {    \
-    if (vec) {                                                                                   \
-        _Pragma("omp simd")                                                                      \
-        for (int64_t i = 0; i < n; i++) z[i] = FMA(a[i], x[i], b[i]);                            \
-    } else {                                                                                     \
-        const T a0 = a[0], b0 = b[0];                                                            \
-        _Pragma("omp simd")                                                                      \
-        for (int64_t i = 0; i < n; i++) z[i] = FMA(a0, x[i], b0);                                \
+ * per kind, not once per layout, residual and in-place variant of every loop that reads z.      \
+ * A chunk is a flat range of values, [e0, e0 + k) of a tensor whose value e has channel e % C   \
+ * (cl) or (e / S) % C: it holds whole or partial runs of one channel, so that short rows (a     \
+ * channels-last row of 64 values, a 7 x 7 plane) share one chunk. */                            \
+static inline int64_t sm_run_##SUF(int64_t e, int64_t left, const int cl, int64_t C, int64_t S,  \
+                                   int64_t *c) {                                                 \
+    int64_t seg;                                                                                 \
+    if (cl) { *c = e % C; seg = C - *c; }                                                        \
+    else { *c = (e / S) % C; seg = S - e % S; }                                                  \
+    return seg < left ? seg : left;                                                              \
+}                                                                                                \
+                                                                                                 \
+/* z = fma(A[c], x, B[c]) (+ r) over values [e0, e0 + k); x, r, z start at e0 */                 \
+static inline void sm_z_##SUF(const T *restrict x, const T *restrict r, const T *restrict A,     \
+        const T *restrict B, int64_t e0, int64_t k, const int cl, int64_t C, int64_t S,          \
+        T *restrict z) {                                                                         \
+    for (int64_t i = 0, c = 0, seg; i < k; i += seg) {                                           \
+        seg = sm_run_##SUF(e0 + i, k - i, cl, C, S, &c);                                         \
+        if (cl) {                                                                                \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t j = 0; j < seg; j++) z[i + j] = FMA(A[c + j], x[i + j], B[c + j]);      \
+        } else {                                                                                 \
+            const T a0 = A[c], b0 = B[c];                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t j = 0; j < seg; j++) z[i + j] = FMA(a0, x[i + j], b0);                  \
+        }                                                                                        \
     }                                                                                            \
     if (r) {                                                                                     \
         _Pragma("omp simd")                                                                      \
-        for (int64_t i = 0; i < n; i++) z[i] += r[i];                                            \
+        for (int64_t i = 0; i < k; i++) z[i] += r[i];                                            \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
@@ -1880,17 +1892,17 @@ static __attribute__((noinline)) void sm_unelu_##SUF(const T *restrict y, T *res
     for (int64_t i = 0; i < n; i++) u[i] = y[i] > 0 ? y[i] : sm_log1p_##SUF(y[i] * isl);         \
 }                                                                                                \
                                                                                                  \
-/* y = act(fma(a, x, b) (+ r)) over one span, smooth kind; y may be x (in place) */              \
-static void act_fwd_smooth_##SUF(const T *x, const T *r, T *y, int64_t n, const T *a, const T *b, \
-                                 const int vec, const int kind, T al) {                          \
+/* y = act(fma(A[c], x, B[c]) (+ r)) over values [e0, e0 + n), smooth kind; y may be x (in       \
+ * place: each chunk of x is read into z before y is written) */                                 \
+static void act_fwd_smooth_##SUF(const T *x, const T *r, T *y, const T *A, const T *B,           \
+        int64_t e0, int64_t n, const int cl, int64_t C, int64_t S, const int kind, T al) {       \
     T z[SM_CHUNK];                                                                               \
     for (int64_t k0 = 0; k0 < n; k0 += SM_CHUNK) {                                               \
         const int64_t k = n - k0 < SM_CHUNK ? n - k0 : SM_CHUNK;                                 \
-        sm_z_##SUF(x + k0, r ? r + k0 : NULL, vec ? a + k0 : a, vec ? b + k0 : b, vec, k, z);    \
-        sm_chunk_##SUF(kind, 0, z, NULL, y + k0, k, al);                                         \
+        sm_z_##SUF(x + e0 + k0, r ? r + e0 + k0 : NULL, A, B, e0 + k0, k, cl, C, S, z);          \
+        sm_chunk_##SUF(kind, 0, z, NULL, y + e0 + k0, k, al);                                    \
     }                                                                                            \
 }                                                                                                \
-                                                                                                 \
 /* One span of n values; per-channel a, b either one value (vec 0) or n of them (vec 1). */      \
 static inline __attribute__((always_inline)) void act_fwd_span_##SUF(                            \
         const T *restrict x, const T *restrict r, T *restrict y, uint8_t *restrict m, int64_t n, \
@@ -1931,12 +1943,11 @@ static inline __attribute__((always_inline)) void act_fwd_sel_##SUF(            
     else act_fwd_span_##SUF(x, r, y, m, n, a, b, vec, sl, zero, 0, 0);                           \
 }                                                                                                \
                                                                                                  \
-/* kind and zero (ReLU) as constants of each instance: the loops stay branch-free selects */     \
+/* the piecewise-linear kind with zero (ReLU) a constant of each instance: branch-free selects */\
 static inline __attribute__((always_inline)) void act_fwd_any_##SUF(                             \
         const T *x, const T *r, T *y, uint8_t *m, int64_t n, const T *a, const T *b, const int vec, \
-        T sl, int zero, int kind, T al) {                                                        \
-    if (kind != ACT_LINEAR) act_fwd_smooth_##SUF(x, r, y, n, a, b, vec, kind, al);               \
-    else if (zero) act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 1);                           \
+        T sl, int zero) {                                                                        \
+    if (zero) act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 1);                                \
     else act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0);                                     \
 }                                                                                                \
                                                                                                  \
@@ -1951,14 +1962,18 @@ static void act_fwd_task_##SUF(void *p, int t, int nt) {                        
     const int64_t C = a->c, S = a->s, L_ = a->cl ? C : S;                                        \
     int64_t lo, hi;                                                                              \
     split(a->n * (a->cl ? S : C), t, nt, &lo, &hi);                                              \
+    if (kind != ACT_LINEAR) {                                                                    \
+        act_fwd_smooth_##SUF(x, r, y, A, B, lo * L_, (hi - lo) * L_, a->cl, C, S, kind, al);     \
+        return;                                                                                  \
+    }                                                                                            \
     for (int64_t row = lo; row < hi; row++) {                                                    \
         const int64_t o = row * L_;                                                              \
         if (a->cl)                                                                               \
-            act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, C, A, B, 1, sl, zero, \
-                              kind, al);                                                         \
+            act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, C, A, B, 1, sl,  \
+                              zero);                                                             \
         else                                                                                     \
             act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, S, A + row % C,  \
-                              B + row % C, 0, sl, zero, kind, al);                               \
+                              B + row % C, 0, sl, zero);                                         \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
@@ -2017,12 +2032,13 @@ static inline __attribute__((always_inline)) void act_sums_row_##SUF(           
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* act_sums' span (rows: lane accumulators l1, l2 of L values each, mu[0]) or row (channels      \
- * innermost: per-channel accumulators and mu) for a smooth kind. Out of place d = dy * act'(z)  \
- * (into dz) and u = x; in place (elu) d = dy * (y > 0 ? 1 : y + alpha), u = act^-1(y) - r. */   \
-static void act_sums_smooth_##SUF(const T *g, const T *v, const T *r, int64_t n, const T *a,     \
-        const T *b, const T *mu, T isl, T al, const int output, const int kind, T *restrict l1,  \
-        T *restrict l2, T *dz, const int rows) {                                                 \
+/* act_sums for a smooth kind over n values: one span of one channel (cl 0: lane accumulators    \
+ * l1, l2 of L values each, A, B, mu that channel's), or whole rows of C channels (cl 1: the     \
+ * per-channel accumulators l1, l2, A, B and mu). Out of place d = dy * act'(z) (into dz, when   \
+ * given) and u = x; in place (elu) d = dy * (y > 0 ? 1 : y + alpha), u = act^-1(y) - r. */      \
+static void act_sums_smooth_##SUF(const T *g, const T *v, const T *r, int64_t n, const T *A,     \
+        const T *B, const T *mu, T isl, T al, const int output, const int kind, T *restrict l1,  \
+        T *restrict l2, T *dz, const int cl, int64_t C) {                                        \
     T z[SM_CHUNK], db[SM_CHUNK];                                                                 \
     for (int64_t k0 = 0; k0 < n; k0 += SM_CHUNK) {                                               \
         const int64_t k = n - k0 < SM_CHUNK ? n - k0 : SM_CHUNK;                                 \
@@ -2037,10 +2053,10 @@ static void act_sums_smooth_##SUF(const T *g, const T *v, const T *r, int64_t n,
             }                                                                                    \
             u = z;                                                                               \
         } else {                                                                                 \
-            sm_z_##SUF(vk, r ? r + k0 : NULL, rows ? a : a + k0, rows ? b : b + k0, !rows, k, z);\
+            sm_z_##SUF(vk, r ? r + k0 : NULL, A, B, k0, k, cl, cl ? C : 1, n, z);                \
             sm_chunk_##SUF(kind, 1, z, gk, d, k, al);                                            \
         }                                                                                        \
-        if (rows) {                                                                              \
+        if (!cl) { /* k0 is a multiple of L: lane l of the span stays lane l */                  \
             const T m0 = mu[0];                                                                  \
             int64_t i = 0;                                                                       \
             for (; i + L <= k; i += L) {                                                         \
@@ -2054,11 +2070,14 @@ static void act_sums_smooth_##SUF(const T *g, const T *v, const T *r, int64_t n,
                 l1[l] += d[i];                                                                   \
                 l2[l] += d[i] * (u[i] - m0);                                                     \
             }                                                                                    \
-        } else {                                                                                 \
+            continue;                                                                            \
+        }                                                                                        \
+        for (int64_t i = 0, c = 0, seg; i < k; i += seg) {                                       \
+            seg = sm_run_##SUF(k0 + i, k - i, 1, C, 1, &c);                                      \
             _Pragma("omp simd")                                                                  \
-            for (int64_t i = 0; i < k; i++) {                                                    \
-                l1[k0 + i] += d[i];                                                              \
-                l2[k0 + i] += d[i] * (u[i] - mu[k0 + i]);                                        \
+            for (int64_t j = 0; j < seg; j++) {                                                  \
+                l1[c + j] += d[i + j];                                                           \
+                l2[c + j] += d[i + j] * (u[i + j] - mu[c + j]);                                  \
             }                                                                                    \
         }                                                                                        \
     }                                                                                            \
@@ -2070,7 +2089,8 @@ static inline __attribute__((always_inline)) void act_sums_any_##SUF(           
         const T *mu, T sl, T isl, T al, int zero, int output, int kind, T *l1, T *l2, T *dz,     \
         const int rows) {                                                                        \
     if (kind != ACT_LINEAR) {                                                                    \
-        act_sums_smooth_##SUF(g, v, r, n, a, b, mu, isl, al, output, kind, l1, l2, dz, rows);    \
+        act_sums_smooth_##SUF(g, v, r, n, a, b, mu, isl, al, output, kind, l1, l2, dz, !rows,    \
+                              n);                                                                \
         return;                                                                                  \
     }                                                                                            \
     {                                                                                            \
@@ -2137,11 +2157,17 @@ static void act_sums_task_##SUF(void *p, int t, int nt) {                       
     for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {                                                \
         const int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;                                    \
         for (int64_t c = 0; c < C; c++) { b1[c] = 0; b2[c] = 0; }                                \
-        for (int64_t row = r0; row < r1; row++) {                                                \
-            const int64_t o = row * C;                                                           \
-            act_sums_any_##SUF(g + o, v + o, m ? m + o : NULL, r ? r + o : NULL, C, A, B, mu, sl, \
-                               isl, al, zero, output, kind, b1, b2, dz ? dz + o : NULL, 0);      \
-        }                                                                                        \
+        const int64_t o0 = r0 * C;                                                               \
+        if (kind != ACT_LINEAR) /* the block's rows at once: short rows share a chunk */         \
+            act_sums_smooth_##SUF(g + o0, v + o0, r ? r + o0 : NULL, (r1 - r0) * C, A, B, mu,    \
+                                  isl, al, output, kind, b1, b2, dz ? dz + o0 : NULL, 1, C);     \
+        else                                                                                     \
+            for (int64_t row = r0; row < r1; row++) {                                            \
+                const int64_t o = row * C;                                                       \
+                act_sums_any_##SUF(g + o, v + o, m ? m + o : NULL, r ? r + o : NULL, C, A, B, mu,\
+                                   sl, isl, al, zero, output, kind, b1, b2,                      \
+                                   dz ? dz + o : NULL, 0);                                       \
+            }                                                                                    \
         for (int64_t c = 0; c < C; c++) { t1[c] += (double)b1[c]; t2[c] += (double)b2[c]; }      \
     }                                                                                            \
 }                                                                                                \
@@ -2186,23 +2212,35 @@ static inline __attribute__((always_inline)) void act_dx_span_##SUF(            
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
-/* act_dx for elu in place: v is the output y, d = dy * (y > 0 ? 1 : y + alpha) and              \
- * u = act^-1(y) - r; dx = al * d + be * u + ga (per-channel al, be, ga: one value or n) */      \
-static void act_dx_elu_##SUF(const T *g, const T *v, const T *r, T *dx, T *dz, int64_t n,        \
-        const T *al, const T *be, const T *ga, const int vec, T isl, T alpha) {                  \
-    T u[SM_CHUNK];                                                                               \
-    for (int64_t k0 = 0; k0 < n; k0 += SM_CHUNK) {                                               \
-        const int64_t k = n - k0 < SM_CHUNK ? n - k0 : SM_CHUNK;                                 \
+/* act_dx for elu in place over values [e0, e0 + n) (channels as in sm_z): v is the output y,    \
+ * d = dy * (y > 0 ? 1 : y + alpha) and u = act^-1(y) - r; dx = al[c] * d + be[c] * u + ga[c] */ \
+static void act_dx_elu_##SUF(const T *g, const T *v, const T *r, T *dx, T *dz, int64_t e0,       \
+        int64_t n, const T *al, const T *be, const T *ga, const int cl, int64_t C, int64_t S,    \
+        T isl, T alpha) {                                                                        \
+    T u[SM_CHUNK], d[SM_CHUNK];                                                                  \
+    for (int64_t k0 = e0; k0 < e0 + n; k0 += SM_CHUNK) {                                         \
+        const int64_t k = e0 + n - k0 < SM_CHUNK ? e0 + n - k0 : SM_CHUNK;                       \
         const T *gk = g + k0, *vk = v + k0;                                                      \
-        const T *ak = vec ? al + k0 : al, *bk = vec ? be + k0 : be, *ck = vec ? ga + k0 : ga;    \
         sm_unelu_##SUF(vk, u, k, isl);                                                           \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < k; i++) {                                                        \
-            const T d = gk[i] * (vk[i] > 0 ? (T)1 : vk[i] + alpha);                              \
-            const T ui = r ? u[i] - r[k0 + i] : u[i];                                            \
-            if (dx)                                                                              \
-                dx[k0 + i] = (vec ? ak[i] : ak[0]) * d + (vec ? bk[i] : bk[0]) * ui + (vec ? ck[i] : ck[0]);\
-            if (dz) dz[k0 + i] = d;                                                              \
+            d[i] = gk[i] * (vk[i] > 0 ? (T)1 : vk[i] + alpha);                                   \
+            if (r) u[i] -= r[k0 + i];                                                            \
+        }                                                                                        \
+        if (dz) memcpy(dz + k0, d, (size_t)k * sizeof(T));                                       \
+        if (!dx) continue;                                                                       \
+        for (int64_t i = 0, c = 0, seg; i < k; i += seg) {                                       \
+            seg = sm_run_##SUF(k0 + i, k - i, cl, C, S, &c);                                     \
+            T *o = dx + k0 + i;                                                                  \
+            if (cl) {                                                                            \
+                _Pragma("omp simd")                                                              \
+                for (int64_t j = 0; j < seg; j++)                                                \
+                    o[j] = al[c + j] * d[i + j] + be[c + j] * u[i + j] + ga[c + j];              \
+            } else {                                                                             \
+                const T a0 = al[c], b0 = be[c], c0 = ga[c];                                      \
+                _Pragma("omp simd")                                                              \
+                for (int64_t j = 0; j < seg; j++) o[j] = a0 * d[i + j] + b0 * u[i + j] + c0;     \
+            }                                                                                    \
         }                                                                                        \
     }                                                                                            \
 }                                                                                                \
@@ -2219,6 +2257,11 @@ static void act_dx_task_##SUF(void *p, int t, int nt) {                         
     const int64_t C = q->c, S = q->s, n = q->cl ? C : S;                                         \
     int64_t lo, hi;                                                                              \
     split(q->n * (q->cl ? S : C), t, nt, &lo, &hi);                                              \
+    if (kind == ACT_ELU) { /* the smooth kinds: elu in place only (act_args_ok) */               \
+        act_dx_elu_##SUF(g0, v0, r0, dx0, dz0, lo * n, (hi - lo) * n, al0, be0, ga0, q->cl, C, S,\
+                         isl, ea);                                                               \
+        return;                                                                                  \
+    }                                                                                            \
     for (int64_t row = lo; row < hi; row++) {                                                    \
         const int64_t o = row * n, c = q->cl ? 0 : row % C;                                      \
         const T *g = g0 + o, *v = v0 + o, *r = r0 ? r0 + o : NULL;                               \
@@ -2226,8 +2269,8 @@ static void act_dx_task_##SUF(void *p, int t, int nt) {                         
         T *dx = dx0 ? dx0 + o : NULL, *dz = dz0 ? dz0 + o : NULL;                                \
         const T *a = sc ? sc + c : NULL, *b = sh ? sh + c : NULL;                                \
         const T *al = al0 + c, *be = be0 + c, *ga = ga0 + c;                                     \
-        if (q->cl) { ACT_DX_ALL(SUF, 1) }                                                        \
-        else { ACT_DX_ALL(SUF, 0) }                                                              \
+        if (q->cl) { ACT_DX_LINEAR(SUF, 1) }                                                     \
+        else { ACT_DX_LINEAR(SUF, 0) }                                                           \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
