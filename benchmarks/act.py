@@ -2,7 +2,7 @@
 BatchNorm2d followed by the same activation, training forward+backward, same process,
 interleaved.
 
-    python benchmarks/act.py [--quick] [--system-malloc]
+    python benchmarks/act.py [--quick] [--system-malloc] [--part blocks|memory|all] [--smooth] [--floor]
 
 Rows, per shape and memory format (float32, NCHW and channels_last):
 
@@ -23,6 +23,14 @@ read each of dy and x for the sums, again for dx, 1 write of dx (+ 1 write of dr
 residual the sign of the pre-activation rides along as a byte per value). torch's BN+ReLU
 adds a read and a write for ReLU forward and two reads and a write for its backward, the
 add another two reads and a write.
+
+The floor (``--floor``: the BN+ReLU and BN+add+ReLU rows only): floor.py's bare streaming
+passes (``_passes.c``, one add or multiply-add per element, no statistics, no autograd, no
+allocation) of exactly the traffic the fused layer cannot avoid, timed interleaved with both
+sides: read x; read x (and r) and write y; read dy and x; read them and write dx (and, with
+a residual, write dr). The sign the backward needs (a bit per value at least) is left out,
+so this is a lower bound for any layer that reads and writes what these passes do:
+floor/torch above a target rules the target out for that row.
 
 Memory (``--part memory`` or ``all``): peak training memory of the ResNet-18-style network
 of ``_nets.py`` on 64x64 inputs, batch 32, one training step (forward, cross-entropy,
@@ -172,26 +180,80 @@ def main(argv=None):
     p.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
     p.add_argument("--part", choices=["blocks", "memory", "all"], default="all")
     p.add_argument("--smooth", action="store_true", help="only the smooth-activation rows, (32, 64, 56, 56) only")
+    p.add_argument("--floor", action="store_true", help="only BN+ReLU and BN+add+ReLU, against their bare passes")
     args = p.parse_args(argv)
     if not args.system_malloc:
         pin_malloc()
     repeats = 7 if args.quick else 21
     min_time = 1e-3 if args.quick else 3e-3
     from batchnorm import _jit
-    print(f"# benchmarks/act.py {'--smooth' if args.smooth else '--part ' + args.part}: {machine()}")
+    what = "--floor" if args.floor else "--smooth" if args.smooth else "--part " + args.part
+    print(f"# benchmarks/act.py {what}: {machine()}")
     print(f"# kernels: {_jit.status()}; malloc: {os.environ.get('GLIBC_TUNABLES', 'glibc default')}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    if args.smooth:
+    if args.floor:
+        floors(repeats, min_time)
+    elif args.smooth:
         blocks(repeats, min_time, shapes=SHAPES[:1], rows=_smooth_only)
     elif args.part in ("blocks", "all"):
         blocks(repeats, min_time)
-    if args.part in ("memory", "all") and not args.smooth:
+    if args.part in ("memory", "all") and not (args.smooth or args.floor):
         rows = memory_rows()
         ref, ref_saved = rows[0][1], rows[0][2]
         print()
         print(table(["ResNet-18-style, 64x64, batch 32: one training step", "peak MiB", "of torch.nn's",
                      "saved for backward MiB", "of torch.nn's"],
                     [(n, f"{m:.0f}", f"{m / ref:.2f}", f"{sv:.0f}", f"{sv / ref_saved:.2f}") for n, m, sv in rows]))
+
+
+def floors(repeats, min_time):
+    """BN+ReLU and BN+add+ReLU against their bare passes (see the module docstring)."""
+    import tempfile
+    import floor
+    out, ratios = [], {}
+    nt = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as d:
+        lib = floor.build(d)
+        for shape in SHAPES:
+            for fmt in FORMATS:
+                mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+                x = torch.randn(*shape).to(memory_format=mf).requires_grad_()
+                r = torch.randn(*shape).to(memory_format=mf).requires_grad_()
+                gy = torch.randn(*shape).to(memory_format=mf)
+                y, dx, dr = (torch.empty_like(gy) for _ in range(3))
+                n = x.numel()
+                ref = nn.BatchNorm2d(shape[1]).train()
+                ours = bn.BatchNormAct2d(shape[1], act="relu").train()
+
+                def passes(res):
+                    def f():
+                        lib.pass_read(x.data_ptr(), None, n, nt)                                  # statistics
+                        lib.pass_write(x.data_ptr(), r.data_ptr() if res else None, y.data_ptr(), n, 1.5, nt)  # y
+                        lib.pass_read(x.data_ptr(), gy.data_ptr(), n, nt)                         # sums
+                        lib.pass_write(x.data_ptr(), gy.data_ptr(), dx.data_ptr(), n, 1.5, nt)    # dx
+                        if res:
+                            lib.pass_write(gy.data_ptr(), None, dr.data_ptr(), n, 1.0, nt)        # dr
+                    return f
+
+                t = compare([_fwdbwd(lambda: ours(x), x, gy), _fwdbwd(lambda: torch.relu(ref(x)), x, gy),
+                             _fwdbwd(lambda: torch.relu_(ref(x)), x, gy), passes(False)],
+                            min_time=min_time, repeats=repeats)
+                measured = [("BN+ReLU", t[0], min(t[1], t[2]), t[3])]
+                t = compare([_fwdbwd(lambda: ours(x, r), x, gy, r), _fwdbwd(lambda: torch.relu(ref(x) + r), x, gy, r),
+                             passes(True)], min_time=min_time, repeats=repeats)
+                measured.append(("BN+add+ReLU", t[0], t[1], t[2]))
+                for block, t_ours, t_ref, t_floor in measured:
+                    ratios.setdefault(block, []).append(t_floor / t_ref)
+                    out.append((str(shape), fmt, block, f"{t_ref * 1e3:.3f}", f"{t_ours * 1e3:.3f}",
+                                f"{t_floor * 1e3:.3f}", f"{t_floor / t_ref:.2f}", f"{t_ours / t_ref:.2f}",
+                                f"{t_ours / t_floor:.2f}"))
+                    print(" | ".join(out[-1]), file=sys.stderr, flush=True)
+    print(table(["shape", "format", "block", "torch ms", "ours ms", "bare passes ms", "floor/torch", "ours/torch",
+                 "ours/floor"], out))
+    print()
+    for block, rs in ratios.items():
+        print(f"{block}: floor/torch median {statistics.median(rs):.2f}, min {min(rs):.2f}, max {max(rs):.2f} "
+              f"over {len(rs)} rows")
 
 
 def _smooth_only(shape, fmt, repeats, min_time):
