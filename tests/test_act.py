@@ -569,6 +569,55 @@ def test_smooth_kernels_across_chunk_boundaries(name, inplace, residual, shape, 
     torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
 
 
+@pytest.mark.parametrize("dtype,shape", [(torch.float64, (8, 32, 64, 64)), (torch.float32, (16, 32, 64, 64))],
+                         ids=["f64", "f32"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("act,residual,inplace", [("relu", False, False), ("relu", True, False),
+                                                  ("leaky_relu", True, True), ("gelu", True, False)])
+def test_streamed_outputs_equal_torch(act, residual, inplace, memory_format, dtype, shape):
+    """Outputs of 8 MiB and more (y, dx, the residual's gradient) are computed in chunks and
+    streamed out with non-temporal stores: torch's values, also in place over an input whose
+    data does not start on a cache line (a view one element into its storage)."""
+    kwargs = {"negative_slope": 0.2} if act == "leaky_relu" else {}
+    ours = bn.BatchNormAct2d(shape[1], act=act, act_kwargs=kwargs, inplace=inplace).to(dtype)
+    theirs = nn.BatchNorm2d(shape[1]).to(dtype)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    f = {"relu": tF.relu, "leaky_relu": lambda z: tF.leaky_relu(z, 0.2), "gelu": tF.gelu}[act]
+    n, (N, C, H, W) = torch.Size(shape).numel(), shape
+
+    def misaligned(t):  # the values from one element into t's storage, in memory_format's layout
+        t = t[1:]
+        return t.view(shape) if memory_format == torch.contiguous_format else t.view(N, H, W, C).permute(0, 3, 1, 2)
+
+    # Values at least 0.5 from 0, the residual's of x's sign, bias 0: the pre-activation is far
+    # from the kink, where float32's rounding (our fma, torch's multiply and add) could differ
+    # in sign over two million values and so in the gradient.
+    sign = torch.randn(n + 1, dtype=dtype).sign()
+    leaf = (sign * (0.5 + torch.randn(n + 1, dtype=dtype).abs())).requires_grad_()
+    twin = leaf.detach().clone().requires_grad_()
+    r = None
+    if residual:
+        r = misaligned(sign * (0.5 + torch.randn(n + 1, dtype=dtype).abs())).clone(memory_format=memory_format)
+        r.requires_grad_()
+    x = misaligned(leaf * 1.0 if inplace else leaf)  # in place overwrites a non-leaf view
+    assert x.data_ptr() % 64 and x.is_contiguous(memory_format=memory_format)
+    y = ours(x, r)
+    # The reference in float64 (float32's per-channel gradient sums over 65,536 values differ
+    # from each other by a few 1e-4 in any two summation orders, torch's included)
+    theirs.double()
+    rr = None if r is None else r.double()
+    want = f(theirs(misaligned(twin.double())) + (rr if residual else 0))
+    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y, want.to(dtype), **tol)
+    g = torch.randn_like(y)
+    extra = [] if r is None else [r]
+    for a, b in zip(torch.autograd.grad(y, [leaf, ours.weight, ours.bias] + extra, g),
+                    torch.autograd.grad(want, [twin, theirs.weight, theirs.bias] + extra, g.double())):
+        torch.testing.assert_close(a, b.to(dtype), **tol)
+
+
 @pytest.mark.parametrize("name,residual", [("gelu", False), ("gelu", True), ("elu", False), ("silu", True),
                                            ("gelu_tanh", False)])
 def test_smooth_kernels_gradcheck_small(name, residual):

@@ -1820,7 +1820,41 @@ static inline int act_args_ok(int act, int output, int has_dz, int sums) {
 #define ACT_SUMS_CALL(SUF, Z, O, M, R)                                                           \
     if (rows) act_sums_span_##SUF(g, v, m, r, n, a, b, mu[0], sl, isl, Z, l1, l2, O, M, R);      \
     else act_sums_row_##SUF(g, v, m, r, n, a, b, mu, sl, isl, Z, l1, l2, O, M, R);
-#define SM_CHUNK 256  /* values per chunk of a smooth kind: a multiple of every L */
+#define SM_CHUNK 256  /* values per chunk (smooth kinds; streamed outputs): a multiple of every L */
+
+/* The act kernels stream a large output (as the plain kernels, from STREAM_MIN bytes) where
+ * the build has AVX: each chunk is computed into a buffer in L1, then copied out with
+ * non-temporal stores (no read for ownership of the output's lines), the partial lines at
+ * either end with ordinary ones; chunks start on a 64-byte line of the output after the
+ * first. Without AVX the outputs are written in place, never streamed. */
+#if defined(__AVX512F__) || defined(__AVX__)
+#define ACT_STREAMS 1
+#else
+#define ACT_STREAMS 0
+#endif
+static inline void stream_copy(void *dst, const void *src, size_t n) {
+    char *d = (char *)dst;
+    const char *s = (const char *)src;
+#if ACT_STREAMS
+    size_t head = (64 - ((uintptr_t)d & 63)) & 63;
+    if (head > n) head = n;
+    memcpy(d, s, head);
+    d += head; s += head; n -= head;
+    for (; n >= 64; n -= 64, d += 64, s += 64) {
+#if defined(__AVX512F__)
+        _mm512_stream_si512((__m512i *)d, _mm512_loadu_si512((const void *)s));
+#else
+        _mm256_stream_si256((__m256i *)d, _mm256_loadu_si256((const __m256i *)s));
+        _mm256_stream_si256((__m256i *)(d + 32), _mm256_loadu_si256((const __m256i *)(s + 32)));
+#endif
+    }
+#endif
+    memcpy(d, s, n);
+}
+
+/* values of T from o to the next 64-byte line, for a chunk of at most SM_CHUNK (0 unless
+ * streamed: SM_CHUNK * sizeof(T) is a whole number of lines) */
+#define ACT_CHUNK(T, o, stream) (SM_CHUNK - ((stream) ? (int64_t)(((uintptr_t)(o) & 63) / sizeof(T)) : 0))
 /* sm_chunk's two loops for the smooth kind K (act(z), and g * act'(z)) */
 #define SM_CHUNK_CASES(SUF, K)                                                                   \
     case 2 * K:                                                                                  \
@@ -1892,17 +1926,6 @@ static __attribute__((noinline)) void sm_unelu_##SUF(const T *restrict y, T *res
     for (int64_t i = 0; i < n; i++) u[i] = y[i] > 0 ? y[i] : sm_log1p_##SUF(y[i] * isl);         \
 }                                                                                                \
                                                                                                  \
-/* y = act(fma(A[c], x, B[c]) (+ r)) over values [e0, e0 + n), smooth kind; y may be x (in       \
- * place: each chunk of x is read into z before y is written) */                                 \
-static void act_fwd_smooth_##SUF(const T *x, const T *r, T *y, const T *A, const T *B,           \
-        int64_t e0, int64_t n, const int cl, int64_t C, int64_t S, const int kind, T al) {       \
-    T z[SM_CHUNK];                                                                               \
-    for (int64_t k0 = 0; k0 < n; k0 += SM_CHUNK) {                                               \
-        const int64_t k = n - k0 < SM_CHUNK ? n - k0 : SM_CHUNK;                                 \
-        sm_z_##SUF(x + e0 + k0, r ? r + e0 + k0 : NULL, A, B, e0 + k0, k, cl, C, S, z);          \
-        sm_chunk_##SUF(kind, 0, z, NULL, y + e0 + k0, k, al);                                    \
-    }                                                                                            \
-}                                                                                                \
 /* One span of n values; per-channel a, b either one value (vec 0) or n of them (vec 1). */      \
 static inline __attribute__((always_inline)) void act_fwd_span_##SUF(                            \
         const T *restrict x, const T *restrict r, T *restrict y, uint8_t *restrict m, int64_t n, \
@@ -1951,6 +1974,35 @@ static inline __attribute__((always_inline)) void act_fwd_any_##SUF(            
     else act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0);                                     \
 }                                                                                                \
                                                                                                  \
+/* y = act(fma(A[c], x, B[c]) (+ r)) (and the mask, piecewise-linear kind) over values           \
+ * [e0, e0 + n) in chunks, streamed out or written in place; y may be x (each chunk of x is      \
+ * read before y is written). */                                                                 \
+static void act_fwd_flat_##SUF(const T *x, const T *r, T *y, uint8_t *m, const T *A, const T *B, \
+        int64_t e0, int64_t n, const int cl, int64_t C, int64_t S, const int kind, T sl,         \
+        const int zero, T al, const int stream) {                                                \
+    T z[SM_CHUNK], buf[SM_CHUNK];                                                                \
+    for (int64_t k0 = e0, k; k0 < e0 + n; k0 += k) {                                             \
+        k = ACT_CHUNK(T, y + k0, stream);                                                        \
+        if (k > e0 + n - k0) k = e0 + n - k0;                                                    \
+        T *o = stream ? buf : y + k0;                                                            \
+        if (kind != ACT_LINEAR) {                                                                \
+            sm_z_##SUF(x + k0, r ? r + k0 : NULL, A, B, k0, k, cl, C, S, z);                     \
+            sm_chunk_##SUF(kind, 0, z, NULL, o, k, al);                                          \
+        } else {                                                                                 \
+            for (int64_t i = 0, c = 0, seg; i < k; i += seg) {                                   \
+                seg = sm_run_##SUF(k0 + i, k - i, cl, C, S, &c);                                 \
+                const int64_t e = k0 + i;                                                        \
+                if (cl)                                                                          \
+                    act_fwd_any_##SUF(x + e, r ? r + e : NULL, o + i, m ? m + e : NULL, seg,     \
+                                      A + c, B + c, 1, sl, zero);                                \
+                else                                                                             \
+                    act_fwd_any_##SUF(x + e, r ? r + e : NULL, o + i, m ? m + e : NULL, seg,     \
+                                      A + c, B + c, 0, sl, zero);                                \
+            }                                                                                    \
+        }                                                                                        \
+        if (stream) stream_copy(y + k0, o, (size_t)k * sizeof(T));                               \
+    }                                                                                            \
+}                                                                                                \
 static void act_fwd_task_##SUF(void *p, int t, int nt) {                                         \
     const struct bn_act_fwd_args *a = (const struct bn_act_fwd_args *)p;                         \
     const T *x = (const T *)a->x, *r = (const T *)a->r, *A = (const T *)a->scale;                \
@@ -1962,8 +2014,11 @@ static void act_fwd_task_##SUF(void *p, int t, int nt) {                        
     const int64_t C = a->c, S = a->s, L_ = a->cl ? C : S;                                        \
     int64_t lo, hi;                                                                              \
     split(a->n * (a->cl ? S : C), t, nt, &lo, &hi);                                              \
-    if (kind != ACT_LINEAR) {                                                                    \
-        act_fwd_smooth_##SUF(x, r, y, A, B, lo * L_, (hi - lo) * L_, a->cl, C, S, kind, al);     \
+    const int stream = ACT_STREAMS && stream_ok_##SUF(a->n, C, S);                               \
+    if (kind != ACT_LINEAR || stream) {                                                          \
+        act_fwd_flat_##SUF(x, r, y, m, A, B, lo * L_, (hi - lo) * L_, a->cl, C, S, kind, sl,     \
+                           zero, al, stream);                                                    \
+        fence(stream);                                                                           \
         return;                                                                                  \
     }                                                                                            \
     for (int64_t row = lo; row < hi; row++) {                                                    \
@@ -2260,6 +2315,32 @@ static void act_dx_task_##SUF(void *p, int t, int nt) {                         
     if (kind == ACT_ELU) { /* the smooth kinds: elu in place only (act_args_ok) */               \
         act_dx_elu_##SUF(g0, v0, r0, dx0, dz0, lo * n, (hi - lo) * n, al0, be0, ga0, q->cl, C, S,\
                          isl, ea);                                                               \
+        return;                                                                                  \
+    }                                                                                            \
+    if (ACT_STREAMS && stream_ok_##SUF(q->n, C, S)) { /* chunks into buffers, streamed out */    \
+        T xb[SM_CHUNK], zb[SM_CHUNK];                                                            \
+        const T *line = dx0 ? dx0 : dz0; /* the chunks follow dx's lines (dz's where no dx) */   \
+        for (int64_t k0 = lo * n, k; k0 < hi * n; k0 += k) {                                     \
+            k = ACT_CHUNK(T, line + k0, 1);                                                      \
+            if (k > hi * n - k0) k = hi * n - k0;                                                \
+            for (int64_t i = 0, c = 0, seg; i < k; i += seg) {                                   \
+                seg = sm_run_##SUF(k0 + i, k - i, q->cl, C, S, &c);                              \
+                const int64_t o = k0 + i;                                                        \
+                const T *g = g0 + o, *v = v0 + o, *r = r0 ? r0 + o : NULL;                       \
+                const uint8_t *m = m0 ? m0 + o : NULL;                                           \
+                T *dx = dx0 ? xb + i : NULL, *dz = dz0 ? zb + i : NULL;                          \
+                const T *a = sc ? sc + c : NULL, *b = sh ? sh + c : NULL;                        \
+                const T *al = al0 + c, *be = be0 + c, *ga = ga0 + c;                             \
+                { /* the run's length as the span's n of ACT_DX_LINEAR */                        \
+                    const int64_t n = seg;                                                       \
+                    if (q->cl) { ACT_DX_LINEAR(SUF, 1) }                                         \
+                    else { ACT_DX_LINEAR(SUF, 0) }                                               \
+                }                                                                                \
+            }                                                                                    \
+            if (dx0) stream_copy(dx0 + k0, xb, (size_t)k * sizeof(T));                           \
+            if (dz0) stream_copy(dz0 + k0, zb, (size_t)k * sizeof(T));                           \
+        }                                                                                        \
+        fence(1);                                                                                \
         return;                                                                                  \
     }                                                                                            \
     for (int64_t row = lo; row < hi; row++) {                                                    \
