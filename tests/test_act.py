@@ -569,6 +569,35 @@ def test_smooth_kernels_across_chunk_boundaries(name, inplace, residual, shape, 
     torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
 
 
+@pytest.mark.parametrize("shape,memory_format", [((4, 3, 67, 83), torch.contiguous_format),
+                                                  ((64, 21, 7, 7), torch.contiguous_format),
+                                                  ((2, 300, 11, 11), torch.channels_last)],
+                         ids=["nchw-long", "nchw-short", "cl-wide"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_piecewise_linear_kernels_on_long_and_short_rows(act, residual, shape, memory_format):
+    """The gradient sums (NCHW: an image at a time over the thread's channels; with a residual
+    from the sign mask, in chunks of 256) on rows of 5561 and 49 values and on 300 channels:
+    torch's outputs, gradients and running statistics in float64."""
+    kwargs = {"negative_slope": 0.2} if act == "leaky_relu" else {}
+    ours = bn.BatchNormAct2d(shape[1], act=act, act_kwargs=kwargs).double()
+    theirs = nn.BatchNorm2d(shape[1]).double()
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(theirs.state_dict())
+    f = ACTS[act][1] if act == "relu" else (lambda z: tF.leaky_relu(z, 0.2))
+    tol = {"rtol": 1e-9, "atol": 1e-10}
+    x = torch.randn(shape, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    r = torch.randn(shape, dtype=torch.float64, requires_grad=True) if residual else None
+    y = ours(x, r)
+    assert type(y.grad_fn).__name__ == "_FusedBNActBackward"
+    want = f(theirs(x) + (r if residual else 0))
+    torch.testing.assert_close(y, want, **tol)
+    _same_grads(y, want, ours, theirs, x, r, tol)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
+
+
 @pytest.mark.parametrize("dtype,shape", [(torch.float64, (8, 32, 64, 64)), (torch.float32, (16, 32, 64, 64))],
                          ids=["f64", "f32"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])

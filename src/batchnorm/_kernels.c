@@ -2041,19 +2041,29 @@ static inline __attribute__((always_inline)) void act_sums_span_##SUF(          
     const int vec = 0;                                                                           \
     int64_t i = 0;                                                                               \
     if (has_m) {                                                                                 \
-        /* gcc leaves the lane loop scalar when it reads the byte mask (6x slower): one          \
-         * vectorized reduction over the span instead, its sums into lane 0 */                   \
-        for (int64_t k0 = 0; k0 < n; k0 += ACT_FLUSH) {                                          \
-            const int64_t k1 = k0 + ACT_FLUSH < n ? k0 + ACT_FLUSH : n;                          \
-            T s1 = 0, s2 = 0;                                                                    \
-            _Pragma("omp simd reduction(+:s1,s2)")                                               \
-            for (int64_t k = k0; k < k1; k++) {                                                  \
-                ACT_VALUE(T, SUF, FMA, k)                                                        \
-                s1 += d;                                                                         \
-                s2 += d * (u - mu);                                                              \
+        /* gcc leaves the lane loop scalar when it reads the byte mask (6x slower): the mask     \
+         * first becomes values of T in a buffer, a chunk at a time (out of place, no residual:  \
+         * u = v) */                                                                             \
+        T mf[SM_CHUNK];                                                                          \
+        for (int64_t k0 = 0; k0 < n; k0 += SM_CHUNK) {                                           \
+            const int64_t k = n - k0 < SM_CHUNK ? n - k0 : SM_CHUNK;                             \
+            const T *gk = g + k0, *vk = v + k0;                                                  \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t j = 0; j < k; j++) mf[j] = m[k0 + j] ? (T)1 : (T)0;                     \
+            int64_t j = 0;                                                                       \
+            for (; j + L <= k; j += L) {                                                         \
+                _Pragma("omp simd")                                                              \
+                for (int l = 0; l < L; l++) {                                                    \
+                    const T d = mf[j + l] != 0 ? gk[j + l] : (zero ? (T)0 : sl * gk[j + l]);     \
+                    l1[l] += d;                                                                  \
+                    l2[l] += d * (vk[j + l] - mu);                                               \
+                }                                                                                \
             }                                                                                    \
-            l1[0] += s1;                                                                         \
-            l2[0] += s2;                                                                         \
+            for (int l = 0; j < k; j++, l++) {                                                   \
+                const T d = mf[j] != 0 ? gk[j] : (zero ? (T)0 : sl * gk[j]);                     \
+                l1[l] += d;                                                                      \
+                l2[l] += d * (vk[j] - mu);                                                       \
+            }                                                                                    \
         }                                                                                        \
         return;                                                                                  \
     }                                                                                            \
@@ -2160,8 +2170,8 @@ static inline __attribute__((always_inline)) void act_sums_any_##SUF(           
                                                                                                  \
 struct act_job_##SUF {                                                                           \
     const struct bn_act_sums_args *a;                                                            \
-    double *tot;    /* channels-innermost: 2 * C doubles per thread */                           \
-    T *buf;         /* channels-innermost: 2 * C values per thread */                            \
+    double *tot;    /* 2 * C doubles per thread */                                               \
+    T *buf;         /* 2 * C values (channels innermost) or 2 * L * C (rows) per thread */       \
 };                                                                                               \
                                                                                                  \
 /* The reciprocal of the in-place activation's parameter (slope or alpha), 0 out of place. */    \
@@ -2182,26 +2192,42 @@ static void act_sums_task_##SUF(void *p, int t, int nt) {                       
     const int64_t N = a->n, C = a->c, S = a->s;                                                  \
     int64_t lo, hi;                                                                              \
     if (!a->cl) {                                                                                \
+        /* The thread's channels [lo, hi), one image at a time: its spans of an image are one    \
+         * contiguous stretch of memory (a channel at a time would jump a whole image between    \
+         * spans of S values, which prefetchers and the TLB serve badly for small maps). Lane    \
+         * accumulators per channel (2 L values each), flushed into doubles as in rows. */       \
         double *s1 = (double *)a->sum_dz, *s2 = (double *)a->sum_dzu;                            \
         split(C, t, nt, &lo, &hi);                                                               \
-        for (int64_t c = lo; c < hi; c++) {                                                      \
-            double t1 = 0.0, t2 = 0.0;                                                           \
-            T l1[L], l2[L];                                                                      \
-            int64_t since = 0;                                                                   \
-            for (int l = 0; l < L; l++) { l1[l] = 0; l2[l] = 0; }                                \
-            for (int64_t n = 0; n < N; n++) {                                                    \
+        T *lanes = j->buf + (int64_t)t * 2 * L * C;                                              \
+        double *tot = j->tot + (int64_t)t * 2 * C;                                               \
+        for (int64_t i = 0; i < 2 * L * (hi - lo); i++) lanes[i] = 0;                            \
+        for (int64_t i = 0; i < 2 * (hi - lo); i++) tot[i] = 0.0;                                \
+        int64_t since = 0;                                                                       \
+        for (int64_t n = 0; n < N; n++) {                                                        \
+            for (int64_t c = lo; c < hi; c++) {                                                  \
                 const int64_t o = (n * C + c) * S;                                               \
+                T *l1 = lanes + 2 * L * (c - lo), *l2 = l1 + L;                                  \
                 act_sums_any_##SUF(g + o, v + o, m ? m + o : NULL, r ? r + o : NULL, S,          \
-                                   A ? A + c : NULL, B ? B + c : NULL, mu + c, sl, isl, al, zero, \
+                                   A ? A + c : NULL, B ? B + c : NULL, mu + c, sl, isl, al, zero,\
                                    output, kind, l1, l2, dz ? dz + o : NULL, 1);                 \
-                since += S / L + 1;                                                              \
-                if (since >= ACT_FLUSH || n == N - 1) {                                          \
-                    for (int l = 0; l < L; l++) { t1 += l1[l]; t2 += l2[l]; l1[l] = 0; l2[l] = 0; } \
-                    since = 0;                                                                   \
-                }                                                                                \
             }                                                                                    \
-            s1[c] = t1;                                                                          \
-            s2[c] = t2;                                                                          \
+            since += S / L + 1;                                                                  \
+            if (since >= ACT_FLUSH || n == N - 1) {                                              \
+                for (int64_t c = 0; c < hi - lo; c++) {                                          \
+                    T *l1 = lanes + 2 * L * c, *l2 = l1 + L;                                     \
+                    for (int l = 0; l < L; l++) {                                                \
+                        tot[2 * c] += l1[l];                                                     \
+                        tot[2 * c + 1] += l2[l];                                                 \
+                        l1[l] = 0;                                                               \
+                        l2[l] = 0;                                                               \
+                    }                                                                            \
+                }                                                                                \
+                since = 0;                                                                       \
+            }                                                                                    \
+        }                                                                                        \
+        for (int64_t c = lo; c < hi; c++) {                                                      \
+            s1[c] = tot[2 * (c - lo)];                                                           \
+            s2[c] = tot[2 * (c - lo) + 1];                                                       \
         }                                                                                        \
         return;                                                                                  \
     }                                                                                            \
@@ -2232,11 +2258,15 @@ static int act_sums_##SUF(const struct bn_act_sums_args *a) {                   
     if (!act_args_ok(a->act, a->output, a->dz != NULL, 1)) return -2;                            \
     struct act_job_##SUF j = {a, NULL, NULL};                                                    \
     int nt = a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt);                        \
-    if (!a->cl) {                                                                                \
+    const int64_t C = a->c;                                                                      \
+    if (!a->cl) { /* per thread: lane accumulators, 2 L values per channel, and 2 doubles */     \
+        j.tot = (double *)malloc((size_t)(2 * nt) * C * sizeof(double));                         \
+        j.buf = (T *)malloc((size_t)(2 * L * nt) * C * sizeof(T));                               \
+        if (!j.tot || !j.buf) { free(j.tot); free(j.buf); return -1; }                           \
         run_parallel(act_sums_task_##SUF, &j, nt);                                               \
+        free(j.tot); free(j.buf);                                                                \
         return 0;                                                                                \
     }                                                                                            \
-    const int64_t C = a->c;                                                                      \
     /* zeroed: a share the runtime did not start leaves its totals at 0 */                       \
     j.tot = (double *)calloc((size_t)(2 * nt) * C, sizeof(double));                              \
     j.buf = (T *)malloc((size_t)(2 * nt) * C * sizeof(T));                                       \
