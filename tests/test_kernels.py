@@ -169,6 +169,29 @@ def test_channels_innermost_sums_every_width(c):
     torch.testing.assert_close(sdyx.double(), (dy.double() * (x64 - mean.double())).sum(0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 17, 33])
+def test_rows_statistics_and_sums_every_image_count(n, dtype):
+    # NCHW statistics and gradient sums sweep a thread's channels ROWS_IMAGES (8) images at a
+    # time: image counts below, at and around multiples of it, rows of 13 and 200 values.
+    _need_kernels()
+    for s in (13, 200):
+        g = torch.Generator().manual_seed(n * 1000 + s)
+        x = (torch.randn(n, 6, s, generator=g) * 2 + 5).to(dtype)
+        dy = torch.randn(n, 6, s, generator=g).to(dtype)
+        lay = _fused.layout(x)
+        assert lay == (n, 6, s, 0)
+        mean, var = _fused.stats(x, lay)
+        x64 = x.double()
+        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+        torch.testing.assert_close(mean.double(), x64.mean((0, 2)), **tol)
+        torch.testing.assert_close(var.double(), x64.var((0, 2), unbiased=False), **tol)
+        sdy, sdyx = _fused.sums(dy, x, lay, mean)
+        tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
+        torch.testing.assert_close(sdy.double(), dy.double().sum((0, 2)), **tol)
+        torch.testing.assert_close(sdyx.double(), (dy.double() * (x64 - mean.double()[:, None])).sum((0, 2)), **tol)
+
+
 def test_thread_counts_agree():
     _need_kernels()
     x = torch.randn(16, 8, 32, 32) * 3 + 2

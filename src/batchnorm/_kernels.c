@@ -177,6 +177,7 @@ struct bn_masked_bwd_args {
 #define BLOCK 256          /* rows per float block in the channels-innermost reductions */
 #define FLUSH 1024         /* values per float lane before it is added into a double */
 #define STREAM_MIN (8L << 20) /* bytes of output from which stores are non-temporal */
+#define ROWS_IMAGES 8 /* images per sweep over a thread's channels in rows_sums_task */
 
 typedef void (*task_fn)(void *arg, int t, int nt);
 
@@ -604,13 +605,26 @@ struct job_##SUF {                                                              
     const T *ren_mean, *ren_var; double r_max, d_max; T *rd;                                     \
 };                                                                                               \
                                                                                                  \
+/* The thread's channels, ROWS_IMAGES images at a time: every channel's spans of those images,   \
+ * then the next images. One channel over all N images would jump a whole image between spans    \
+ * of S values (prefetchers and the TLB serve that badly for small maps); this way there are     \
+ * ROWS_IMAGES sequential streams, each moving on by S values from one channel to the next. */   \
 static void rows_sums_task_##SUF(void *p, int t, int nt) {                                       \
     struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
     int64_t lo, hi;                                                                              \
     split(j->C, t, nt, &lo, &hi);                                                                \
-    for (int64_t c = lo; c < hi; c++) {                                                          \
-        const T k = j->dy ? j->k[c] : j->x[c * j->S];                                            \
-        channel_sums_##SUF(j->x, j->dy, j->N, j->C, j->S, c, k, &j->s1[c], &j->s2[c]);           \
+    for (int64_t c = lo; c < hi; c++) { j->s1[c] = 0.0; j->s2[c] = 0.0; }                        \
+    for (int64_t n0 = 0; n0 < j->N; n0 += ROWS_IMAGES) {                                         \
+        const int64_t nb = j->N - n0 < ROWS_IMAGES ? j->N - n0 : ROWS_IMAGES;                    \
+        const int64_t o = n0 * j->C * j->S;                                                      \
+        for (int64_t c = lo; c < hi; c++) {                                                      \
+            const T k = j->dy ? j->k[c] : j->x[c * j->S];                                        \
+            double p1, p2;                                                                       \
+            channel_sums_##SUF(j->x + o, j->dy ? j->dy + o : NULL, nb, j->C, j->S, c, k, &p1,    \
+                               &p2);                                                             \
+            j->s1[c] += p1;                                                                      \
+            j->s2[c] += p2;                                                                      \
+        }                                                                                        \
     }                                                                                            \
 }                                                                                                \
                                                                                                  \
@@ -2170,8 +2184,8 @@ static inline __attribute__((always_inline)) void act_sums_any_##SUF(           
                                                                                                  \
 struct act_job_##SUF {                                                                           \
     const struct bn_act_sums_args *a;                                                            \
-    double *tot;    /* 2 * C doubles per thread */                                               \
-    T *buf;         /* 2 * C values (channels innermost) or 2 * L * C (rows) per thread */       \
+    double *tot;    /* channels-innermost: 2 * C doubles per thread */                           \
+    T *buf;         /* channels-innermost: 2 * C values per thread */                            \
 };                                                                                               \
                                                                                                  \
 /* The reciprocal of the in-place activation's parameter (slope or alpha), 0 out of place. */    \
@@ -2191,43 +2205,36 @@ static void act_sums_task_##SUF(void *p, int t, int nt) {                       
     const int zero = a->slope == 0.0, output = a->output != 0, kind = a->act;                    \
     const int64_t N = a->n, C = a->c, S = a->s;                                                  \
     int64_t lo, hi;                                                                              \
-    if (!a->cl) {                                                                                \
-        /* The thread's channels [lo, hi), one image at a time: its spans of an image are one    \
-         * contiguous stretch of memory (a channel at a time would jump a whole image between    \
-         * spans of S values, which prefetchers and the TLB serve badly for small maps). Lane    \
-         * accumulators per channel (2 L values each), flushed into doubles as in rows. */       \
+    if (!a->cl) { /* as rows_sums_task: ROWS_IMAGES images at a time over the channels */        \
         double *s1 = (double *)a->sum_dz, *s2 = (double *)a->sum_dzu;                            \
         split(C, t, nt, &lo, &hi);                                                               \
-        T *lanes = j->buf + (int64_t)t * 2 * L * C;                                              \
-        double *tot = j->tot + (int64_t)t * 2 * C;                                               \
-        for (int64_t i = 0; i < 2 * L * (hi - lo); i++) lanes[i] = 0;                            \
-        for (int64_t i = 0; i < 2 * (hi - lo); i++) tot[i] = 0.0;                                \
-        int64_t since = 0;                                                                       \
-        for (int64_t n = 0; n < N; n++) {                                                        \
+        for (int64_t c = lo; c < hi; c++) { s1[c] = 0.0; s2[c] = 0.0; }                          \
+        for (int64_t n0 = 0; n0 < N; n0 += ROWS_IMAGES) {                                        \
+            const int64_t n1 = N - n0 < ROWS_IMAGES ? N : n0 + ROWS_IMAGES;                      \
             for (int64_t c = lo; c < hi; c++) {                                                  \
-                const int64_t o = (n * C + c) * S;                                               \
-                T *l1 = lanes + 2 * L * (c - lo), *l2 = l1 + L;                                  \
-                act_sums_any_##SUF(g + o, v + o, m ? m + o : NULL, r ? r + o : NULL, S,          \
-                                   A ? A + c : NULL, B ? B + c : NULL, mu + c, sl, isl, al, zero,\
-                                   output, kind, l1, l2, dz ? dz + o : NULL, 1);                 \
-            }                                                                                    \
-            since += S / L + 1;                                                                  \
-            if (since >= ACT_FLUSH || n == N - 1) {                                              \
-                for (int64_t c = 0; c < hi - lo; c++) {                                          \
-                    T *l1 = lanes + 2 * L * c, *l2 = l1 + L;                                     \
-                    for (int l = 0; l < L; l++) {                                                \
-                        tot[2 * c] += l1[l];                                                     \
-                        tot[2 * c + 1] += l2[l];                                                 \
-                        l1[l] = 0;                                                               \
-                        l2[l] = 0;                                                               \
+                double t1 = 0.0, t2 = 0.0;                                                       \
+                T l1[L], l2[L];                                                                  \
+                int64_t since = 0;                                                               \
+                for (int l = 0; l < L; l++) { l1[l] = 0; l2[l] = 0; }                            \
+                for (int64_t n = n0; n < n1; n++) {                                              \
+                    const int64_t o = (n * C + c) * S;                                           \
+                    act_sums_any_##SUF(g + o, v + o, m ? m + o : NULL, r ? r + o : NULL, S,      \
+                                       A ? A + c : NULL, B ? B + c : NULL, mu + c, sl, isl, al,  \
+                                       zero, output, kind, l1, l2, dz ? dz + o : NULL, 1);       \
+                    since += S / L + 1;                                                          \
+                    if (since >= ACT_FLUSH || n == n1 - 1) {                                     \
+                        for (int l = 0; l < L; l++) {                                            \
+                            t1 += l1[l];                                                         \
+                            t2 += l2[l];                                                         \
+                            l1[l] = 0;                                                           \
+                            l2[l] = 0;                                                           \
+                        }                                                                        \
+                        since = 0;                                                               \
                     }                                                                            \
                 }                                                                                \
-                since = 0;                                                                       \
+                s1[c] += t1;                                                                     \
+                s2[c] += t2;                                                                     \
             }                                                                                    \
-        }                                                                                        \
-        for (int64_t c = lo; c < hi; c++) {                                                      \
-            s1[c] = tot[2 * (c - lo)];                                                           \
-            s2[c] = tot[2 * (c - lo) + 1];                                                       \
         }                                                                                        \
         return;                                                                                  \
     }                                                                                            \
@@ -2258,15 +2265,11 @@ static int act_sums_##SUF(const struct bn_act_sums_args *a) {                   
     if (!act_args_ok(a->act, a->output, a->dz != NULL, 1)) return -2;                            \
     struct act_job_##SUF j = {a, NULL, NULL};                                                    \
     int nt = a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt);                        \
-    const int64_t C = a->c;                                                                      \
-    if (!a->cl) { /* per thread: lane accumulators, 2 L values per channel, and 2 doubles */     \
-        j.tot = (double *)malloc((size_t)(2 * nt) * C * sizeof(double));                         \
-        j.buf = (T *)malloc((size_t)(2 * L * nt) * C * sizeof(T));                               \
-        if (!j.tot || !j.buf) { free(j.tot); free(j.buf); return -1; }                           \
+    if (!a->cl) {                                                                                \
         run_parallel(act_sums_task_##SUF, &j, nt);                                               \
-        free(j.tot); free(j.buf);                                                                \
         return 0;                                                                                \
     }                                                                                            \
+    const int64_t C = a->c;                                                                      \
     /* zeroed: a share the runtime did not start leaves its totals at 0 */                       \
     j.tot = (double *)calloc((size_t)(2 * nt) * C, sizeof(double));                              \
     j.buf = (T *)malloc((size_t)(2 * nt) * C * sizeof(T));                                       \
