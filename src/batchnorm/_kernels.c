@@ -177,7 +177,17 @@ struct bn_masked_bwd_args {
 #define BLOCK 256          /* rows per float block in the channels-innermost reductions */
 #define FLUSH 1024         /* values per float lane before it is added into a double */
 #define STREAM_MIN (8L << 20) /* bytes of output from which stores are non-temporal */
-#define ROWS_IMAGES 8 /* images per sweep over a thread's channels in rows_sums_task */
+#define ROWS_IMAGES 8 /* images per sweep over a thread's channels in the NCHW reductions */
+#define ROWS_GROUP_BYTES (512L << 10) /* bytes of input per group of channels in the rows tasks */
+#define ROWS_GROUP_MAX 64 /* channels per group at most */
+
+/* Channels per group for the NCHW training kernels: as many as keep a group's values of
+ * ``arrays`` tensors within ROWS_GROUP_BYTES (at least 1, at most ROWS_GROUP_MAX). */
+static inline int64_t rows_group(int64_t N, int64_t S, size_t size, int arrays) {
+    const double per = (double)N * (double)S * (double)size * arrays;
+    const double g = (double)ROWS_GROUP_BYTES / (per > 0 ? per : 1.0);
+    return g < 1.0 ? 1 : g > ROWS_GROUP_MAX ? ROWS_GROUP_MAX : (int64_t)g;
+}
 
 typedef void (*task_fn)(void *arg, int t, int nt);
 
@@ -749,43 +759,73 @@ static void bwd_coef_##SUF(double sdy, double sdyx, double m, const T *w, int64_
     *al = (T)k; *be = (T)(-bb); *ga = (T)(bb * (double)mean - aa);                               \
 }                                                                                                \
                                                                                                  \
+/* The training kernels on rows (NCHW): a group of G consecutive channels at a time, small       \
+ * enough (rows_group) that its values are still in L2 when the second pass reads them: the      \
+ * sums over the group, ROWS_IMAGES images at a time as rows_sums_task, then the coefficients,   \
+ * then the elementwise pass over the group an image at a time (G spans next to each other). */  \
 static void fwd_rows_task_##SUF(void *p, int t, int nt) {                                        \
     struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
-    const int64_t N = j->N, C = j->C, S = j->S;                                                  \
+    const int64_t N = j->N, C = j->C, S = j->S, G = rows_group(N, S, sizeof(T), 1);              \
     int64_t lo, hi;                                                                              \
     split(C, t, nt, &lo, &hi);                                                                   \
-    for (int64_t c = lo; c < hi; c++) {                                                          \
-        const T k = j->x[c * S];                                                                 \
-        double s1, s2;                                                                           \
-        T scale, shift;                                                                          \
-        channel_sums_##SUF(j->x, NULL, N, C, S, c, k, &s1, &s2);                                 \
-        fwd_coef_##SUF(j, s1, s2, (double)(N * S), (double)k, c, &scale, &shift);                \
+    for (int64_t c0 = lo; c0 < hi; c0 += G) {                                                    \
+        const int64_t c1 = c0 + G < hi ? c0 + G : hi;                                            \
+        double s1[ROWS_GROUP_MAX], s2[ROWS_GROUP_MAX];                                           \
+        T scale[ROWS_GROUP_MAX], shift[ROWS_GROUP_MAX];                                          \
+        for (int64_t c = c0; c < c1; c++) { s1[c - c0] = 0.0; s2[c - c0] = 0.0; }                \
+        for (int64_t n0 = 0; n0 < N; n0 += ROWS_IMAGES) {                                        \
+            const int64_t nb = N - n0 < ROWS_IMAGES ? N - n0 : ROWS_IMAGES, o = n0 * C * S;      \
+            for (int64_t c = c0; c < c1; c++) {                                                  \
+                double p1, p2;                                                                   \
+                channel_sums_##SUF(j->x + o, NULL, nb, C, S, c, j->x[c * S], &p1, &p2);          \
+                s1[c - c0] += p1;                                                                \
+                s2[c - c0] += p2;                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int64_t c = c0; c < c1; c++)                                                        \
+            fwd_coef_##SUF(j, s1[c - c0], s2[c - c0], (double)(N * S), (double)j->x[c * S], c,   \
+                           &scale[c - c0], &shift[c - c0]);                                      \
         for (int64_t n = 0; n < N; n++)                                                          \
-            affine_row_##SUF(j->x + (n * C + c) * S, j->out + (n * C + c) * S, S, scale, shift,  \
-                             j->stream);                                                         \
+            for (int64_t c = c0; c < c1; c++)                                                    \
+                affine_row_##SUF(j->x + (n * C + c) * S, j->out + (n * C + c) * S, S,            \
+                                 scale[c - c0], shift[c - c0], j->stream);                       \
     }                                                                                            \
     fence(j->stream);                                                                            \
 }                                                                                                \
                                                                                                  \
 static void bwd_rows_task_##SUF(void *p, int t, int nt) {                                        \
     struct job_##SUF *j = (struct job_##SUF *)p;                                                 \
-    const int64_t N = j->N, C = j->C, S = j->S;                                                  \
+    const int64_t N = j->N, C = j->C, S = j->S, G = rows_group(N, S, sizeof(T), 2);              \
     int64_t lo, hi;                                                                              \
     split(C, t, nt, &lo, &hi);                                                                   \
-    for (int64_t c = lo; c < hi; c++) {                                                          \
-        double s1, s2;                                                                           \
-        T al, be, ga;                                                                            \
-        channel_sums_##SUF(j->x, j->dy, N, C, S, c, j->mean[c], &s1, &s2);                       \
-        bwd_coef_##SUF(s1, s2, (double)(N * S), j->w, c, j->mean[c], j->invstd[c], j->dw, j->db, \
-                       &al, &be, &ga, j->rd, C);                                                 \
+    for (int64_t c0 = lo; c0 < hi; c0 += G) {                                                    \
+        const int64_t c1 = c0 + G < hi ? c0 + G : hi;                                            \
+        double s1[ROWS_GROUP_MAX], s2[ROWS_GROUP_MAX];                                           \
+        T al[ROWS_GROUP_MAX], be[ROWS_GROUP_MAX], ga[ROWS_GROUP_MAX];                            \
+        for (int64_t c = c0; c < c1; c++) { s1[c - c0] = 0.0; s2[c - c0] = 0.0; }                \
+        for (int64_t n0 = 0; n0 < N; n0 += ROWS_IMAGES) {                                        \
+            const int64_t nb = N - n0 < ROWS_IMAGES ? N - n0 : ROWS_IMAGES, o = n0 * C * S;      \
+            for (int64_t c = c0; c < c1; c++) {                                                  \
+                double p1, p2;                                                                   \
+                channel_sums_##SUF(j->x + o, j->dy + o, nb, C, S, c, j->mean[c], &p1, &p2);      \
+                s1[c - c0] += p1;                                                                \
+                s2[c - c0] += p2;                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int64_t c = c0; c < c1; c++)                                                        \
+            bwd_coef_##SUF(s1[c - c0], s2[c - c0], (double)(N * S), j->w, c, j->mean[c],         \
+                           j->invstd[c], j->dw, j->db, &al[c - c0], &be[c - c0], &ga[c - c0],    \
+                           j->rd, C);                                                            \
         if (!j->out) continue;                                                                   \
         for (int64_t n = 0; n < N; n++)                                                          \
-            dx_row_##SUF(j->dy + (n * C + c) * S, j->x + (n * C + c) * S, j->out + (n * C + c) * S, \
-                         S, al, be, ga, j->stream);                                              \
+            for (int64_t c = c0; c < c1; c++) {                                                  \
+                const int64_t o = (n * C + c) * S;                                               \
+                dx_row_##SUF(j->dy + o, j->x + o, j->out + o, S, al[c - c0], be[c - c0],         \
+                             ga[c - c0], j->stream);                                             \
+            }                                                                                    \
     }                                                                                            \
     fence(j->stream);                                                                            \
 }                                                                                                \
-                                                                                                 \
 /* The bodies of the entry points (bn_<kind>_f32/_f64 at the end of the file call them). */      \
                                                                                                  \
 /* 0, or -1 (out of memory). */                                                                  \
