@@ -192,6 +192,31 @@ def test_rows_statistics_and_sums_every_image_count(n, dtype):
         torch.testing.assert_close(sdyx.double(), (dy.double() * (x64 - mean.double()[:, None])).sum((0, 2)), **tol)
 
 
+@pytest.mark.parametrize("shape", [(9, 150, 7, 7), (3, 5, 67, 83), (130, 3, 13, 13), (17, 64, 8, 8)])
+def test_nchw_training_kernels_in_channel_groups(shape):
+    # The NCHW training kernels take a thread's channels in groups (rows_group: as many as fit
+    # 512 KiB, at most 64) and each group's sums 8 images at a time: groups of 64 and a
+    # remainder, groups of 3 of 5 channels, one group, image counts off multiples of 8. Two
+    # training steps in float64 against torch.nn: output, every gradient, running statistics.
+    _need_kernels()
+    ours, theirs = bn.BatchNorm2d(shape[1], impl="kernels").double(), torch.nn.BatchNorm2d(shape[1]).double()
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-1, 1)
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(2):
+        x = (torch.randn(*shape, dtype=torch.float64) * (step + 1) + step).requires_grad_()
+        xb = x.detach().clone().requires_grad_()
+        ya, yb = ours(x), theirs(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-10, atol=1e-10)
+        gy = torch.randn_like(ya)
+        ya.backward(gy)
+        yb.backward(gy)
+        for a, b in ((x.grad, xb.grad), (ours.weight.grad, theirs.weight.grad), (ours.bias.grad, theirs.bias.grad),
+                     (ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_thread_counts_agree():
     _need_kernels()
     x = torch.randn(16, 8, 32, 32) * 3 + 2
