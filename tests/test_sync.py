@@ -6,7 +6,7 @@ from torch import nn
 
 import batchnorm as bn
 from batchnorm import _collectives
-from dist_util import run_ranks
+from dist_util import run_ranks, run_ranks_each
 
 SPLITS = [(8, 8), (5, 11), (0, 16)]
 TAILS = [(), (5,), (3, 4)]
@@ -81,8 +81,8 @@ def ok(results):
     return [r["ok"] for r in results]
 
 
-def test_sync_equals_single_process_on_every_split():
-    results = ok(run_ranks(splits_worker, world=2, timeout=120))
+def test_sync_equals_single_process_on_every_split(two_ranks):
+    results = ok(two_ranks[splits_worker])
     for sizes in SPLITS:
         for tail in TAILS:
             x, gy = full_batch(sum(sizes), tail, seed=len(tail))
@@ -155,8 +155,8 @@ def features_worker(rank, world):
     return out
 
 
-def test_sync_masks_renorm_collectives_and_half():
-    results = ok(run_ranks(features_worker, world=2, timeout=120))
+def test_sync_masks_renorm_collectives_and_half(two_ranks):
+    results = ok(two_ranks[features_worker])
     x, gy = full_batch(8, (6,), seed=7)
     g = torch.Generator().manual_seed(3)
     mask = torch.rand(8, 6, generator=g) > 0.3
@@ -228,8 +228,8 @@ def nonfinite_worker(rank, world):
     return out
 
 
-def test_nan_on_one_rank_is_rejected_on_every_rank():
-    for r in ok(run_ranks(nonfinite_worker, world=2, timeout=60)):
+def test_nan_on_one_rank_is_rejected_on_every_rank(two_ranks):
+    for r in ok(two_ranks[nonfinite_worker]):
         for name in ("fused", "generic"):
             assert r[name] != "no error", name
             rm, rv, nbt = r[name]
@@ -245,8 +245,8 @@ def mismatch_worker(rank, world):
     return "no error"
 
 
-def test_channel_mismatch_is_a_clear_error_not_a_hang():
-    for msg in ok(run_ranks(mismatch_worker, world=2, timeout=60)):
+def test_channel_mismatch_is_a_clear_error_not_a_hang(two_ranks):
+    for msg in ok(two_ranks[mismatch_worker]):
         assert "ranks disagree on the number of channels: [3, 4]" in msg
 
 
@@ -278,8 +278,8 @@ def order_worker(rank, world):
     return out
 
 
-def test_layers_called_in_swapped_order_are_an_error_on_every_rank():
-    results = ok(run_ranks(order_worker, world=2, timeout=120))
+def test_layers_called_in_swapped_order_are_an_error_on_every_rank(two_ranks):
+    results = ok(two_ranks[order_worker])
     for rank, r in enumerate(results):
         msg = r["swapped"]
         assert msg.startswith("SyncBatchNorm: rank 1 called a different synchronized layer than rank 0 at "
@@ -379,3 +379,12 @@ def test_poll_setting_from_environment(monkeypatch):
         _collectives._poll_ms_from_env()
     monkeypatch.delenv("BATCHNORM_SYNC_POLL_MS")
     assert _collectives._poll_ms_from_env() == 20.0
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """The 2-rank workers of this file, run once in one pair of processes (a torch import
+    per rank costs seconds; five pairs cost five times that), each on a process group of its
+    own: {worker: [rank 0's result, rank 1's]}."""
+    return run_ranks_each([splits_worker, features_worker, nonfinite_worker, mismatch_worker, order_worker],
+                          world=2, timeout=300)
