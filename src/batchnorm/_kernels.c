@@ -2029,14 +2029,16 @@ static inline __attribute__((always_inline)) void act_fwd_any_##SUF(            
 }                                                                                                \
                                                                                                  \
 /* y = act(fma(A[c], x, B[c]) (+ r)) (and the mask, piecewise-linear kind) over values           \
- * [e0, e0 + n) in chunks, streamed out or written in place; y may be x (each chunk of x is      \
- * read before y is written). */                                                                 \
+ * [e0, e0 + n), a run of one channel at a time: in chunks, streamed out or written in place     \
+ * (smooth kinds), or directly; y may be x (each chunk of x is read before y is written; an      \
+ * unstreamed piecewise-linear run reads each x[i] before writing y[i]). */                      \
 static void act_fwd_flat_##SUF(const T *x, const T *r, T *y, uint8_t *m, const T *A, const T *B, \
         int64_t e0, int64_t n, const int cl, int64_t C, int64_t S, const int kind, T sl,         \
         const int zero, T al, const int stream) {                                                \
     T z[SM_CHUNK], buf[SM_CHUNK];                                                                \
     for (int64_t k0 = e0, k; k0 < e0 + n; k0 += k) {                                             \
-        k = ACT_CHUNK(T, y + k0, stream);                                                        \
+        /* unstreamed, the piecewise-linear kind takes the whole range (its runs are rows) */    \
+        k = stream || kind != ACT_LINEAR ? ACT_CHUNK(T, y + k0, stream) : e0 + n - k0;           \
         if (k > e0 + n - k0) k = e0 + n - k0;                                                    \
         T *o = stream ? buf : y + k0;                                                            \
         if (kind != ACT_LINEAR) {                                                                \
@@ -2069,21 +2071,9 @@ static void act_fwd_task_##SUF(void *p, int t, int nt) {                        
     int64_t lo, hi;                                                                              \
     split(a->n * (a->cl ? S : C), t, nt, &lo, &hi);                                              \
     const int stream = ACT_STREAMS && stream_ok_##SUF(a->n, C, S);                               \
-    if (kind != ACT_LINEAR || stream) {                                                          \
-        act_fwd_flat_##SUF(x, r, y, m, A, B, lo * L_, (hi - lo) * L_, a->cl, C, S, kind, sl,     \
-                           zero, al, stream);                                                    \
-        fence(stream);                                                                           \
-        return;                                                                                  \
-    }                                                                                            \
-    for (int64_t row = lo; row < hi; row++) {                                                    \
-        const int64_t o = row * L_;                                                              \
-        if (a->cl)                                                                               \
-            act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, C, A, B, 1, sl,  \
-                              zero);                                                             \
-        else                                                                                     \
-            act_fwd_any_##SUF(x + o, r ? r + o : NULL, y + o, m ? m + o : NULL, S, A + row % C,  \
-                              B + row % C, 0, sl, zero);                                         \
-    }                                                                                            \
+    act_fwd_flat_##SUF(x, r, y, m, A, B, lo * L_, (hi - lo) * L_, a->cl, C, S, kind, sl, zero,   \
+                       al, stream);                                                              \
+    fence(stream);                                                                               \
 }                                                                                                \
                                                                                                  \
 /* Rows: one span of n values of one channel into lane accumulators l1, l2 (L each), which       \
@@ -2390,44 +2380,34 @@ static void act_dx_task_##SUF(void *p, int t, int nt) {                         
                          isl, ea);                                                               \
         return;                                                                                  \
     }                                                                                            \
-    if (ACT_STREAMS && stream_ok_##SUF(q->n, C, S)) { /* chunks into buffers, streamed out */    \
-        T xb[SM_CHUNK], zb[SM_CHUNK];                                                            \
-        const T *line = dx0 ? dx0 : dz0; /* the chunks follow dx's lines (dz's where no dx) */   \
-        for (int64_t k0 = lo * n, k; k0 < hi * n; k0 += k) {                                     \
-            k = ACT_CHUNK(T, line + k0, 1);                                                      \
-            if (k > hi * n - k0) k = hi * n - k0;                                                \
-            for (int64_t i = 0, c = 0, seg; i < k; i += seg) {                                   \
-                seg = sm_run_##SUF(k0 + i, k - i, q->cl, C, S, &c);                              \
-                const int64_t o = k0 + i;                                                        \
-                const T *g = g0 + o, *v = v0 + o, *r = r0 ? r0 + o : NULL;                       \
-                const uint8_t *m = m0 ? m0 + o : NULL;                                           \
-                T *dx = dx0 ? xb + i : NULL, *dz = dz0 ? zb + i : NULL;                          \
-                const T *a = sc ? sc + c : NULL, *b = sh ? sh + c : NULL;                        \
-                const T *al = al0 + c, *be = be0 + c, *ga = ga0 + c;                             \
-                { /* the run's length as the span's n of ACT_DX_LINEAR */                        \
-                    const int64_t n = seg;                                                       \
-                    if (q->cl) { ACT_DX_LINEAR(SUF, 1) }                                         \
-                    else { ACT_DX_LINEAR(SUF, 0) }                                               \
-                }                                                                                \
+    /* a run of one channel at a time; streamed, in chunks through buffers, else the whole range \
+     * (its runs are rows) written directly */                                                   \
+    const int stream = ACT_STREAMS && stream_ok_##SUF(q->n, C, S);                               \
+    T xb[SM_CHUNK], zb[SM_CHUNK];                                                                \
+    const T *line = dx0 ? dx0 : dz0; /* the chunks follow dx's lines (dz's where no dx) */       \
+    for (int64_t k0 = lo * n, k; k0 < hi * n; k0 += k) {                                         \
+        k = stream ? ACT_CHUNK(T, line + k0, 1) : hi * n - k0;                                   \
+        if (k > hi * n - k0) k = hi * n - k0;                                                    \
+        for (int64_t i = 0, c = 0, seg; i < k; i += seg) {                                       \
+            seg = sm_run_##SUF(k0 + i, k - i, q->cl, C, S, &c);                                  \
+            const int64_t o = k0 + i;                                                            \
+            const T *g = g0 + o, *v = v0 + o, *r = r0 ? r0 + o : NULL;                           \
+            const uint8_t *m = m0 ? m0 + o : NULL;                                               \
+            T *dx = dx0 ? (stream ? xb + i : dx0 + o) : NULL;                                    \
+            T *dz = dz0 ? (stream ? zb + i : dz0 + o) : NULL;                                    \
+            const T *a = sc ? sc + c : NULL, *b = sh ? sh + c : NULL;                            \
+            const T *al = al0 + c, *be = be0 + c, *ga = ga0 + c;                                 \
+            { /* the run's length as the span's n of ACT_DX_LINEAR */                            \
+                const int64_t n = seg;                                                           \
+                if (q->cl) { ACT_DX_LINEAR(SUF, 1) }                                             \
+                else { ACT_DX_LINEAR(SUF, 0) }                                                   \
             }                                                                                    \
-            if (dx0) stream_copy(dx0 + k0, xb, (size_t)k * sizeof(T));                           \
-            if (dz0) stream_copy(dz0 + k0, zb, (size_t)k * sizeof(T));                           \
         }                                                                                        \
-        fence(1);                                                                                \
-        return;                                                                                  \
+        if (stream && dx0) stream_copy(dx0 + k0, xb, (size_t)k * sizeof(T));                     \
+        if (stream && dz0) stream_copy(dz0 + k0, zb, (size_t)k * sizeof(T));                     \
     }                                                                                            \
-    for (int64_t row = lo; row < hi; row++) {                                                    \
-        const int64_t o = row * n, c = q->cl ? 0 : row % C;                                      \
-        const T *g = g0 + o, *v = v0 + o, *r = r0 ? r0 + o : NULL;                               \
-        const uint8_t *m = m0 ? m0 + o : NULL;                                                   \
-        T *dx = dx0 ? dx0 + o : NULL, *dz = dz0 ? dz0 + o : NULL;                                \
-        const T *a = sc ? sc + c : NULL, *b = sh ? sh + c : NULL;                                \
-        const T *al = al0 + c, *be = be0 + c, *ga = ga0 + c;                                     \
-        if (q->cl) { ACT_DX_LINEAR(SUF, 1) }                                                     \
-        else { ACT_DX_LINEAR(SUF, 0) }                                                           \
-    }                                                                                            \
+    fence(stream);                                                                               \
 }                                                                                                \
-                                                                                                 \
 static void act_fwd_##SUF(const struct bn_act_fwd_args *a) {                                     \
     run_parallel(act_fwd_task_##SUF, (void *)a, a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt)); \
 }                                                                                                \
