@@ -727,8 +727,11 @@ static void elementwise_##SUF(const T *dy, const T *x, T *out, int64_t N, int64_
  * and the output's scale and shift; with Batch Renormalization (j->rd) also r and d:            \
  * y = w * (r * (x - mu) * invstd + d) + b, r = clip(sigma_B / sigma, 1/r_max, r_max),           \
  * d = clip((mu - running_mean) / sigma, -d_max, d_max), sigma = sqrt(running_var + eps). */     \
-static void fwd_coef_##SUF(const struct job_##SUF *j, double s1, double s2, double m, double k,  \
-                           int64_t c, T *scale, T *shift) {                                      \
+/* (noinline, as bwd_coef: one call per channel; inlined into the grouped rows tasks they        \
+ * made the whole file take about 40 % longer to compile) */                                     \
+static __attribute__((noinline)) void fwd_coef_##SUF(const struct job_##SUF *j, double s1,       \
+                                                     double s2, double m, double k,              \
+                                                     int64_t c, T *scale, T *shift) {            \
     const double d = s1 / m, v = clamp_var(s2 / m - d * d), mu = k + d, is = 1.0 / sqrt(v + j->eps); \
     double r = 1.0, dd = 0.0;                                                                    \
     if (j->rd) {                                                                                 \
@@ -748,8 +751,10 @@ static void fwd_coef_##SUF(const struct job_##SUF *j, double s1, double s2, doub
                                                                                                  \
 /* Per-channel backward: dweight, dbias, and dx = al * dy + be * x + ga (Section 3); rd:         \
  * Batch Renormalization's r then d (constants of the backward), or NULL. */                     \
-static void bwd_coef_##SUF(double sdy, double sdyx, double m, const T *w, int64_t c, T mean,     \
-                           T invstd, T *dw, T *db, T *al, T *be, T *ga, const T *rd, int64_t C) { \
+static __attribute__((noinline)) void bwd_coef_##SUF(double sdy, double sdyx, double m,          \
+                                                     const T *w, int64_t c, T mean,              \
+                                                     T invstd, T *dw, T *db, T *al, T *be,       \
+                                                     T *ga, const T *rd, int64_t C) {            \
     const double is = (double)invstd;                                                            \
     const double r = rd ? (double)rd[c] : 1.0, dd = rd ? (double)rd[C + c] : 0.0;                \
     if (db) db[c] = (T)sdy;                                                                      \
