@@ -32,23 +32,30 @@ def _entry(fn, rank, world, port, outdir, args):
                    os.path.join(outdir, f"{rank}.pt"))
 
 
+def _run_processes(rank_args, target, timeout: float):
+    """Spawn one process per entry of ``rank_args`` running ``target(*entry)``, wait up to
+    ``timeout`` s for each, kill what is still running; the processes, or TimeoutError."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=a) for a in rank_args]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [i for i, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    if hung:
+        raise TimeoutError(f"ranks {hung} did not finish within {timeout} s (a hang)")
+    return procs
+
+
 def run_ranks(fn, world: int = 2, args=(), timeout: float = 60.0):
     """Returns [result of rank 0, rank 1, ...]; raises if a rank failed or hung."""
-    ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, port, outdir, args)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        hung = [i for i, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        if hung:
-            raise TimeoutError(f"ranks {hung} did not finish within {timeout} s (a hang)")
+        procs = _run_processes([(fn, r, world, port, outdir, args) for r in range(world)], _entry, timeout)
         results = []
         for r in range(world):
             path = os.path.join(outdir, f"{r}.pt")
@@ -83,25 +90,13 @@ def run_ranks_each(fns, world: int = 2, timeout: float = 120.0):
     rank, not one per function): {fn: [result of rank 0, rank 1, ...]}, each function on a
     new process group, in order. A function that failed on a rank has {"error", "trace"}
     there, as with run_ranks; a hang of any one raises TimeoutError for all."""
-    ctx = mp.get_context("spawn")
     ports = []
     while len(ports) < len(fns):
         port = free_port()
         if port not in ports:
             ports.append(port)
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_entry_each, args=(list(fns), r, world, ports, outdir)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        hung = [i for i, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        if hung:
-            raise TimeoutError(f"ranks {hung} did not finish within {timeout} s (a hang)")
+        procs = _run_processes([(list(fns), r, world, ports, outdir) for r in range(world)], _entry_each, timeout)
         out = {}
         for i, fn in enumerate(fns):
             results = []

@@ -560,12 +560,7 @@ def test_smooth_kernels_across_chunk_boundaries(name, inplace, residual, shape, 
         assert type(y.grad_fn).__name__ in ("_FusedBNActBackward", "_InplaceBNActBackward")
         want = f(theirs(x0) + (r if residual else 0))
         torch.testing.assert_close(y, want, **tol)
-        g = torch.randn_like(y)
-        extra = [] if r is None else [r]
-        got = torch.autograd.grad(y, [x0, ours.weight, ours.bias] + extra, g)
-        expected = torch.autograd.grad(want, [x0, theirs.weight, theirs.bias] + extra, g)
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a, b, **tol)
+        _same_grads(y, want, ours, theirs, x0, r, tol)
     torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
 
 

@@ -2033,6 +2033,17 @@ static inline __attribute__((always_inline)) void act_fwd_any_##SUF(            
     else act_fwd_sel_##SUF(x, r, y, m, n, a, b, vec, sl, 0);                                     \
 }                                                                                                \
                                                                                                  \
+/* elu in place over one chunk of the output y: u = act^-1(y) - r, d = dy * act'(z) =            \
+ * dy * (y > 0 ? 1 : y + alpha) */                                                               \
+static inline void sm_elu_back_##SUF(const T *restrict y, const T *restrict g,                   \
+        const T *restrict r, T *restrict u, T *restrict d, int64_t k, T isl, T alpha) {          \
+    sm_unelu_##SUF(y, u, k, isl);                                                                \
+    _Pragma("omp simd")                                                                          \
+    for (int64_t i = 0; i < k; i++) {                                                            \
+        d[i] = g[i] * (y[i] > 0 ? (T)1 : y[i] + alpha);                                          \
+        if (r) u[i] -= r[i];                                                                     \
+    }                                                                                            \
+}                                                                                                \
 /* y = act(fma(A[c], x, B[c]) (+ r)) (and the mask, piecewise-linear kind) over values           \
  * [e0, e0 + n), a run of one channel at a time: in chunks, streamed out or written in place     \
  * (smooth kinds), or directly; y may be x (each chunk of x is read before y is written; an      \
@@ -2159,12 +2170,7 @@ static void act_sums_smooth_##SUF(const T *g, const T *v, const T *r, int64_t n,
         const T *gk = g + k0, *vk = v + k0, *u = vk;                                             \
         T *d = dz ? dz + k0 : db;                                                                \
         if (output) {                                                                            \
-            sm_unelu_##SUF(vk, z, k, isl);                                                       \
-            _Pragma("omp simd")                                                                  \
-            for (int64_t i = 0; i < k; i++) {                                                    \
-                d[i] = gk[i] * (vk[i] > 0 ? (T)1 : vk[i] + al);                                  \
-                if (r) z[i] -= r[k0 + i];                                                        \
-            }                                                                                    \
+            sm_elu_back_##SUF(vk, gk, r ? r + k0 : NULL, z, d, k, isl, al);                      \
             u = z;                                                                               \
         } else {                                                                                 \
             sm_z_##SUF(vk, r ? r + k0 : NULL, A, B, k0, k, cl, cl ? C : 1, n, z);                \
@@ -2344,12 +2350,7 @@ static void act_dx_elu_##SUF(const T *g, const T *v, const T *r, T *dx, T *dz, i
     for (int64_t k0 = e0; k0 < e0 + n; k0 += SM_CHUNK) {                                         \
         const int64_t k = e0 + n - k0 < SM_CHUNK ? e0 + n - k0 : SM_CHUNK;                       \
         const T *gk = g + k0, *vk = v + k0;                                                      \
-        sm_unelu_##SUF(vk, u, k, isl);                                                           \
-        _Pragma("omp simd")                                                                      \
-        for (int64_t i = 0; i < k; i++) {                                                        \
-            d[i] = gk[i] * (vk[i] > 0 ? (T)1 : vk[i] + alpha);                                   \
-            if (r) u[i] -= r[k0 + i];                                                            \
-        }                                                                                        \
+        sm_elu_back_##SUF(vk, gk, r ? r + k0 : NULL, u, d, k, isl, alpha);                       \
         if (dz) memcpy(dz + k0, d, (size_t)k * sizeof(T));                                       \
         if (!dx) continue;                                                                       \
         for (int64_t i = 0, c = 0, seg; i < k; i += seg) {                                       \
