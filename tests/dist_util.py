@@ -15,10 +15,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world, port, outdir, args):
+def _run_one(fn, rank, world, port, path, args=()):
+    """One function on a fresh gloo process group (MASTER_PORT ``port``); its result, or its
+    error and traceback, saved to ``path``, whatever happened."""
     import torch.distributed as dist
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -26,10 +26,15 @@ def _entry(fn, rank, world, port, outdir, args):
             result = fn(rank, world, *args)
         finally:
             dist.destroy_process_group()
-        torch.save({"ok": result}, os.path.join(outdir, f"{rank}.pt"))
+        torch.save({"ok": result}, path)
     except BaseException as exc:  # report to the parent, whatever happened
-        torch.save({"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()},
-                   os.path.join(outdir, f"{rank}.pt"))
+        torch.save({"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}, path)
+
+
+def _entry(fn, rank, world, port, outdir, args):
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    _run_one(fn, rank, world, port, os.path.join(outdir, f"{rank}.pt"), args)
 
 
 def _run_processes(rank_args, target, timeout: float):
@@ -68,21 +73,10 @@ def run_ranks(fn, world: int = 2, args=(), timeout: float = 60.0):
 def _entry_each(fns, rank, world, ports, outdir):
     """Run each of ``fns`` in turn, each on a process group of its own (a fresh port),
     saving each one's result or error separately."""
-    import torch.distributed as dist
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     for i, (fn, port) in enumerate(zip(fns, ports)):
-        os.environ["MASTER_PORT"] = str(port)
-        try:
-            dist.init_process_group("gloo", rank=rank, world_size=world)
-            try:
-                result = fn(rank, world)
-            finally:
-                dist.destroy_process_group()
-            torch.save({"ok": result}, os.path.join(outdir, f"{i}-{rank}.pt"))
-        except BaseException as exc:  # report to the parent, whatever happened
-            torch.save({"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()},
-                       os.path.join(outdir, f"{i}-{rank}.pt"))
+        _run_one(fn, rank, world, port, os.path.join(outdir, f"{i}-{rank}.pt"))
 
 
 def run_ranks_each(fns, world: int = 2, timeout: float = 120.0):
