@@ -250,7 +250,10 @@ def test_negative_view_input(name, factory, shape, kw):
     y.backward(torch._neg_view(g.clone()))
     yr.backward(-g)
     torch.testing.assert_close(xn.grad, xr.grad)
-    torch.testing.assert_close(m.weight.grad, ref.weight.grad)
+    # sums over 2,048 float32 values per channel, in another order on each side (the kernels
+    # read one, torch's the other; torch's order depends on its thread count): a sign error
+    # is off by tens
+    torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_negative_view_weight():
