@@ -593,6 +593,37 @@ def test_piecewise_linear_kernels_on_long_and_short_rows(act, residual, shape, m
     torch.testing.assert_close(ours.running_var, theirs.running_var, **tol)
 
 
+@pytest.mark.parametrize("shape", [(5, 512, 5, 5), (3, 40, 27, 23), (7, 7, 61, 19), (2, 16, 47, 47)],
+                         ids=["c512-125rows", "c40-1863rows", "c7", "c16"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "identity"])
+def test_piecewise_linear_float_channels_last_without_residual(act, shape):
+    """The float32 channels-last gradient sums and dx without a residual (the sign recomputed
+    from x; AVX-512 builds: four rows at a time in 16-lane vectors) on widths with and without
+    a partial vector, fewer than 16 channels, and row counts that are not multiples of four,
+    within and beyond one block of 256 rows: outputs and gradients against torch's float64 BN
+    + activation of the same input."""
+    kwargs = {"negative_slope": 0.2} if act == "leaky_relu" else {}
+    f = {"relu": tF.relu, "leaky_relu": lambda z: tF.leaky_relu(z, 0.2), "identity": lambda z: z}[act]
+    ours = bn.BatchNormAct2d(shape[1], act=act, act_kwargs=kwargs)
+    theirs = nn.BatchNorm2d(shape[1]).double()
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in theirs.state_dict().items()})
+    x = (torch.randn(shape) * 2 + 0.5).to(memory_format=torch.channels_last).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    y = ours(x)
+    assert type(y.grad_fn).__name__ == "_FusedBNActBackward"
+    want = f(theirs(x64))
+    tol = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y, want.float(), **tol)
+    g = torch.randn(shape).to(memory_format=torch.channels_last)
+    got = torch.autograd.grad(y, [x, ours.weight, ours.bias], g)
+    expected = torch.autograd.grad(want, [x64, theirs.weight, theirs.bias], g.double())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b.float(), **tol)
+
+
 @pytest.mark.parametrize("dtype,shape", [(torch.float64, (8, 32, 64, 64)), (torch.float32, (16, 32, 64, 64))],
                          ids=["f64", "f32"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])

@@ -1911,6 +1911,112 @@ static inline void stream_copy(void *dst, const void *src, size_t n) {
     memcpy(d, s, n);
 }
 
+/* Channels-innermost gradient sums of the piecewise-linear kind out of place without a mask
+ * (the sign recomputed as fma(A[c], x, B[c]) > 0), float, AVX-512: rows [0, rows) of C
+ * values added into the per-channel float accumulators b1, b2, four rows at a time, their
+ * accumulators held in registers across the four (the generic row loop loads and stores
+ * them once per row, in 8-lane vectors). Each row's values are added in the same order as
+ * there, with a separate multiply and add (this file is built without contraction), so the
+ * sums are those of the generic loop. Returns 0 (not handled) without AVX-512. */
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void act_cl_sums16(
+        const float *g, const float *v, int64_t C, int nr, const float *A, const float *B, const float *mu,
+        __m512 slv, const int zero, float *b1, float *b2, const int last, __mmask16 tail) {
+    const __m512 a = ld_row(A, last, tail), b = ld_row(B, last, tail), m = ld_row(mu, last, tail);
+    __m512 s1 = ld_row(b1, last, tail), s2 = ld_row(b2, last, tail);
+    for (int i = 0; i < nr; i++) {
+        const __m512 x = ld_row(v + i * C, last, tail), gv = ld_row(g + i * C, last, tail);
+        const __mmask16 pos = _mm512_cmp_ps_mask(_mm512_fmadd_ps(a, x, b), _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 d = zero ? _mm512_maskz_mov_ps(pos, gv) : _mm512_mask_mov_ps(_mm512_mul_ps(slv, gv), pos, gv);
+        s1 = _mm512_add_ps(s1, d);
+        s2 = _mm512_add_ps(s2, _mm512_mul_ps(d, _mm512_sub_ps(x, m)));
+    }
+    if (last) {
+        _mm512_mask_storeu_ps(b1, tail, s1);
+        _mm512_mask_storeu_ps(b2, tail, s2);
+    } else {
+        _mm512_storeu_ps(b1, s1);
+        _mm512_storeu_ps(b2, s2);
+    }
+}
+static inline __attribute__((always_inline)) void act_cl_sums_rows(
+        const float *g, const float *v, int64_t C, int nr, const float *A, const float *B, const float *mu,
+        __m512 slv, const int zero, float *b1, float *b2, __mmask16 tail) {
+    int64_t c = 0;
+    for (; c + 16 <= C; c += 16)
+        act_cl_sums16(g + c, v + c, C, nr, A + c, B + c, mu + c, slv, zero, b1 + c, b2 + c, 0, tail);
+    if (c < C) act_cl_sums16(g + c, v + c, C, nr, A + c, B + c, mu + c, slv, zero, b1 + c, b2 + c, 1, tail);
+}
+#endif
+static int act_cl_sums_fast_f32(const float *g, const float *v, int64_t C, int64_t rows, const float *A,
+                                const float *B, const float *mu, float sl, int zero, float *b1, float *b2) {
+#if defined(__AVX512F__)
+    const __m512 slv = _mm512_set1_ps(sl);
+    const __mmask16 tail = (__mmask16)((1u << (C % 16)) - 1u);
+    int64_t r = 0;
+    if (zero) {
+        for (; r + 4 <= rows; r += 4) act_cl_sums_rows(g + r * C, v + r * C, C, 4, A, B, mu, slv, 1, b1, b2, tail);
+        for (; r < rows; r++) act_cl_sums_rows(g + r * C, v + r * C, C, 1, A, B, mu, slv, 1, b1, b2, tail);
+    } else {
+        for (; r + 4 <= rows; r += 4) act_cl_sums_rows(g + r * C, v + r * C, C, 4, A, B, mu, slv, 0, b1, b2, tail);
+        for (; r < rows; r++) act_cl_sums_rows(g + r * C, v + r * C, C, 1, A, B, mu, slv, 0, b1, b2, tail);
+    }
+    return 1;
+#else
+    (void)g; (void)v; (void)C; (void)rows; (void)A; (void)B; (void)mu; (void)sl; (void)zero; (void)b1; (void)b2;
+    return 0;
+#endif
+}
+/* The same activation's dx = al[c] * d + be[c] * x + ga[c] (d = dy where fma(A[c], x, B[c]) >
+ * 0, else slope * dy) over n values of one row from channel 0 of the pointers given, float,
+ * AVX-512, 16 lanes (the generic loop takes 8), the same operations in the same order. */
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) void act_cl_dx16(
+        const float *g, const float *v, float *dx, const float *A, const float *B, const float *al,
+        const float *be, const float *ga, __m512 slv, const int zero, const int last, __mmask16 tail) {
+    const __m512 x = ld_row(v, last, tail), gv = ld_row(g, last, tail);
+    const __mmask16 pos = _mm512_cmp_ps_mask(_mm512_fmadd_ps(ld_row(A, last, tail), x, ld_row(B, last, tail)),
+                                             _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 d = zero ? _mm512_maskz_mov_ps(pos, gv) : _mm512_mask_mov_ps(_mm512_mul_ps(slv, gv), pos, gv);
+    const __m512 o = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(ld_row(al, last, tail), d),
+                                                 _mm512_mul_ps(ld_row(be, last, tail), x)), ld_row(ga, last, tail));
+    if (last) _mm512_mask_storeu_ps(dx, tail, o);
+    else _mm512_storeu_ps(dx, o);
+}
+static inline __attribute__((always_inline)) void act_cl_dx_run(
+        const float *g, const float *v, float *dx, int64_t n, const float *A, const float *B, const float *al,
+        const float *be, const float *ga, __m512 slv, const int zero) {
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16)
+        act_cl_dx16(g + c, v + c, dx + c, A + c, B + c, al + c, be + c, ga + c, slv, zero, 0, 0);
+    if (c < n)
+        act_cl_dx16(g + c, v + c, dx + c, A + c, B + c, al + c, be + c, ga + c, slv, zero, 1,
+                    (__mmask16)((1u << (n - c)) - 1u));
+}
+#endif
+static int act_cl_dx_fast_f32(const float *g, const float *v, float *dx, int64_t n, const float *A, const float *B,
+                              const float *al, const float *be, const float *ga, float sl, int zero) {
+#if defined(__AVX512F__)
+    if (zero) act_cl_dx_run(g, v, dx, n, A, B, al, be, ga, _mm512_set1_ps(sl), 1);
+    else act_cl_dx_run(g, v, dx, n, A, B, al, be, ga, _mm512_set1_ps(sl), 0);
+    return 1;
+#else
+    (void)g; (void)v; (void)dx; (void)n; (void)A; (void)B; (void)al; (void)be; (void)ga; (void)sl; (void)zero;
+    return 0;
+#endif
+}
+static int act_cl_dx_fast_f64(const double *g, const double *v, double *dx, int64_t n, const double *A,
+                              const double *B, const double *al, const double *be, const double *ga, double sl,
+                              int zero) {
+    (void)g; (void)v; (void)dx; (void)n; (void)A; (void)B; (void)al; (void)be; (void)ga; (void)sl; (void)zero;
+    return 0;
+}
+static int act_cl_sums_fast_f64(const double *g, const double *v, int64_t C, int64_t rows, const double *A,
+                                const double *B, const double *mu, double sl, int zero, double *b1, double *b2) {
+    (void)g; (void)v; (void)C; (void)rows; (void)A; (void)B; (void)mu; (void)sl; (void)zero; (void)b1; (void)b2;
+    return 0;
+}
+
 /* values of T from o to the next 64-byte line, for a chunk of at most SM_CHUNK (0 unless
  * streamed: SM_CHUNK * sizeof(T) is a whole number of lines) */
 #define ACT_CHUNK(T, o, stream) (SM_CHUNK - ((stream) ? (int64_t)(((uintptr_t)(o) & 63) / sizeof(T)) : 0))
@@ -2290,6 +2396,8 @@ static void act_sums_task_##SUF(void *p, int t, int nt) {                       
         if (kind != ACT_LINEAR) /* the block's rows at once: short rows share a chunk */         \
             act_sums_smooth_##SUF(g + o0, v + o0, r ? r + o0 : NULL, (r1 - r0) * C, A, B, mu,    \
                                   isl, al, output, kind, b1, b2, dz ? dz + o0 : NULL, 1, C);     \
+        else if (!output && !m && act_cl_sums_fast_##SUF(g + o0, v + o0, C, r1 - r0, A, B, mu,   \
+                                                         sl, zero, b1, b2)) {}                   \
         else                                                                                     \
             for (int64_t row = r0; row < r1; row++) {                                            \
                 const int64_t o = row * C;                                                       \
@@ -2403,6 +2511,9 @@ static void act_dx_task_##SUF(void *p, int t, int nt) {                         
             T *dz = dz0 ? (stream ? zb + i : dz0 + o) : NULL;                                    \
             const T *a = sc ? sc + c : NULL, *b = sh ? sh + c : NULL;                            \
             const T *al = al0 + c, *be = be0 + c, *ga = ga0 + c;                                 \
+            if (q->cl && !output && !m && dx && !dz                                              \
+                && act_cl_dx_fast_##SUF(g, v, dx, seg, a, b, al, be, ga, sl, zero))              \
+                continue;                                                                        \
             { /* the run's length as the span's n of ACT_DX_LINEAR */                            \
                 const int64_t n = seg;                                                           \
                 if (q->cl) { ACT_DX_LINEAR(SUF, 1) }                                             \
