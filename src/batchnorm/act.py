@@ -495,12 +495,12 @@ class _BatchNormAct:
         with torch.no_grad():
             if batch:
                 method = "kernels" if self.impl in ("auto", "kernels") else "auto"
-                mean, var, count, _, _ = _stats.batch_stats(_stats.grouped_view(input.detach(), 1), method=method)
+                mean, var, _, _, _ = _stats.batch_stats(_stats.grouped_view(input.detach(), 1), method=method)
                 mean, var = mean.flatten(), var.flatten()
-                if update:
+                if update:  # (m values per channel: no mask here)
                     _stats.update_running_stats(running_mean, running_var, nbt, mean,
-                                                _stats.unbiased(var, count.flatten()), self.momentum,
-                                                self.nonfinite, self._name)
+                                                _stats.unbiased(var, input.numel() // self.num_features),
+                                                self.momentum, self.nonfinite, self._name)
             else:
                 dt = _stats.stat_dtype(input.dtype)
                 mean, var = running_mean.to(dt), running_var.to(dt)
