@@ -280,20 +280,25 @@ class _FusedBNAct(torch.autograd.Function):
         act = {"kind": spec.kind, "act_alpha": spec.alpha}
         smooth = spec.kind != _fused.LINEAR
         gw = gb = dz = None
+        al = be = ga = None
         if batch or need_w or need_b or smooth:  # a smooth act's dz comes with the sums
             sums, dz = _fused.act_sums(dy, x, lay, scale, shift, spec.slope, mask, mean, res, **act)
             s1, s2 = sums[0], sums[1]                                                  # float64 (C,) each
-            gb = s1.to(dt) if need_b else None
-            gw = (s2 * invstd).to(dt) if need_w else None
-        # dx = al * dz + be * x + ga (Section 3, the sums' terms in be and ga)
-        al = be = ga = None
+        if need_b:
+            gb = s1.to(dt)
+        if need_w:
+            gw = (s2 * invstd).to(dt)
         if need_x:
-            k = invstd.double() if weight is None else invstd.double() * weight.detach().double()
-            al = k.to(dt)
+            # dx = al * dz + be * x + ga (Section 3, the sums' terms in be and ga), computed in
+            # float64 and cast together (each small operation costs microseconds in a step)
+            inv = invstd.double()
+            k = inv if weight is None else inv * weight.detach()
             if batch:
-                m = x.numel() // C
-                b2 = k * s2 * invstd.double() ** 2 / m
-                be, ga = (-b2).to(dt), (b2 * mean.double() - k * s1 / m).to(dt)
+                b2 = (k * inv.square()).mul_(s2).div_(x.numel() // C)                  # -be
+                ga = torch.addcmul(b2 * mean, k, s1, value=-C / x.numel())             # b2 mu - k s1 / m
+                al, be, ga = torch.stack((k, b2.neg_(), ga)).to(dt).unbind()
+            else:  # eval: dx = al * dz
+                al = k.to(dt)
         dx = None
         zeros = torch.zeros(C, dtype=dt) if (need_x and not batch) or (not smooth and (need_x or need_r)) else None
         if smooth:
