@@ -125,6 +125,34 @@ def test_cumulative_average_with_momentum_none():
     torch.testing.assert_close(m.running_var, torch.stack([x.var(0) for x in xs]).mean(0))
 
 
+def test_all_finite():
+    """The NaN guard's test: every value finite, in each of the tensors (empty ones are)."""
+    from batchnorm._stats import all_finite
+    for dt in (torch.float32, torch.float64):
+        ok = torch.randn(512, dtype=dt) * 1e30
+        assert all_finite(ok, ok.abs()) and all_finite(torch.empty(0, dtype=dt), ok)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = ok.clone()
+            t[300] = bad
+            assert not all_finite(ok, t) and not all_finite(t, ok) and not all_finite(t)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("layer", ["act", "ghost"])
+def test_nonfinite_batch_is_rejected_at_the_kernels_size(layer, bad):
+    """BatchNormAct2d and ghost batches (whose statistics come without the kernels' finite
+    flag: the guard tests them itself) at 65,536 elements: nothing updated, a warning."""
+    m = bn.BatchNormAct2d(16) if layer == "act" else bn.BatchNorm2d(16, virtual_batch_size=8)
+    m(torch.randn(16, 16, 16, 16))
+    before = copy.deepcopy(m.state_dict())
+    x = torch.randn(16, 16, 16, 16)
+    x[3, 5, 2, 7] = bad
+    with pytest.warns(bn.NonFiniteBatchWarning, match="not updated"):
+        m(x)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
 @pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_batch_does_not_poison(impl, bad):
