@@ -1,3 +1,4 @@
+import threading
 import warnings
 
 import pytest
@@ -9,6 +10,26 @@ with warnings.catch_warnings():
     # whatever runs first, trips over it.
     warnings.simplefilter("ignore", DeprecationWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
+_kernels_thread = None
+
+
+def pytest_configure(config):
+    """Load the fused kernels (on a fresh machine: build them, about 15 s of one core) in a
+    thread while pytest collects the tests, instead of inside the first test that needs
+    them; the compiler runs as a subprocess, so collection goes on meanwhile."""
+    global _kernels_thread
+    from batchnorm import _jit
+    _kernels_thread = threading.Thread(target=_jit.kernels, name="batchnorm-kernels", daemon=True)
+    _kernels_thread.start()
+
+
+def pytest_collection_finish(session):
+    """No test starts before the kernels are loaded (or have failed to): tests that patch
+    the loader's state must not race with it."""
+    if _kernels_thread is not None:
+        _kernels_thread.join()
 
 
 @pytest.fixture(autouse=True)
