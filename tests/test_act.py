@@ -737,3 +737,14 @@ def test_smooth_activation_with_residual_saves_x_and_the_residual_only():
         y = m(x, r)
     big = {t.data_ptr() for t in saved if t.numel() == x.numel()}
     assert big == {x.data_ptr(), r.data_ptr()} and y.data_ptr() not in big
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parameter_gradients_are_their_own_tensors(dtype):
+    """As torch.nn's: weight.grad and bias.grad are fresh tensors, not views of a buffer of
+    the backward's (the float64 sums' rows were handed out as they were)."""
+    m = bn.BatchNormAct2d(16).to(dtype)
+    x = torch.randn(SHAPES["fused"], dtype=dtype, requires_grad=True)
+    m(x).sum().backward()
+    assert m.weight.grad._base is None and m.bias.grad._base is None
+    assert m.bias.grad.untyped_storage().nbytes() == 16 * m.bias.grad.element_size()

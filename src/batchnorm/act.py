@@ -285,7 +285,7 @@ class _FusedBNAct(torch.autograd.Function):
             sums, dz = _fused.act_sums(dy, x, lay, scale, shift, spec.slope, mask, mean, res, **act)
             s1, s2 = sums[0], sums[1]                                                  # float64 (C,) each
         if need_b:
-            gb = s1.to(dt)
+            gb = s1.to(dt, copy=True)  # (a row of the sums buffer: never handed out as a view)
         if need_w:
             gw = (s2 * invstd).to(dt)
         if need_x:
