@@ -691,6 +691,45 @@ def test_lerp_declines_what_it_cannot_write():
     assert torch.equal(good[0], torch.zeros(c)) and torch.equal(good[1], torch.ones(c))
 
 
+def test_running_target_checks_the_buffers_once_and_lerps_as_lerp_():
+    # running_target accepts exactly what lerp_ can write (1-D buffers of C elements); its
+    # update is lerp_'s to the bit; it declines, changing nothing, when a buffer no longer
+    # holds the memory it was checked with, or the statistics do not fit.
+    _need_kernels()
+    c = 40
+    g = torch.Generator().manual_seed(3)
+    st = torch.randn(1, 3, c, generator=g)
+    with torch.inference_mode():
+        inference = torch.zeros(c)
+    bad = {
+        "float64 buffer": (torch.zeros(c, dtype=torch.float64), torch.ones(c), None),
+        "short buffer": (torch.zeros(c - 1), torch.ones(c), None),
+        "2-D buffer": (torch.zeros(1, c), torch.ones(c), None),
+        "strided buffer": (torch.zeros(2 * c)[::2], torch.ones(c), None),
+        "negative view": (torch.zeros(c), torch._neg_view(torch.ones(c)), None),
+        "inference buffer": (inference, torch.ones(c), None),
+        "float counter": (torch.zeros(c), torch.ones(c), torch.zeros(())),
+        "two-element counter": (torch.zeros(c), torch.ones(c), torch.zeros(2, dtype=torch.int64)),
+        "meta buffer": (torch.zeros(c), torch.ones(c, device="meta"), None),
+    }
+    for what, (a, b, counter) in bad.items():
+        assert _fused.running_target(a, b, counter, torch.float32, c) is None, what
+        assert not _fused.lerp_(a, b, st, (0, 2), 0.1, counter) or what == "2-D buffer", what
+    a, b, nbt = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5, torch.tensor(7)
+    ra, rb, rn = a.clone(), b.clone(), nbt.clone()
+    target = _fused.running_target(a, b, nbt, torch.float32, c)
+    assert target is not None and _fused.running_target(a, b, nbt, torch.float64, c) is None
+    for w in (0.1, 0.75):
+        assert _fused.lerp_target_(target, st, w) and _fused.lerp_(ra, rb, st, (0, 2), w, rn)
+        assert torch.equal(a, ra) and torch.equal(b, rb) and int(nbt) == int(rn) == 7 + [0.1, 0.75].index(w) + 1
+    before = [t.clone() for t in (a, b, nbt)]
+    for src in (st.double(), st[..., :-1], torch.randn(2, 3, c), torch.randn(c, 3).t(), torch._neg_view(st)[..., :-1]):
+        assert not _fused.lerp_target_(target, src, 0.5)
+    a.data = torch.zeros(c)                       # the buffer replaced since it was checked
+    assert not _fused.lerp_target_(target, st, 0.5)
+    assert torch.equal(b, before[1]) and torch.equal(nbt, before[2])
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.75, None])
 def test_update_from_the_statistics_rows_matches_torch_operations(momentum, monkeypatch):
     # update_running_stats(stats=...) on the kernels and on torch operations: the same buffers.

@@ -16,7 +16,7 @@ at once never share one.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,8 @@ def available() -> bool:
 _DTYPES = (torch.float32, torch.float64)
 _has_storage = torch._C._has_storage  # False for functorch wrappers and other storage-less tensors
 Parameter = torch.nn.Parameter
+_PLAIN = (Tensor, Parameter)  # the tensor types the kernels read (subclasses may mean anything)
+_STRIDED = torch.strided
 
 
 def layout(t: Tensor) -> Optional[Layout]:
@@ -48,20 +50,18 @@ def layout(t: Tensor) -> Optional[Layout]:
     Only plain dense CPU tensors with real storage qualify: no tensor subclass, no functorch
     wrapper (vmap, grad, jacrev), no negative or conjugate view (their memory holds the
     values unnegated), and float32/float64 in NCHW-contiguous or channels-innermost order."""
-    if (not t.is_cpu or t.dtype not in _DTYPES or t.dim() < 2 or t.is_neg() or t.is_conj()
-            or t.layout != torch.strided or not _has_storage(t) or (type(t) is not Tensor and type(t) is not Parameter)):
-        return None
     shape = t.shape
-    nc = shape[0] * shape[1]
-    if nc == 0:
+    if (len(shape) < 2 or type(t) not in _PLAIN or t.dtype not in _DTYPES or not t.is_cpu or t.is_neg()
+            or t.is_conj() or t.layout is not _STRIDED or not _has_storage(t)):
         return None
-    s = t.numel() // nc
+    n, c = shape[0], shape[1]
+    s = t.numel() // (n * c) if n * c else 0
     if s == 0:
         return None
     if t.is_contiguous():
-        return (shape[0], shape[1], s, 1 if s == 1 else 0)
-    if t.stride(1) == 1 and t.permute(0, *range(2, t.dim()), 1).is_contiguous():
-        return (shape[0], shape[1], s, 1)
+        return (n, c, s, 1 if s == 1 else 0)
+    if t.stride(1) == 1 and t.permute(0, *range(2, len(shape)), 1).is_contiguous():
+        return (n, c, s, 1)
     return None
 
 
@@ -209,10 +209,11 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
 
 def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   out: Optional[Tensor] = None, st: Optional[Tensor] = None, renorm=None,
-                  var_scale: float = 1.0) -> Tuple[Tensor, Tensor, bool]:
+                  var_scale: float = 1.0, one_group: bool = False) -> Tuple[Tensor, Tensor, bool]:
     """One plain-BN training forward (Algorithm 1): y, the batch statistics and whether
     they are all finite. The statistics are one block of rows (mean, invstd, var_scale *
-    biased variance): a fresh (3, C) tensor, or ``st``, a contiguous tensor of 3 * C
+    biased variance): a fresh (3, C) tensor ((1, 3, C) with ``one_group``, the operator's
+    statistics of one group), or ``st``, a contiguous tensor of 3 * C
     elements in ``x``'s dtype (a (1, 3, C) slice of a larger one, say). ``var_scale`` is
     the caller's: m / (m - 1) there gives the unbiased variance. ``out``: a buffer for y
     with ``x``'s layout. ``renorm``: (running_mean, running_var, r_max, d_max, rd) for
@@ -222,7 +223,10 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
     _check_x(x, lay)
     n, c, s, cl = lay
     y = _out(out, x)
-    st = torch.empty(3, c, dtype=x.dtype) if st is None else _stats_buffer(st, c, x.dtype, "statistics buffer")
+    if st is None:
+        st = torch.empty(1, 3, c, dtype=x.dtype) if one_group else torch.empty(3, c, dtype=x.dtype)
+    else:
+        st = _stats_buffer(st, c, x.dtype, "statistics buffer")
     w, b = _vec(weight, x, c, "weight"), _vec(bias, x, c, "bias")
     args = TrainFwdArgs(x=x.data_ptr(), y=y.data_ptr(), weight=_ptr(w), bias=_ptr(b), stats=st.data_ptr(), n=n,
                         c=c, s=s, eps=eps, var_scale=var_scale, cl=cl, nt=_threads(lay))
@@ -436,6 +440,14 @@ def _writable(t: Tensor, dt: torch.dtype, numel: int) -> bool:
             and (not t.is_inference() or torch.is_inference_mode_enabled()))
 
 
+def _vector_buffer(t: Tensor, dt: torch.dtype, c: int) -> bool:
+    """:func:`_writable` for a 1-D buffer of ``c`` elements, in fewer calls (shape and
+    strides stand for the number of dimensions, the size and contiguity)."""
+    return ((type(t) is Tensor or type(t) is Parameter) and t.dtype is dt and t.shape == (c,)
+            and (t.stride() == (1,) or c == 1) and t.is_cpu and _has_storage(t) and not t.is_neg()
+            and (not t.is_inference() or torch.is_inference_mode_enabled()))
+
+
 def lerp_(a: Tensor, b: Tensor, src: Tensor, rows: Tuple[int, int], weight: float,
           counter: Optional[Tensor]) -> bool:
     """a.lerp_(src row rows[0], weight) and b.lerp_(src row rows[1], weight) (torch's formula,
@@ -458,6 +470,50 @@ def lerp_(a: Tensor, b: Tensor, src: Tensor, rows: Tuple[int, int], weight: floa
     p, step = src.data_ptr(), c * src.element_size()
     _fn(lib, "lerp", dt)(LerpArgs(a.data_ptr(), b.data_ptr(), p + r0 * step, p + r1 * step,
                                   None if counter is None else counter.data_ptr(), c, float(weight)))
+    return True
+
+
+class RunningTarget(NamedTuple):
+    """Running buffers that :func:`running_target` found the kernels can update in place,
+    with the argument struct of their update (the targets and weight filled in by
+    :func:`lerp_target_`). Holding the tensors keeps the addresses in ``args`` valid."""
+
+    a: Tensor
+    b: Tensor
+    counter: Optional[Tensor]
+    dtype: torch.dtype
+    args: LerpArgs
+
+
+def running_target(a: Tensor, b: Tensor, counter: Optional[Tensor], dt: torch.dtype,
+                   c: int) -> Optional[RunningTarget]:
+    """Check, once per step and before anything is computed, that the kernels can update
+    ``a`` and ``b`` (1-D, C elements of ``dt``) and ``counter`` (None or one int64) in place,
+    as :func:`lerp_` requires; the target of :func:`lerp_target_`, or None where they cannot
+    (then :func:`lerp_` and torch operations remain)."""
+    if (_jit.kernels() is None or dt not in _DTYPES or not _vector_buffer(a, dt, c) or not _vector_buffer(b, dt, c)
+            or (counter is not None and not _writable(counter, torch.int64, 1))):
+        return None
+    return RunningTarget(a, b, counter, dt, LerpArgs(a.data_ptr(), b.data_ptr(), None, None,
+                                                 None if counter is None else counter.data_ptr(), c, 0.0))
+
+
+def lerp_target_(target: RunningTarget, src: Tensor, weight: float) -> bool:
+    """:func:`lerp_` onto a :func:`running_target` from rows 0 and 2 of ``src`` (the
+    operator's statistics: mean, invstd, unbiased variance), for
+    :func:`batchnorm._stats.update_running_stats`. The buffers were checked when the target
+    was made; here only that they still hold the same memory, and ``src``. False, having
+    changed nothing, where either fails."""
+    a, b, counter, dt, args = target
+    c, lib = args.c, _jit.kernels()
+    if (lib is None or a.data_ptr() != args.a or b.data_ptr() != args.b
+            or (counter is not None and counter.data_ptr() != args.counter) or type(src) not in _PLAIN
+            or src.dtype is not dt or src.numel() != 3 * c or not src.is_contiguous() or not src.is_cpu
+            or not _has_storage(src)):
+        return False
+    p = src.data_ptr()
+    args.ta, args.tb, args.w = p, p + 2 * c * src.element_size(), float(weight)
+    _fn(lib, "lerp", dt)(args)
     return True
 
 

@@ -83,9 +83,10 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mask: O
     if G == 1 and plan.lay is not None and mask is None and plan.group is None and plan.limits is None:
         # Plain BN on the kernels (the caller found their layout): one call, no views.
         m = x.numel() // C
-        _stats.check_training_count(x, m, plan.name)
-        st = torch.empty(1, 3, C, dtype=x.dtype)
-        y, _, finite = _fused.train_forward(x, plan.lay, weight, bias, eps, None, st, None, _stats.unbiased(1.0, m))
+        if m <= 1 or x.size(0) == 0:
+            _stats.check_training_count(x, m, plan.name)
+        y, st, finite = _fused.train_forward(x, plan.lay, weight, bias, eps, None, None, None, _stats.unbiased(1.0, m),
+                                             True)
         return y, st, ("fused", st, None, m, plan.lay, finite)
     xv = _stats.grouped_view(x, G)                                                   # (G, n, C, *S)
     m = xv[0].numel() // C if xv.size(0) else 0

@@ -267,6 +267,7 @@ def update_running_stats(
     finite: Optional[bool] = None,
     *,
     stats: Optional[Tensor] = None,
+    target=None,
 ) -> bool:
     """Fold one batch's per-channel statistics (shape ``(C,)``) into the running buffers in
     place: running = (1 - f) * running + f * batch, f = :func:`momentum_factor`; then
@@ -279,7 +280,12 @@ def update_running_stats(
     ``stats``: instead of ``batch_mean`` and ``batch_var_unbiased`` (then None), the
     operator's statistics of one group, a contiguous block of rows mean, invstd, unbiased
     variance of C each, read in place (no row views: on the kernels the whole update is one
-    C call, :func:`batchnorm._fused.lerp_`)."""
+    C call, :func:`batchnorm._fused.lerp_`). ``target``: with ``stats``, the buffers as
+    :func:`batchnorm._fused.running_target` checked them before the step (the cheapest
+    update: only the statistics are checked here)."""
+    if target is not None and finite is True and stats is not None:
+        if _fused.lerp_target_(target, stats, momentum_factor(momentum, num_batches_tracked)):
+            return True
     if stats is not None and (finite is None or torch.compiler.is_compiling()):
         batch_mean, _, batch_var_unbiased = stats.reshape(3, -1).unbind()
         stats = None

@@ -275,10 +275,17 @@ def train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runni
         if lay is None:
             return _train_torch(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                 nonfinite, name, impl, checked)
-        if not checked and not _fits(input, running_mean, running_var, num_batches_tracked):
-            check_arguments(input, weight, bias, running_mean, running_var, name, num_batches_tracked)
+        target = None
+        if running_mean is not None:
+            # The running buffers checked once, before anything runs: for the kernels' update
+            # or, where they do not fit it, by torch.nn's rules (weight and bias are checked
+            # by the kernel boundary, whose error is then reworded the same way).
+            target = _fused.running_target(running_mean, running_var, num_batches_tracked, input.dtype,
+                                           input.size(1))
+            if target is None and not checked:
+                check_arguments(input, weight, bias, running_mean, running_var, name, num_batches_tracked)
         return _train_operator(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                               nonfinite, name, impl, 1, None, None, None, update, None, owner, lay)
+                               nonfinite, name, impl, 1, None, None, None, update, None, owner, lay, target)
     elif impl == "torch":
         raise ValueError(f"{name}: impl='torch' runs torch's batch-norm kernel, which has no ghost batches, masks, "
                          "Batch Renormalization or synchronized statistics; use impl='auto'")
@@ -288,20 +295,8 @@ def train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runni
                            nonfinite, name, impl, groups, mask, limits, process_group, update, sink, owner)
 
 
-def _fits(input: Tensor, running_mean, running_var, nbt) -> bool:
-    """A quick check that the running buffers fit the kernels' plain path (the common
-    case); where it fails, :func:`check_arguments` says why or accepts them. (weight and
-    bias are checked by the kernel boundary, whose error is then reworded the same way.)"""
-    if running_mean is not None:
-        c, dt = input.size(1), input.dtype
-        for t in (running_mean, running_var):
-            if t.dtype is not dt or t.numel() != c or t.dim() != 1 or not t.is_cpu or t.is_inference():
-                return False
-    return nbt is None or (nbt.dtype is torch.int64 and nbt.numel() == 1 and nbt.is_cpu and not nbt.is_inference())
-
-
 def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentum, eps, nonfinite, name, impl,
-                    groups, mask, limits, process_group, update, sink, owner, lay=None):
+                    groups, mask, limits, process_group, update, sink, owner, lay=None, target=None):
     plan = Plan(groups, eps, impl != "reference", limits, process_group, name, owner, lay)
     try:
         # only Batch Renormalization's forward reads the running buffers (each tensor input
@@ -324,7 +319,7 @@ def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentu
         # (st is not differentiable: no autograd bookkeeping here)
         if groups == 1:  # the rows of st, read in place
             update_running_stats(running_mean, running_var, nbt, None, None, momentum, nonfinite, name, finite,
-                                 stats=st)
+                                 stats=st, target=target)
         else:  # Algorithm 2's estimate over the groups: the mean of mu_B and of m/(m-1) sigma2_B
             update_running_stats(running_mean, running_var, nbt, st[:, 0].mean(dim=0), st[:, 2].mean(dim=0),
                                  momentum, nonfinite, name, finite)

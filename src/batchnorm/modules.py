@@ -196,7 +196,9 @@ class _BatchNormBase(_BatchNorm):
             raise ValueError(f"{self._name}: ghost batches (virtual_batch_size) are per-replica chunks and "
                              "do not combine with synchronized statistics; use one or the other")
         if mask is None and group is None:
-            F.check_training_count(input, input.numel() // self.num_features // groups, self._name)
+            per_channel = input.numel() // self.num_features // groups
+            if per_channel <= 1 or input.size(0) == 0:
+                F.check_training_count(input, per_channel, self._name)
         elif input.size(0) == 0 and group is None:
             F.check_training_count(input, 0, self._name)
         return F.train(input, weight, bias, running_mean, running_var, nbt, self.momentum, self.eps, self.nonfinite,
