@@ -228,8 +228,9 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
     else:
         st = _stats_buffer(st, c, x.dtype, "statistics buffer")
     w, b = _vec(weight, x, c, "weight"), _vec(bias, x, c, "bias")
-    args = TrainFwdArgs(x=x.data_ptr(), y=y.data_ptr(), weight=_ptr(w), bias=_ptr(b), stats=st.data_ptr(), n=n,
-                        c=c, s=s, eps=eps, var_scale=var_scale, cl=cl, nt=_threads(lay))
+    args = TrainFwdArgs(x=x.data_ptr(), y=y.data_ptr(), weight=None if w is None else w.data_ptr(),
+                        bias=None if b is None else b.data_ptr(), stats=st.data_ptr(), n=n, c=c, s=s, eps=eps,
+                        var_scale=var_scale, cl=cl, nt=torch.get_num_threads() if n * c * s >= _PARALLEL_MIN else 1)
     if renorm is not None:
         rm, rv, r_max, d_max, rd = renorm
         rm, rv = _vec(rm, x, c, "running_mean"), _vec(rv, x, c, "running_var")  # held until the call returns
@@ -483,6 +484,7 @@ class RunningTarget(NamedTuple):
     counter: Optional[Tensor]
     dtype: torch.dtype
     args: LerpArgs
+    fn: object                 # the library's bn_lerp of that dtype
 
 
 def running_target(a: Tensor, b: Tensor, counter: Optional[Tensor], dt: torch.dtype,
@@ -491,11 +493,13 @@ def running_target(a: Tensor, b: Tensor, counter: Optional[Tensor], dt: torch.dt
     ``a`` and ``b`` (1-D, C elements of ``dt``) and ``counter`` (None or one int64) in place,
     as :func:`lerp_` requires; the target of :func:`lerp_target_`, or None where they cannot
     (then :func:`lerp_` and torch operations remain)."""
-    if (_jit.kernels() is None or dt not in _DTYPES or not _vector_buffer(a, dt, c) or not _vector_buffer(b, dt, c)
+    lib = _jit.kernels()
+    if (lib is None or dt not in _DTYPES or not _vector_buffer(a, dt, c) or not _vector_buffer(b, dt, c)
             or (counter is not None and not _writable(counter, torch.int64, 1))):
         return None
     return RunningTarget(a, b, counter, dt, LerpArgs(a.data_ptr(), b.data_ptr(), None, None,
-                                                 None if counter is None else counter.data_ptr(), c, 0.0))
+                                                 None if counter is None else counter.data_ptr(), c, 0.0),
+                         _fn(lib, "lerp", dt))
 
 
 def lerp_target_(target: RunningTarget, src: Tensor, weight: float) -> bool:
@@ -504,16 +508,16 @@ def lerp_target_(target: RunningTarget, src: Tensor, weight: float) -> bool:
     :func:`batchnorm._stats.update_running_stats`. The buffers were checked when the target
     was made; here only that they still hold the same memory, and ``src``. False, having
     changed nothing, where either fails."""
-    a, b, counter, dt, args = target
-    c, lib = args.c, _jit.kernels()
-    if (lib is None or a.data_ptr() != args.a or b.data_ptr() != args.b
+    a, b, counter, dt, args, fn = target
+    c = args.c
+    if (a.data_ptr() != args.a or b.data_ptr() != args.b
             or (counter is not None and counter.data_ptr() != args.counter) or type(src) not in _PLAIN
             or src.dtype is not dt or src.numel() != 3 * c or not src.is_contiguous() or not src.is_cpu
             or not _has_storage(src)):
         return False
     p = src.data_ptr()
     args.ta, args.tb, args.w = p, p + 2 * c * src.element_size(), float(weight)
-    _fn(lib, "lerp", dt)(args)
+    fn(args)
     return True
 
 
