@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import _jit
 from ._errors import MismatchError
-from ._jit import (ActDxArgs, ActFwdArgs, ActSumsArgs, AffineArgs, CheckStatsArgs, DxArgs, LerpArgs, MaskedBwdArgs,
+from ._jit import (ActDxArgs, ActFwdArgs, ActSumsArgs, ActTrainFwdArgs, AffineArgs, CheckStatsArgs, DxArgs, LerpArgs, MaskedBwdArgs,
                    MaskedFwdArgs, StatsArgs, SumsArgs, TrainBwdArgs, TrainFwdArgs)
 
 # Below this many elements a kernel runs on one thread: opening a parallel region costs more
@@ -321,6 +321,36 @@ def act_forward(x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: flo
                                             scale=a.data_ptr(), shift=b.data_ptr(), n=n, c=c, s=s, slope=slope,
                                             act_alpha=act_alpha, act=kind, cl=cl, nt=_threads(lay)))
     return y, mask
+
+
+def act_train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                      var_scale: float, slope: float, residual: Optional[Tensor] = None, want_mask: bool = False,
+                      kind: int = LINEAR, act_alpha: float = 1.0):
+    """BN's training forward and the activation in one call: the statistics of ``x``, then
+    y = act(a[c] * x + b[c] + residual) with a = gamma * invstd and b = beta - mean * a
+    (:func:`act_forward`'s pass; ``want_mask`` as there). Returns (y, mask, stats, coef,
+    finite): the statistics as :func:`train_forward`'s (a (1, 3, C) block: mean, invstd,
+    var_scale * biased variance), coef the (2, C) rows a, b, and whether the statistics are
+    all finite (y is computed either way)."""
+    lib = _jit.kernels()
+    _check_x(x, lay)
+    n, c, s, cl = lay
+    kind, slope, act_alpha = _kind(kind, slope, act_alpha)
+    w, b = _vec(weight, x, c, "weight"), _vec(bias, x, c, "bias")
+    r = None if residual is None else _like(residual, x)
+    if want_mask and kind != LINEAR:
+        _fail("a sign mask is for the piecewise-linear activations only")
+    y = torch.empty_like(x)
+    mask = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
+    st = torch.empty(1, 3, c, dtype=x.dtype)
+    coef = torch.empty(2, c, dtype=x.dtype)
+    rc = _fn(lib, "act_train_fwd", x.dtype)(ActTrainFwdArgs(
+        x=x.data_ptr(), r=_ptr(r), y=y.data_ptr(), mask=_ptr(mask), weight=_ptr(w), bias=_ptr(b),
+        stats=st.data_ptr(), coef=coef.data_ptr(), n=n, c=c, s=s, eps=float(eps), var_scale=float(var_scale),
+        slope=slope, act_alpha=act_alpha, act=kind, cl=cl, nt=_threads(lay)))
+    if rc < 0:
+        raise MemoryError("batchnorm: out of memory in the forward kernel")
+    return y, mask, st, coef, rc == 0
 
 
 def _act_source(v: Tensor, lay: Layout, mask: Optional[Tensor], residual: Optional[Tensor], output: bool,

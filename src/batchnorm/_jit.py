@@ -525,6 +525,12 @@ class ActFwdArgs(ctypes.Structure):
                 ("slope", _F64), ("act_alpha", _F64), ("act", _I32), *_LAYOUT_THREADS]
 
 
+class ActTrainFwdArgs(ctypes.Structure):
+    _fields_ = [("x", _P), ("r", _P), ("y", _P), ("mask", _P), ("weight", _P), ("bias", _P), ("stats", _P),
+                ("coef", _P), *_SHAPE, ("eps", _F64), ("var_scale", _F64), ("slope", _F64), ("act_alpha", _F64),
+                ("act", _I32), *_LAYOUT_THREADS]
+
+
 class ActSumsArgs(ctypes.Structure):
     _fields_ = [("dy", _P), ("v", _P), ("mask", _P), ("r", _P), ("scale", _P), ("shift", _P), ("mu", _P),
                 ("sum_dz", _P), ("sum_dzu", _P), ("dz", _P), *_SHAPE, ("slope", _F64), ("act_alpha", _F64),
@@ -550,6 +556,7 @@ ENTRY_POINTS = {
     "masked_fwd": (MaskedFwdArgs, _I64),
     "masked_bwd": (MaskedBwdArgs, None),
     "act_fwd": (ActFwdArgs, None),
+    "act_train_fwd": (ActTrainFwdArgs, ctypes.c_int),
     "act_sums": (ActSumsArgs, ctypes.c_int),
     "act_dx": (ActDxArgs, ctypes.c_int),
 }

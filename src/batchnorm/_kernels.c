@@ -1838,6 +1838,20 @@ struct bn_act_dx_args {
     int32_t act, output, cl, nt;
 };
 
+/* BN's training forward with the activation, in one call: the statistics pass, then per
+ * channel (as bn_train_fwd: in double) the statistics rows and the forward's coefficients
+ * a = gamma * invstd, b = beta - mu * a, then bn_act_fwd's pass with them. */
+struct bn_act_train_fwd_args {
+    const void *x, *r;         /* as bn_act_fwd_args' */
+    void *y, *mask;
+    const void *weight, *bias; /* or NULL (1 and 0) */
+    void *stats;               /* out: mean, invstd, var_scale * biased variance (c each) */
+    void *coef;                /* out: a then b (c each), the backward's scale and shift */
+    int64_t n, c, s;
+    double eps, var_scale, slope, act_alpha;
+    int32_t act, cl, nt;
+};
+
 #define ACT_FLUSH 1024  /* values per float lane before it is added into a double */
 
 /* What the backward kernels take: a known act; in place (output) only the invertible ones
@@ -2528,6 +2542,28 @@ static void act_dx_task_##SUF(void *p, int t, int nt) {                         
 static void act_fwd_##SUF(const struct bn_act_fwd_args *a) {                                     \
     run_parallel(act_fwd_task_##SUF, (void *)a, a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt)); \
 }                                                                                                \
+/* 0, 1 (a statistic is NaN/Inf; y is written all the same) or -1 (out of memory). */            \
+static int act_train_fwd_##SUF(const struct bn_act_train_fwd_args *a) {                          \
+    const T *x = (const T *)a->x;                                                                \
+    const int64_t N = a->n, C = a->c, S = a->s;                                                  \
+    T *st = (T *)a->stats, *co = (T *)a->coef;                                                   \
+    double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                              \
+    if (!s || totals_##SUF(x, NULL, N, C, S, a->cl, NULL, s, s + C, a->nt)) { free(s); return -1; }\
+    struct job_##SUF j;                                                                          \
+    memset(&j, 0, sizeof j);                                                                     \
+    j.C = C; j.w = (const T *)a->weight; j.b = (const T *)a->bias; j.eps = a->eps;               \
+    j.var_scale = a->var_scale; j.mean = st; j.invstd = st + C; j.var = st + 2 * C;              \
+    for (int64_t c = 0; c < C; c++)                                                              \
+        fwd_coef_##SUF(&j, s[c], s[C + c], (double)(N * S), (double)(a->cl ? x[c] : x[c * S]), c,\
+                       &co[c], &co[C + c]);                                                      \
+    free(s);                                                                                     \
+    const struct bn_act_fwd_args f = {a->x, a->r, a->y, a->mask, co, co + C, N, C, S, a->slope,  \
+                                      a->act_alpha, a->act, a->cl, a->nt};                       \
+    act_fwd_##SUF(&f);                                                                           \
+    for (int64_t i = 0; i < 3 * C; i++)                                                          \
+        if (!isfinite((double)st[i])) return 1;                                                  \
+    return 0;                                                                                    \
+}                                                                                                \
                                                                                                  \
 /* 0, or -2 (arguments these kernels do not take: see act_args_ok). */                           \
 static int act_dx_##SUF(const struct bn_act_dx_args *a) {                                        \
@@ -2572,6 +2608,9 @@ void bn_masked_bwd_f64(const struct bn_masked_bwd_args *a) { masked_bwd_f64(a); 
 
 void bn_act_fwd_f32(const struct bn_act_fwd_args *a) { act_fwd_f32(a); }
 void bn_act_fwd_f64(const struct bn_act_fwd_args *a) { act_fwd_f64(a); }
+
+int bn_act_train_fwd_f32(const struct bn_act_train_fwd_args *a) { return act_train_fwd_f32(a); }
+int bn_act_train_fwd_f64(const struct bn_act_train_fwd_args *a) { return act_train_fwd_f64(a); }
 
 int bn_act_sums_f32(const struct bn_act_sums_args *a) { return act_sums_f32(a); }
 int bn_act_sums_f64(const struct bn_act_sums_args *a) { return act_sums_f64(a); }
@@ -2641,6 +2680,14 @@ static const int64_t layout_act_fwd[] = {
     FIELD(bn_act_fwd_args, n), FIELD(bn_act_fwd_args, c), FIELD(bn_act_fwd_args, s), FIELD(bn_act_fwd_args, slope),
     FIELD(bn_act_fwd_args, act_alpha), FIELD(bn_act_fwd_args, act), FIELD(bn_act_fwd_args, cl),
     FIELD(bn_act_fwd_args, nt)};
+static const int64_t layout_act_train_fwd[] = {
+    sizeof(struct bn_act_train_fwd_args), FIELD(bn_act_train_fwd_args, x), FIELD(bn_act_train_fwd_args, r),
+    FIELD(bn_act_train_fwd_args, y), FIELD(bn_act_train_fwd_args, mask), FIELD(bn_act_train_fwd_args, weight),
+    FIELD(bn_act_train_fwd_args, bias), FIELD(bn_act_train_fwd_args, stats), FIELD(bn_act_train_fwd_args, coef),
+    FIELD(bn_act_train_fwd_args, n), FIELD(bn_act_train_fwd_args, c), FIELD(bn_act_train_fwd_args, s),
+    FIELD(bn_act_train_fwd_args, eps), FIELD(bn_act_train_fwd_args, var_scale), FIELD(bn_act_train_fwd_args, slope),
+    FIELD(bn_act_train_fwd_args, act_alpha), FIELD(bn_act_train_fwd_args, act), FIELD(bn_act_train_fwd_args, cl),
+    FIELD(bn_act_train_fwd_args, nt)};
 static const int64_t layout_act_sums[] = {
     sizeof(struct bn_act_sums_args), FIELD(bn_act_sums_args, dy), FIELD(bn_act_sums_args, v),
     FIELD(bn_act_sums_args, mask), FIELD(bn_act_sums_args, r), FIELD(bn_act_sums_args, scale),
@@ -2665,7 +2712,8 @@ static const struct { const char *kind; const int64_t *values; int64_t count; } 
     LAYOUT("dx", layout_dx), LAYOUT("train_fwd", layout_train_fwd), LAYOUT("train_bwd", layout_train_bwd),
     LAYOUT("check_stats", layout_check_stats), LAYOUT("lerp", layout_lerp),
     LAYOUT("masked_fwd", layout_masked_fwd), LAYOUT("masked_bwd", layout_masked_bwd),
-    LAYOUT("act_fwd", layout_act_fwd), LAYOUT("act_sums", layout_act_sums), LAYOUT("act_dx", layout_act_dx)};
+    LAYOUT("act_fwd", layout_act_fwd), LAYOUT("act_train_fwd", layout_act_train_fwd),
+    LAYOUT("act_sums", layout_act_sums), LAYOUT("act_dx", layout_act_dx)};
 #undef LAYOUT
 
 /* Copies the layout of entry point `kind`'s struct into out (at most cap values); returns how

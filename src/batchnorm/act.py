@@ -367,6 +367,34 @@ class _FusedBNAct(torch.autograd.Function):
                 dz if need_r else None, None, None, None, None, None, None)
 
 
+class _FusedBNActTrain(torch.autograd.Function):
+    """:class:`_FusedBNAct` in training, the batch's statistics computed by the same kernel
+    call (:func:`batchnorm._fused.act_train_forward`: the statistics pass, the coefficients,
+    the activation's pass): ``apply(x, weight, bias, residual, spec, lay, eps, var_scale) ->
+    (y, stats, finite)``, stats the (1, 3, C) rows mean, invstd and var_scale * biased
+    variance, marked non-differentiable, for the caller's running update; ``finite``:
+    whether they all are. Saves what :class:`_FusedBNAct` saves; its backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, spec, lay, eps, var_scale):
+        linear = spec.kind == _fused.LINEAR
+        y, mask, st, coef, finite = _fused.act_train_forward(
+            x, lay, weight, bias, eps, var_scale, spec.slope, residual,
+            want_mask=residual is not None and linear and spec.slope != 1.0, kind=spec.kind, act_alpha=spec.alpha)
+        ctx.save_for_backward(x, weight, bias, None if linear else residual, st[0, 0], st[0, 1], coef[0], coef[1],
+                              mask)
+        ctx.meta = (True, spec, lay, eps, residual is not None)
+        ctx.mark_non_differentiable(st)
+        ctx.set_materialize_grads(False)  # no zero gradient is made for the statistics
+        return y, st, finite
+
+    @staticmethod
+    def backward(ctx, dy, grad_st=None, grad_finite=None):
+        if dy is None:  # y took no part in the loss
+            return (None,) * 8
+        return _FusedBNAct.backward(ctx, dy)[:4] + (None,) * 4
+
+
 class _BatchNormAct:
     """What BatchNormAct1d/2d/3d add to their BatchNorm class."""
 
@@ -444,9 +472,22 @@ class _BatchNormAct:
         return _fused.layout(input) if input.size(1) == self.num_features else None
 
     def _fused_step(self, input: Tensor, residual: Optional[Tensor], lay) -> Tensor:
-        weight, bias, mean, invstd, batch = self._statistics(input)
-        return _FusedBNAct.apply(input, weight, bias, residual, mean.to(input.dtype), invstd.to(input.dtype), batch,
-                                 _kernel_act(self.act, self.act_kwargs), lay, self.eps)
+        spec = _kernel_act(self.act, self.act_kwargs)
+        weight, bias, batch, update = self._checks(input)
+        if not batch:  # eval: the running statistics
+            mean, invstd = self._running_inverse(input)
+            return _FusedBNAct.apply(input, weight, bias, residual, mean.to(input.dtype), invstd.to(input.dtype),
+                                     False, spec, lay, self.eps)
+        # Training: statistics, coefficients and activation in one kernel call, then the one
+        # running update from its statistics rows (the buffers checked before anything runs).
+        running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
+        target = _fused.running_target(running_mean, running_var, nbt, input.dtype, input.size(1)) if update else None
+        y, st, finite = _FusedBNActTrain.apply(input, weight, bias, residual, spec, lay, self.eps,
+                                               _stats.unbiased(1.0, input.numel() // self.num_features))
+        if update:
+            _stats.update_running_stats(running_mean, running_var, nbt, None, None, self.momentum, self.nonfinite,
+                                        self._name, finite, stats=st, target=target)
+        return y
 
     def _inplace_step(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         F.check_input(input, self.num_features, self._ranks, self._name)
@@ -481,9 +522,10 @@ class _BatchNormAct:
         return _InplaceBNAct.apply(input, weight, bias, residual, mean, invstd, batch, self.act, self.act_kwargs,
                                    lay)
 
-    def _statistics(self, input: Tensor):
-        """Check the step's arguments, then (weight, bias, mean, invstd, batch): the batch's
-        statistics (the running ones updated from them) or, in eval, the running ones."""
+    def _checks(self, input: Tensor):
+        """Check the step's arguments, before anything runs: (weight, bias, batch, update),
+        batch whether the step normalizes by the batch's statistics, update whether it
+        folds them into the running buffers."""
         F.check_input(input, self.num_features, self._ranks, self._name)
         weight, bias = self.weight, self.bias
         running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
@@ -497,18 +539,29 @@ class _BatchNormAct:
                 raise ValueError(f"{self._name}: eps must be positive in training, got {self.eps!r}")
         if update and self.momentum is None and nbt is None:
             raise ValueError(f"{self._name}: momentum=None (cumulative average) needs num_batches_tracked")
+        return weight, bias, batch, update
+
+    def _running_inverse(self, input: Tensor):
+        """The running mean and 1 / sqrt(running_var + eps), in the statistics dtype."""
+        dt = _stats.stat_dtype(input.dtype)
         with torch.no_grad():
-            if batch:
-                method = "kernels" if self.impl in ("auto", "kernels") else "auto"
-                mean, var, _, _, _ = _stats.batch_stats(_stats.grouped_view(input.detach(), 1), method=method)
-                mean, var = mean.flatten(), var.flatten()
-                if update:  # (m values per channel: no mask here)
-                    _stats.update_running_stats(running_mean, running_var, nbt, mean,
-                                                _stats.unbiased(var, input.numel() // self.num_features),
-                                                self.momentum, self.nonfinite, self._name)
-            else:
-                dt = _stats.stat_dtype(input.dtype)
-                mean, var = running_mean.to(dt), running_var.to(dt)
+            return self.running_mean.to(dt), torch.rsqrt(self.running_var.to(dt) + self.eps)
+
+    def _statistics(self, input: Tensor):
+        """Check the step's arguments, then (weight, bias, mean, invstd, batch): the batch's
+        statistics (the running ones updated from them) or, in eval, the running ones."""
+        weight, bias, batch, update = self._checks(input)
+        if not batch:
+            mean, invstd = self._running_inverse(input)
+            return weight, bias, mean, invstd, batch
+        with torch.no_grad():
+            method = "kernels" if self.impl in ("auto", "kernels") else "auto"
+            mean, var, _, _, _ = _stats.batch_stats(_stats.grouped_view(input.detach(), 1), method=method)
+            mean, var = mean.flatten(), var.flatten()
+            if update:  # (m values per channel: no mask here)
+                _stats.update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mean,
+                                            _stats.unbiased(var, input.numel() // self.num_features),
+                                            self.momentum, self.nonfinite, self._name)
             invstd = torch.rsqrt(var + self.eps)
         return weight, bias, mean, invstd, batch
 
