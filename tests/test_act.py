@@ -426,6 +426,66 @@ def test_kernel_boundary_refuses_bad_buffers():
         _fused.act_sums(torch.randn_like(x), x, lay, None, None, 0.0, None, mu, output=True, kind=_fused.GELU)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("kind,slope,residual", [("LINEAR", 0.0, False), ("LINEAR", 0.1, True), ("SILU", 0.0, True),
+                                                 ("ELU", 0.0, False)])
+def test_one_call_training_kernels_match_the_passes(kind, slope, residual, memory_format):
+    """act_train_forward (statistics, coefficients, activation in one call) against the
+    statistics pass and act_forward with the coefficients in float64; act_train_backward
+    against act_sums then act_grad / grad_input with Section 3's coefficients. 65,536
+    float64 values: every thread runs. Then what the one-call boundary refuses."""
+    from batchnorm import _fused
+    if not _fused.available():
+        pytest.skip("kernels not built here")
+    code = getattr(_fused, kind)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(16, 16, 16, 16, generator=g, dtype=torch.float64) * 2 + 3).to(memory_format=memory_format)
+    r = torch.randn(x.shape, generator=g, dtype=torch.float64).to(memory_format=memory_format) if residual else None
+    w, b = torch.rand(16, generator=g, dtype=torch.float64) + 0.5, torch.randn(16, generator=g, dtype=torch.float64)
+    lay, m = _fused.layout(x), x.numel() // 16
+    linear = code == _fused.LINEAR
+    y, mask, st, coef, finite = _fused.act_train_forward(x, lay, w, b, 1e-3, m / (m - 1), slope, r,
+                                                         want_mask=residual and linear, kind=code)
+    mean, var = _fused.stats(x, lay)
+    invstd = torch.rsqrt(var + 1e-3)
+    scale, shift = w * invstd, b - mean * w * invstd
+    y_ref, mask_ref = _fused.act_forward(x, lay, scale, shift, slope, r, want_mask=residual and linear, kind=code)
+    assert finite and st.shape == (1, 3, 16) and coef.shape == (2, 16)
+    torch.testing.assert_close(st[0], torch.stack((mean, invstd, var * m / (m - 1))), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(coef, torch.stack((scale, shift)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert mask is None if mask_ref is None else torch.equal(mask, mask_ref)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(memory_format=memory_format)
+    res = None if linear else r
+    dx, dw, db, dz = _fused.act_train_backward(dy, x, lay, w, st, coef, slope, mask, res, True, True, True, residual,
+                                               kind=code)
+    sums, dz_smooth = _fused.act_sums(dy, x, lay, coef[0], coef[1], slope, mask, st[0, 0], res, kind=code)
+    k = invstd * w
+    b2 = k * invstd ** 2 * sums[1] / m
+    al, be, ga = k, -b2, b2 * st[0, 0] - k * sums[0] / m
+    if linear:
+        dx_ref, dz_ref = _fused.act_grad(dy, x, lay, coef[0], coef[1], slope, mask, al, be, ga, True, True, kind=code)
+    else:
+        dz_ref, dx_ref = dz_smooth, torch.empty_like(x)
+        _fused.grad_input(dz_smooth, x, lay, al, be, ga, dx_ref)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dw, sums[1] * invstd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(db, sums[0], rtol=1e-12, atol=1e-12)
+    assert (dz is None) == (not residual) and (dz is None or torch.equal(dz, dz_ref))
+    # what the one-call boundary refuses, before the C code reads anything
+    with pytest.raises(ValueError, match="statistics"):
+        _fused.act_train_backward(dy, x, lay, w, st[..., :8], coef, slope, mask, res, True, True, True, False,
+                                  kind=code)
+    with pytest.raises(ValueError, match="activation coefficients"):
+        _fused.act_train_backward(dy, x, lay, w, st, coef.t().contiguous().t(), slope, mask, res, True, True, True,
+                                  False, kind=code)
+    with pytest.raises(ValueError, match="should contain 16 elements"):
+        _fused.act_train_forward(x, lay, w[:8], b, 1e-3, 1.0, slope, r, kind=code)
+    if not linear:
+        with pytest.raises(ValueError, match="mask is for the piecewise-linear"):
+            _fused.act_train_forward(x, lay, w, b, 1e-3, 1.0, slope, r, want_mask=True, kind=code)
+
+
 @pytest.mark.parametrize("dtype,memory_format", [(torch.float64, torch.contiguous_format),
                                                  (torch.float32, torch.channels_last)])
 @pytest.mark.parametrize("residual", [False, True])

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import _jit
 from ._errors import MismatchError
-from ._jit import (ActDxArgs, ActFwdArgs, ActSumsArgs, ActTrainFwdArgs, AffineArgs, CheckStatsArgs, DxArgs, LerpArgs, MaskedBwdArgs,
+from ._jit import (ActDxArgs, ActFwdArgs, ActSumsArgs, ActTrainBwdArgs, ActTrainFwdArgs, AffineArgs, CheckStatsArgs, DxArgs, LerpArgs, MaskedBwdArgs,
                    MaskedFwdArgs, StatsArgs, SumsArgs, TrainBwdArgs, TrainFwdArgs)
 
 # Below this many elements a kernel runs on one thread: opening a parallel region costs more
@@ -433,6 +433,38 @@ def act_grad(dy: Tensor, v: Tensor, lay: Layout, scale: Optional[Tensor], shift:
                                              cl=cl, nt=_threads(lay))):
         _fail(f"the activation gradient kernel refused activation code {kind} (output={output})")
     return dx, dz
+
+
+def act_train_backward(dy: Tensor, x: Tensor, lay: Layout, weight: Optional[Tensor], st: Tensor, coef: Tensor,
+                       slope: float, mask: Optional[Tensor], residual: Optional[Tensor], need_x: bool, need_w: bool,
+                       need_b: bool, need_r: bool, kind: int = LINEAR, act_alpha: float = 1.0):
+    """Gradients of :func:`act_train_forward` (dx, dweight, dbias, dz), None where not
+    needed, in one call: :func:`act_sums`' pass, the per-channel coefficients (Section 3,
+    with the batch's statistics ``st`` and the forward's ``coef``), then :func:`act_grad`'s
+    pass (piecewise linear) or :func:`grad_input`'s over dz (smooth). dz = dy * act'(z) is
+    the residual's gradient. ``mask`` / ``residual``: what the forward's mode saved (the
+    sign mask of a piecewise-linear act with a residual; the residual of a smooth act)."""
+    lib = _jit.kernels()
+    n, c, s, cl = lay
+    kind, slope, act_alpha = _kind(kind, slope, act_alpha)
+    g = _like(dy, x)
+    m, r = _act_source(x, lay, mask, residual, False, kind, slope, act_alpha)
+    st = _stats_buffer(st, c, x.dtype, "statistics")
+    co = _rows(coef, 2, c, x.dtype, "activation coefficients")
+    w = _vec(weight, x, c, "weight")
+    dx = torch.empty_like(x) if need_x else None
+    dz = torch.empty_like(x) if need_r or kind != LINEAR else None  # a smooth act's dx is computed from dz
+    dw = torch.empty(c, dtype=x.dtype) if need_w else None
+    db = torch.empty(c, dtype=x.dtype) if need_b else None
+    rc = _fn(lib, "act_train_bwd", x.dtype)(ActTrainBwdArgs(
+        dy=g.data_ptr(), x=x.data_ptr(), mask=_ptr(m), r=_ptr(r), coef=co.data_ptr(), stats=st.data_ptr(),
+        weight=_ptr(w), dx=_ptr(dx), dz=_ptr(dz), dweight=_ptr(dw), dbias=_ptr(db), n=n, c=c, s=s, slope=slope,
+        act_alpha=act_alpha, act=kind, cl=cl, nt=_threads(lay)))
+    if rc == -1:
+        raise MemoryError("batchnorm: out of memory in the activation backward kernel")
+    if rc:
+        _fail(f"the activation backward kernel refused activation code {kind}")
+    return dx, dw, db, dz if need_r else None
 
 
 def _plain(t: Tensor) -> bool:

@@ -531,6 +531,12 @@ class ActTrainFwdArgs(ctypes.Structure):
                 ("act", _I32), *_LAYOUT_THREADS]
 
 
+class ActTrainBwdArgs(ctypes.Structure):
+    _fields_ = [("dy", _P), ("x", _P), ("mask", _P), ("r", _P), ("coef", _P), ("stats", _P), ("weight", _P),
+                ("dx", _P), ("dz", _P), ("dweight", _P), ("dbias", _P), *_SHAPE, ("slope", _F64),
+                ("act_alpha", _F64), ("act", _I32), *_LAYOUT_THREADS]
+
+
 class ActSumsArgs(ctypes.Structure):
     _fields_ = [("dy", _P), ("v", _P), ("mask", _P), ("r", _P), ("scale", _P), ("shift", _P), ("mu", _P),
                 ("sum_dz", _P), ("sum_dzu", _P), ("dz", _P), *_SHAPE, ("slope", _F64), ("act_alpha", _F64),
@@ -557,6 +563,7 @@ ENTRY_POINTS = {
     "masked_bwd": (MaskedBwdArgs, None),
     "act_fwd": (ActFwdArgs, None),
     "act_train_fwd": (ActTrainFwdArgs, ctypes.c_int),
+    "act_train_bwd": (ActTrainBwdArgs, ctypes.c_int),
     "act_sums": (ActSumsArgs, ctypes.c_int),
     "act_dx": (ActDxArgs, ctypes.c_int),
 }

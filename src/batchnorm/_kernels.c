@@ -1852,6 +1852,26 @@ struct bn_act_train_fwd_args {
     int32_t act, cl, nt;
 };
 
+/* The backward of bn_act_train_fwd (out of place, the batch's statistics), in one call:
+ * bn_act_sums' pass, then per channel (in double) dweight, dbias and dx's coefficients (Section
+ * 3: al = k, be = -k invstd^2 sum dz (x - mu) / m, ga = -be mu - k sum dz / m, k = gamma
+ * invstd), then the dx pass: bn_act_dx's for the piecewise-linear acts (dz too where asked),
+ * bn_dx's over the dz that bn_act_sums wrote for the smooth ones. */
+struct bn_act_train_bwd_args {
+    const void *dy, *x;        /* dy laid out like x */
+    const void *mask, *r;      /* as bn_act_sums_args' out of place */
+    const void *coef;          /* the forward's a then b (c each) */
+    const void *stats;         /* the forward's rows mean, invstd (a third is not read) */
+    const void *weight;        /* or NULL */
+    void *dx;                  /* out, or NULL: not needed */
+    void *dz;                  /* out: dy * act'(z), laid out like x; required for a smooth act,
+                                * else NULL where not needed */
+    void *dweight, *dbias;     /* out (c each), or NULL */
+    int64_t n, c, s;
+    double slope, act_alpha;
+    int32_t act, cl, nt;
+};
+
 #define ACT_FLUSH 1024  /* values per float lane before it is added into a double */
 
 /* What the backward kernels take: a known act; in place (output) only the invertible ones
@@ -2571,6 +2591,43 @@ static int act_dx_##SUF(const struct bn_act_dx_args *a) {                       
     if (!a->dx && !a->dz) return 0;                                                              \
     run_parallel(act_dx_task_##SUF, (void *)a, a->nt < 1 ? 1 : (a->nt > MAX_THREADS ? MAX_THREADS : a->nt)); \
     return 0;                                                                                    \
+}                                                                                                \
+                                                                                                 \
+/* 0, -1 (out of memory) or -2 (arguments these kernels do not take: see act_args_ok). */        \
+static int act_train_bwd_##SUF(const struct bn_act_train_bwd_args *a) {                          \
+    const int64_t N = a->n, C = a->c, S = a->s;                                                  \
+    const T *st = (const T *)a->stats, *co = (const T *)a->coef, *w = (const T *)a->weight;      \
+    T *dw = (T *)a->dweight, *db = (T *)a->dbias;                                                \
+    const int smooth = a->act != ACT_LINEAR;                                                     \
+    if (smooth && !a->dz) return -2;                                                             \
+    double *s = (double *)malloc((size_t)(2 * C) * sizeof(double));                              \
+    T *k3 = (T *)malloc((size_t)(3 * C) * sizeof(T));                                            \
+    if (!s || !k3) { free(s); free(k3); return -1; }                                             \
+    const struct bn_act_sums_args q = {a->dy, a->x, a->mask, a->r, co, co + C, st, s, s + C,     \
+                                       smooth ? a->dz : NULL, N, C, S, a->slope, a->act_alpha,   \
+                                       a->act, 0, a->cl, a->nt};                                 \
+    int rc = act_sums_##SUF(&q);                                                                 \
+    if (rc) { free(s); free(k3); return rc; }                                                    \
+    const double m = (double)(N * S);                                                            \
+    for (int64_t c = 0; c < C; c++) {                                                            \
+        const double is = (double)st[C + c], s1 = s[c], s2 = s[C + c];                           \
+        if (db) db[c] = (T)s1;                                                                   \
+        if (dw) dw[c] = (T)(s2 * is);                                                            \
+        const double k = w ? is * (double)w[c] : is, b2 = k * (is * is) * s2 / m;                \
+        k3[c] = (T)k; k3[C + c] = (T)(-b2);                                                      \
+        k3[2 * C + c] = (T)(b2 * (double)st[c] + (-1.0 / m) * k * s1);                           \
+    }                                                                                            \
+    if (smooth) {                                                                                \
+        if (a->dx) elementwise_##SUF((const T *)a->dz, (const T *)a->x, (T *)a->dx, N, C, S, a->cl,\
+                                     k3, k3 + C, k3 + 2 * C, a->nt);                             \
+    } else if (a->dx || a->dz) {                                                                 \
+        const struct bn_act_dx_args d = {a->dy, a->x, a->mask, a->r, co, co + C, k3, k3 + C,     \
+                                         k3 + 2 * C, a->dx, a->dz, N, C, S, a->slope, a->act_alpha,\
+                                         a->act, 0, a->cl, a->nt};                               \
+        rc = act_dx_##SUF(&d);                                                                   \
+    }                                                                                            \
+    free(s); free(k3);                                                                           \
+    return rc;                                                                                   \
 }
 
 DEFINE_ACT(float, f32, fmaf, 16)
@@ -2611,6 +2668,9 @@ void bn_act_fwd_f64(const struct bn_act_fwd_args *a) { act_fwd_f64(a); }
 
 int bn_act_train_fwd_f32(const struct bn_act_train_fwd_args *a) { return act_train_fwd_f32(a); }
 int bn_act_train_fwd_f64(const struct bn_act_train_fwd_args *a) { return act_train_fwd_f64(a); }
+
+int bn_act_train_bwd_f32(const struct bn_act_train_bwd_args *a) { return act_train_bwd_f32(a); }
+int bn_act_train_bwd_f64(const struct bn_act_train_bwd_args *a) { return act_train_bwd_f64(a); }
 
 int bn_act_sums_f32(const struct bn_act_sums_args *a) { return act_sums_f32(a); }
 int bn_act_sums_f64(const struct bn_act_sums_args *a) { return act_sums_f64(a); }
@@ -2688,6 +2748,14 @@ static const int64_t layout_act_train_fwd[] = {
     FIELD(bn_act_train_fwd_args, eps), FIELD(bn_act_train_fwd_args, var_scale), FIELD(bn_act_train_fwd_args, slope),
     FIELD(bn_act_train_fwd_args, act_alpha), FIELD(bn_act_train_fwd_args, act), FIELD(bn_act_train_fwd_args, cl),
     FIELD(bn_act_train_fwd_args, nt)};
+static const int64_t layout_act_train_bwd[] = {
+    sizeof(struct bn_act_train_bwd_args), FIELD(bn_act_train_bwd_args, dy), FIELD(bn_act_train_bwd_args, x),
+    FIELD(bn_act_train_bwd_args, mask), FIELD(bn_act_train_bwd_args, r), FIELD(bn_act_train_bwd_args, coef),
+    FIELD(bn_act_train_bwd_args, stats), FIELD(bn_act_train_bwd_args, weight), FIELD(bn_act_train_bwd_args, dx),
+    FIELD(bn_act_train_bwd_args, dz), FIELD(bn_act_train_bwd_args, dweight), FIELD(bn_act_train_bwd_args, dbias),
+    FIELD(bn_act_train_bwd_args, n), FIELD(bn_act_train_bwd_args, c), FIELD(bn_act_train_bwd_args, s),
+    FIELD(bn_act_train_bwd_args, slope), FIELD(bn_act_train_bwd_args, act_alpha), FIELD(bn_act_train_bwd_args, act),
+    FIELD(bn_act_train_bwd_args, cl), FIELD(bn_act_train_bwd_args, nt)};
 static const int64_t layout_act_sums[] = {
     sizeof(struct bn_act_sums_args), FIELD(bn_act_sums_args, dy), FIELD(bn_act_sums_args, v),
     FIELD(bn_act_sums_args, mask), FIELD(bn_act_sums_args, r), FIELD(bn_act_sums_args, scale),
@@ -2713,6 +2781,7 @@ static const struct { const char *kind; const int64_t *values; int64_t count; } 
     LAYOUT("check_stats", layout_check_stats), LAYOUT("lerp", layout_lerp),
     LAYOUT("masked_fwd", layout_masked_fwd), LAYOUT("masked_bwd", layout_masked_bwd),
     LAYOUT("act_fwd", layout_act_fwd), LAYOUT("act_train_fwd", layout_act_train_fwd),
+    LAYOUT("act_train_bwd", layout_act_train_bwd),
     LAYOUT("act_sums", layout_act_sums), LAYOUT("act_dx", layout_act_dx)};
 #undef LAYOUT
 

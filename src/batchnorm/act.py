@@ -384,6 +384,7 @@ class _FusedBNActTrain(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, None if linear else residual, st[0, 0], st[0, 1], coef[0], coef[1],
                               mask)
         ctx.meta = (True, spec, lay, eps, residual is not None)
+        ctx.rows = (st, coef)  # the same memory as the saved rows, for the one-call backward
         ctx.mark_non_differentiable(st)
         ctx.set_materialize_grads(False)  # no zero gradient is made for the statistics
         return y, st, finite
@@ -392,7 +393,16 @@ class _FusedBNActTrain(torch.autograd.Function):
     def backward(ctx, dy, grad_st=None, grad_finite=None):
         if dy is None:  # y took no part in the loss
             return (None,) * 8
-        return _FusedBNAct.backward(ctx, dy)[:4] + (None,) * 4
+        if _operator.special(dy):
+            return _FusedBNAct.backward(ctx, dy)[:4] + (None,) * 4
+        x, weight, bias, res, _, _, _, _, mask = ctx.saved_tensors
+        _, spec, lay, _, has_res = ctx.meta
+        st, coef = ctx.rows
+        need = ctx.needs_input_grad
+        dx, gw, gb, dz = _fused.act_train_backward(dy, x, lay, weight, st, coef, spec.slope, mask, res, need[0],
+                                                   need[1] and weight is not None, need[2] and bias is not None,
+                                                   need[3] and has_res, kind=spec.kind, act_alpha=spec.alpha)
+        return dx, gw, gb, dz, None, None, None, None
 
 
 class _BatchNormAct:
