@@ -16,7 +16,9 @@
  *   sums    one read of dy and x     -> sum dy and sum dy * (x - mean[c])
  *   dx      two reads, one write     -> dx = alpha[c] * dy + beta[c] * x + gamma[c]
  * BN + an activation (+ a residual), for batchnorm.act: bn_act_fwd, bn_act_sums, bn_act_dx
- * (their section below says what each reads and writes), for the piecewise-linear
+ * (their section below says what each reads and writes), and a training step's forward and
+ * backward each as one call of them with the per-channel work between (bn_act_train_fwd,
+ * bn_act_train_bwd), for the piecewise-linear
  * activations and the smooth ones (elu, silu, gelu), whose exp, expm1, log1p and normal cdf
  * are written here as polynomials that vectorize (no libm call inside the loops).
  * Two small per-channel helpers: bn_check_stats checks statistics computed elsewhere (torch's
@@ -2635,9 +2637,9 @@ DEFINE_ACT(double, f64, fma, 8)
 
 /* ---------------------------------------------------------------------------------------
  * The entry points. Return values: stats, sums, train_bwd: 0, or -1 (out of memory);
- * act_sums: 0, -1 (out of memory) or -2 (arguments it does not take); act_dx: 0 or -2;
- * train_fwd: 0, 1 (a statistic is NaN/Inf) or -1 (out of memory); masked_fwd: the number of
- * valid positions; check_stats: 0, 1 or 2 (above).
+ * act_sums, act_train_bwd: 0, -1 (out of memory) or -2 (arguments they do not take); act_dx:
+ * 0 or -2; train_fwd, act_train_fwd: 0, 1 (a statistic is NaN/Inf) or -1 (out of memory);
+ * masked_fwd: the number of valid positions; check_stats: 0, 1 or 2 (above).
  * ------------------------------------------------------------------------------------- */
 int bn_stats_f32(const struct bn_stats_args *a) { return stats_f32(a); }
 int bn_stats_f64(const struct bn_stats_args *a) { return stats_f64(a); }
