@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import batchnorm as bn  # noqa: E402
 from _timing import machine  # noqa: E402
-from small import load_base  # noqa: E402
+from small import load_base, row_fns  # noqa: E402
 
 
 def count(step) -> collections.Counter:
@@ -48,25 +48,6 @@ def count(step) -> collections.Counter:
     return counts
 
 
-def steps(lib, shape):
-    """(no_grad forward, forward+backward) of a fresh BatchNorm1d of ``lib`` on ``shape``."""
-    g = torch.Generator().manual_seed(0)
-    m = lib.BatchNorm1d(shape[1])
-    x = torch.randn(*shape, generator=g)
-    xg = x.clone().requires_grad_()
-    gy = torch.randn(*shape, generator=g)
-
-    def fwd():
-        with torch.no_grad():
-            m(x)
-
-    def fwdbwd():
-        xg.grad = None
-        m(xg).backward(gy)
-
-    return fwd, fwdbwd
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="5bf89d3", help="the earlier commit (default 5bf89d3)")
@@ -78,7 +59,7 @@ def main(argv=None):
         base = load_base(args.base, where)
         print(f"# benchmarks/opcodes.py, base {args.base}, shape {shape}: {machine()}")
         for k, op in enumerate(("train fwd (no_grad)", "train fwd+bwd")):
-            ours, theirs = count(steps(bn, shape)[k]), count(steps(base, shape)[k])
+            ours, theirs = count(row_fns(shape, bn)[k]), count(row_fns(shape, base)[k])
             print(f"\n## {op}: ours {sum(ours.values())} opcodes, {args.base} {sum(theirs.values())}\n")
             print(f"| ours | opcodes | {args.base} | opcodes |")
             print("|---|---|---|---|")
