@@ -723,7 +723,7 @@ def test_running_target_checks_the_buffers_once_and_lerps_as_lerp_():
         assert _fused.lerp_target_(target, st, w) and _fused.lerp_(ra, rb, st, (0, 2), w, rn)
         assert torch.equal(a, ra) and torch.equal(b, rb) and int(nbt) == int(rn) == 7 + [0.1, 0.75].index(w) + 1
     before = [t.clone() for t in (a, b, nbt)]
-    for src in (st.double(), st[..., :-1], torch.randn(2, 3, c), torch.randn(c, 3).t(), torch._neg_view(st)[..., :-1]):
+    for src in (st.double(), st[..., :-1], torch.randn(2, 3, c), torch.randn(c, 3).t(), torch._neg_view(st)):
         assert not _fused.lerp_target_(target, src, 0.5)
     a.data = torch.zeros(c)                       # the buffer replaced since it was checked
     assert not _fused.lerp_target_(target, st, 0.5)

@@ -575,7 +575,7 @@ def lerp_target_(target: RunningTarget, src: Tensor, weight: float) -> bool:
     if (a.data_ptr() != args.a or b.data_ptr() != args.b
             or (counter is not None and counter.data_ptr() != args.counter) or type(src) not in _PLAIN
             or src.dtype is not dt or src.numel() != 3 * c or not src.is_contiguous() or not src.is_cpu
-            or not _has_storage(src)):
+            or src.is_neg() or not _has_storage(src)):
         return False
     p = src.data_ptr()
     args.ta, args.tb, args.w = p, p + 2 * c * src.element_size(), float(weight)
