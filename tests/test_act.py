@@ -730,9 +730,15 @@ def test_streamed_outputs_equal_torch(act, residual, inplace, memory_format, dty
     torch.testing.assert_close(y, want.to(dtype), **tol)
     g = torch.randn_like(y)
     extra = [] if r is None else [r]
-    for a, b in zip(torch.autograd.grad(y, [leaf, ours.weight, ours.bias] + extra, g),
-                    torch.autograd.grad(want, [twin, theirs.weight, theirs.bias] + extra, g.double())):
-        torch.testing.assert_close(a, b.to(dtype), **tol)
+    for k, (a, b) in enumerate(zip(torch.autograd.grad(y, [leaf, ours.weight, ours.bias] + extra, g),
+                                   torch.autograd.grad(want, [twin, theirs.weight, theirs.bias] + extra, g.double()))):
+        if k in (1, 2) and dtype == torch.float32:
+            # dweight and dbias are sums over 65,536 terms of size about 1: a channel's sum that
+            # cancels to 0.7 carries the rounding of terms that sum to hundreds elsewhere (torch's
+            # own float32 misses its float64 by 1.7e-4 here), so the bound scales with the largest.
+            torch.testing.assert_close(a, b.to(dtype), rtol=1e-4, atol=max(1e-4, 2e-6 * float(b.abs().max())))
+        else:
+            torch.testing.assert_close(a, b.to(dtype), **tol)
 
 
 @pytest.mark.parametrize("name,residual", [("gelu", False), ("gelu", True), ("elu", False), ("silu", True),

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 import batchnorm as bn
 
@@ -365,3 +366,22 @@ def test_the_readme_difference_table_holds():
     nn.BatchNorm1d(4, momentum="0.1")
     with pytest.raises(ValueError, match="momentum"):
         bn.BatchNorm1d(4, momentum="0.1")
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("act", [None, "relu"], ids=["bn", "bn-relu"])
+def test_checkpoint_recomputes_the_running_update_as_torch(reentrant, memory_format, act):
+    # torch.utils.checkpoint runs the forward again in the backward; torch.nn's running update
+    # is part of its forward, so the buffers move twice per step. Ours, on the fused kernels
+    # (131,072 elements), move the same way: the same state after the step.
+    ours = bn.BatchNorm2d(64) if act is None else bn.BatchNormAct2d(64, act=act)
+    theirs = nn.BatchNorm2d(64) if act is None else nn.Sequential(nn.BatchNorm2d(64), nn.ReLU())
+    x = torch.randn(8, 64, 16, 16).to(memory_format=memory_format)
+    for m in (ours, theirs):
+        xg = x.clone().requires_grad_()
+        checkpoint(m, xg, use_reentrant=reentrant).square().sum().backward()
+    t = theirs if act is None else theirs[0]
+    assert int(ours.num_batches_tracked) == int(t.num_batches_tracked) == 2
+    torch.testing.assert_close(ours.running_mean, t.running_mean)
+    torch.testing.assert_close(ours.running_var, t.running_var)

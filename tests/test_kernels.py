@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import batchnorm as bn
-from batchnorm import _fused, _jit, _operator
+from batchnorm import _fused, _jit, _operator, _stats
 from batchnorm import functional as F
 
 
@@ -691,10 +691,14 @@ def test_lerp_declines_what_it_cannot_write():
     assert torch.equal(good[0], torch.zeros(c)) and torch.equal(good[1], torch.ones(c))
 
 
-def test_running_target_checks_the_buffers_once_and_lerps_as_lerp_():
-    # running_target accepts exactly what lerp_ can write (1-D buffers of C elements); its
-    # update is lerp_'s to the bit; it declines, changing nothing, when a buffer no longer
-    # holds the memory it was checked with, or the statistics do not fit.
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+def test_forward_kernels_apply_a_prepared_update_as_lerp_only_when_finite(dtype, cl):
+    # running_target accepts exactly what lerp_ can write (1-D buffers of C elements). A
+    # forward kernel given the prepared update fills the target's statistics block and then
+    # updates the buffers as lerp_ would from its rows, to the bit, counting the batch; a batch
+    # with a NaN changes nothing; a target of another channel count or dtype is refused, by
+    # the Python boundary and by the C one, with nothing changed.
     _need_kernels()
     c = 40
     g = torch.Generator().manual_seed(3)
@@ -715,19 +719,40 @@ def test_running_target_checks_the_buffers_once_and_lerps_as_lerp_():
     for what, (a, b, counter) in bad.items():
         assert _fused.running_target(a, b, counter, torch.float32, c) is None, what
         assert not _fused.lerp_(a, b, st, (0, 2), 0.1, counter) or what == "2-D buffer", what
-    a, b, nbt = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5, torch.tensor(7)
-    ra, rb, rn = a.clone(), b.clone(), nbt.clone()
-    target = _fused.running_target(a, b, nbt, torch.float32, c)
-    assert target is not None and _fused.running_target(a, b, nbt, torch.float64, c) is None
-    for w in (0.1, 0.75):
-        assert _fused.lerp_target_(target, st, w) and _fused.lerp_(ra, rb, st, (0, 2), w, rn)
-        assert torch.equal(a, ra) and torch.equal(b, rb) and int(nbt) == int(rn) == 7 + [0.1, 0.75].index(w) + 1
+    a, b = torch.randn(c, generator=g, dtype=dtype), torch.rand(c, generator=g, dtype=dtype) + 0.5
+    nbt = torch.tensor(7)
+    assert _stats.prepare_update(a, b, nbt, 0.1, torch.float64 if dtype == torch.float32 else torch.float32,
+                                 c) is None
+    x = torch.randn(32, c, 8, 8, generator=g, dtype=dtype)
+    x = x.to(memory_format=torch.channels_last) if cl else x
+    lay = _fused.layout(x)
+    m = x.numel() // c
+    for momentum in (0.1, 0.75, None):
+        ra, rb, rn = a.clone(), b.clone(), nbt.clone()
+        target = _stats.prepare_update(a, b, nbt, momentum, dtype, c)
+        assert target.stats.shape == (1, 3, c) and target.stats.dtype == dtype
+        y, got, finite = _fused.train_forward(x, lay, None, None, 1e-5, None, target, None, _stats.unbiased(1.0, m))
+        assert got is target.stats and finite
+        torch.testing.assert_close(got[0, 0], x.mean((0, 2, 3)))
+        assert _fused.lerp_(ra, rb, got, (0, 2), 1 / (int(rn) + 1) if momentum is None else momentum, rn)
+        assert torch.equal(a, ra) and torch.equal(b, rb) and torch.equal(nbt, rn), momentum
     before = [t.clone() for t in (a, b, nbt)]
-    for src in (st.double(), st[..., :-1], torch.randn(2, 3, c), torch.randn(c, 3).t(), torch._neg_view(st)):
-        assert not _fused.lerp_target_(target, src, 0.5)
-    a.data = torch.zeros(c)                       # the buffer replaced since it was checked
-    assert not _fused.lerp_target_(target, st, 0.5)
-    assert torch.equal(b, before[1]) and torch.equal(nbt, before[2])
+    bad_x = x.clone()
+    bad_x[3, 5, 1, 1] = float("nan")
+    target = _stats.prepare_update(a, b, nbt, 0.1, dtype, c)
+    assert not _fused.train_forward(bad_x, _fused.layout(bad_x), None, None, 1e-5, None, target, None, 1.0)[2]
+    assert all(torch.equal(t, u) for t, u in zip((a, b, nbt), before))
+    for other in (torch.randn(64, c + 1, generator=g, dtype=dtype), x.double() if dtype == torch.float32 else x.float()):
+        with pytest.raises(ValueError, match="running target"):
+            _fused.train_forward(other, _fused.layout(other), None, None, 1e-5, None, target, None, 1.0)
+    # The C boundary's own test: an update of another channel count, given to the kernel directly.
+    target.args.c = c - 1
+    y, stb = torch.empty_like(x), torch.empty(3, c, dtype=dtype)
+    n, _, s_, cl_ = lay
+    args = _jit.TrainFwdArgs(x=x.data_ptr(), y=y.data_ptr(), stats=stb.data_ptr(), update=target.ptr, n=n, c=c, s=s_,
+                             eps=1e-5, var_scale=1.0, cl=cl_, nt=1)
+    assert _fused._fn(_jit.kernels(), "train_fwd", dtype)(args) == -2
+    assert all(torch.equal(t, u) for t, u in zip((a, b, nbt), before))
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.75, None])

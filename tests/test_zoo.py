@@ -194,15 +194,14 @@ def sgd_step(ours, theirs, opt_a, opt_b, x, loss, what):
 @pytest.mark.parametrize("name,memory_format", CASES, ids=CASE_IDS)
 def test_train_steps_and_eval_match_torch(name, memory_format, monkeypatch):
     ours, theirs = pair(name, memory_format)
-    layouts = []  # what "auto" chose for each layer large enough for the fused kernels
+    layouts = []  # the layout of each step "auto" ran on the fused kernels
 
-    def spy(input):
-        lay = fast_layout(input)
-        layouts.append(lay)
-        return lay
+    def spy(input, *args):
+        layouts.append(args[-2])
+        return train_fused(input, *args)
 
-    fast_layout = bnf.fast_layout
-    monkeypatch.setattr(bnf, "fast_layout", spy)
+    train_fused = bnf._train_fused
+    monkeypatch.setattr(bnf, "_train_fused", spy)
     outputs = []  # the memory format of our layers' outputs
     for _, m in bns(ours):
         m.register_forward_hook(lambda mod, args, out: outputs.append(out.is_contiguous(memory_format=memory_format)))

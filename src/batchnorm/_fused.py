@@ -6,7 +6,9 @@ returns new tensors or writes into the buffers it is given; :func:`layout` says 
 tensor qualifies. Statistics come back in the input's dtype (float32 or float64),
 accumulated in double inside the kernels. Nothing here decides how the running buffers
 change: :func:`batchnorm._stats.update_running_stats` does, with :func:`lerp_` (one C call)
-or torch operations for the arithmetic.
+or torch operations for the arithmetic, or, on the fused training forwards, with an update
+it prepared before the step (:func:`batchnorm._stats.prepare_update`, a
+:func:`running_target`) that the forward kernel applies when the statistics are finite.
 
 Each kernel call fills a fresh argument struct (the ctypes mirrors in :mod:`batchnorm._jit`)
 with the addresses of tensors that this module checked and that stay referenced by local
@@ -16,6 +18,7 @@ at once never share one.
 
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -41,18 +44,22 @@ _DTYPES = (torch.float32, torch.float64)
 _has_storage = torch._C._has_storage  # False for functorch wrappers and other storage-less tensors
 Parameter = torch.nn.Parameter
 _PLAIN = (Tensor, Parameter)  # the tensor types the kernels read (subclasses may mean anything)
-_STRIDED = torch.strided
 
 
 def layout(t: Tensor) -> Optional[Layout]:
     """(N, C, S, cl) if the kernels can read ``t`` of shape (N, C, *S) in place, else None.
 
     Only plain dense CPU tensors with real storage qualify: no tensor subclass, no functorch
-    wrapper (vmap, grad, jacrev), no negative or conjugate view (their memory holds the
-    values unnegated), and float32/float64 in NCHW-contiguous or channels-innermost order."""
+    wrapper (vmap, grad, jacrev), no negative view (its memory holds the values unnegated),
+    and float32/float64 in NCHW-contiguous or channels-innermost order. (Two tests are
+    implied: a conjugate view exists only for complex dtypes, and sparse, MKLDNN and the
+    other non-strided layouts have no storage.)"""
     shape = t.shape
-    if (len(shape) < 2 or type(t) not in _PLAIN or t.dtype not in _DTYPES or not t.is_cpu or t.is_neg()
-            or t.is_conj() or t.layout is not _STRIDED or not _has_storage(t)):
+    if len(shape) < 2 or type(t) not in _PLAIN or t.dtype not in _DTYPES or not t.is_cpu or t.is_neg():
+        return None
+    try:
+        t.data_ptr()  # (cheaper than torch._C._has_storage, a pybind11 call, on every step)
+    except RuntimeError:  # no storage
         return None
     n, c = shape[0], shape[1]
     s = t.numel() // (n * c) if n * c else 0
@@ -207,6 +214,12 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def _forward_failed(rc: int) -> None:
+    if rc == -1:
+        raise MemoryError("batchnorm: out of memory in the forward kernel")
+    _fail(f"the forward kernel refused its arguments (code {rc})")
+
+
 def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   out: Optional[Tensor] = None, st: Optional[Tensor] = None, renorm=None,
                   var_scale: float = 1.0, one_group: bool = False) -> Tuple[Tensor, Tensor, bool]:
@@ -214,7 +227,9 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
     they are all finite. The statistics are one block of rows (mean, invstd, var_scale *
     biased variance): a fresh (3, C) tensor ((1, 3, C) with ``one_group``, the operator's
     statistics of one group), or ``st``, a contiguous tensor of 3 * C
-    elements in ``x``'s dtype (a (1, 3, C) slice of a larger one, say). ``var_scale`` is
+    elements in ``x``'s dtype (a (1, 3, C) slice of a larger one, say), or a
+    :func:`running_target`, whose block it fills and whose update it applies when the
+    statistics are finite. ``var_scale`` is
     the caller's: m / (m - 1) there gives the unbiased variance. ``out``: a buffer for y
     with ``x``'s layout. ``renorm``: (running_mean, running_var, r_max, d_max, rd) for
     Batch Renormalization, rd a (2, C) buffer that receives r and d; the running buffers
@@ -223,14 +238,18 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
     _check_x(x, lay)
     n, c, s, cl = lay
     y = _out(out, x)
+    update = None
     if st is None:
         st = torch.empty(1, 3, c, dtype=x.dtype) if one_group else torch.empty(3, c, dtype=x.dtype)
+    elif type(st) is RunningTarget:
+        update, st = st.ptr, _target_stats(st, x, c)
     else:
         st = _stats_buffer(st, c, x.dtype, "statistics buffer")
     w, b = _vec(weight, x, c, "weight"), _vec(bias, x, c, "bias")
     args = TrainFwdArgs(x=x.data_ptr(), y=y.data_ptr(), weight=None if w is None else w.data_ptr(),
-                        bias=None if b is None else b.data_ptr(), stats=st.data_ptr(), n=n, c=c, s=s, eps=eps,
-                        var_scale=var_scale, cl=cl, nt=torch.get_num_threads() if n * c * s >= _PARALLEL_MIN else 1)
+                        bias=None if b is None else b.data_ptr(), stats=st.data_ptr(), update=update, n=n, c=c, s=s,
+                        eps=eps, var_scale=var_scale, cl=cl,
+                        nt=torch.get_num_threads() if n * c * s >= _PARALLEL_MIN else 1)
     if renorm is not None:
         rm, rv, r_max, d_max, rd = renorm
         rm, rv = _vec(rm, x, c, "running_mean"), _vec(rv, x, c, "running_var")  # held until the call returns
@@ -239,7 +258,7 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
         args.r_max, args.d_max = float(r_max), float(d_max)
     rc = _fn(lib, "train_fwd", x.dtype)(args)
     if rc < 0:
-        raise MemoryError("batchnorm: out of memory in the forward kernel")
+        _forward_failed(rc)
     return y, st, rc == 0
 
 
@@ -325,13 +344,14 @@ def act_forward(x: Tensor, lay: Layout, scale: Tensor, shift: Tensor, slope: flo
 
 def act_train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                       var_scale: float, slope: float, residual: Optional[Tensor] = None, want_mask: bool = False,
-                      kind: int = LINEAR, act_alpha: float = 1.0):
+                      kind: int = LINEAR, act_alpha: float = 1.0, target: Optional[RunningTarget] = None):
     """BN's training forward and the activation in one call: the statistics of ``x``, then
     y = act(a[c] * x + b[c] + residual) with a = gamma * invstd and b = beta - mean * a
     (:func:`act_forward`'s pass; ``want_mask`` as there). Returns (y, mask, stats, coef,
     finite): the statistics as :func:`train_forward`'s (a (1, 3, C) block: mean, invstd,
     var_scale * biased variance), coef the (2, C) rows a, b, and whether the statistics are
-    all finite (y is computed either way)."""
+    all finite (y is computed either way). ``target``: a :func:`running_target`, whose
+    block receives the statistics and whose update is applied when they are finite."""
     lib = _jit.kernels()
     _check_x(x, lay)
     n, c, s, cl = lay
@@ -342,14 +362,15 @@ def act_train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Op
         _fail("a sign mask is for the piecewise-linear activations only")
     y = torch.empty_like(x)
     mask = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
-    st = torch.empty(1, 3, c, dtype=x.dtype)
+    st = torch.empty(1, 3, c, dtype=x.dtype) if target is None else _target_stats(target, x, c)
     coef = torch.empty(2, c, dtype=x.dtype)
     rc = _fn(lib, "act_train_fwd", x.dtype)(ActTrainFwdArgs(
         x=x.data_ptr(), r=_ptr(r), y=y.data_ptr(), mask=_ptr(mask), weight=_ptr(w), bias=_ptr(b),
-        stats=st.data_ptr(), coef=coef.data_ptr(), n=n, c=c, s=s, eps=float(eps), var_scale=float(var_scale),
-        slope=slope, act_alpha=act_alpha, act=kind, cl=cl, nt=_threads(lay)))
+        stats=st.data_ptr(), coef=coef.data_ptr(), update=None if target is None else target.ptr, n=n, c=c, s=s,
+        eps=float(eps), var_scale=float(var_scale), slope=slope, act_alpha=act_alpha, act=kind, cl=cl,
+        nt=_threads(lay)))
     if rc < 0:
-        raise MemoryError("batchnorm: out of memory in the forward kernel")
+        _forward_failed(rc)
     return y, mask, st, coef, rc == 0
 
 
@@ -504,11 +525,17 @@ def _writable(t: Tensor, dt: torch.dtype, numel: int) -> bool:
 
 
 def _vector_buffer(t: Tensor, dt: torch.dtype, c: int) -> bool:
-    """:func:`_writable` for a 1-D buffer of ``c`` elements, in fewer calls (shape and
-    strides stand for the number of dimensions, the size and contiguity)."""
-    return ((type(t) is Tensor or type(t) is Parameter) and t.dtype is dt and t.shape == (c,)
-            and (t.stride() == (1,) or c == 1) and t.is_cpu and _has_storage(t) and not t.is_neg()
+    """:func:`_writable` for a 1-D buffer of ``c`` elements, all but the storage test (the
+    caller's ``data_ptr()`` raises without storage), in the cheapest calls."""
+    return ((type(t) is Tensor or type(t) is Parameter) and t.dtype is dt and t.dim() == 1 and t.numel() == c
+            and t.is_contiguous() and t.is_cpu and not t.is_neg()
             and (not t.is_inference() or torch.is_inference_mode_enabled()))
+
+
+def _counter_buffer(t: Tensor) -> bool:
+    """:func:`_vector_buffer` for a counter: one int64 element, of any shape."""
+    return ((type(t) is Tensor or type(t) is Parameter) and t.dtype is torch.int64 and t.numel() == 1 and t.is_cpu
+            and not t.is_neg() and (not t.is_inference() or torch.is_inference_mode_enabled()))
 
 
 def lerp_(a: Tensor, b: Tensor, src: Tensor, rows: Tuple[int, int], weight: float,
@@ -538,49 +565,49 @@ def lerp_(a: Tensor, b: Tensor, src: Tensor, rows: Tuple[int, int], weight: floa
 
 class RunningTarget(NamedTuple):
     """Running buffers that :func:`running_target` found the kernels can update in place,
-    with the argument struct of their update (the targets and weight filled in by
-    :func:`lerp_target_`). Holding the tensors keeps the addresses in ``args`` valid."""
+    the block the step's statistics go into (``stats``, (1, 3, C) of the buffers' dtype:
+    rows mean, invstd, unbiased variance) and the update that a forward kernel given the
+    target as its ``st`` applies from that block's rows 0 and 2 when all three rows are
+    finite (``args``, with the weight that :func:`batchnorm._stats.prepare_update` sets;
+    ``ptr``, its address). Holding the tensors keeps the addresses in ``args`` valid."""
 
     a: Tensor
     b: Tensor
     counter: Optional[Tensor]
-    dtype: torch.dtype
+    stats: Tensor
     args: LerpArgs
-    fn: object                 # the library's bn_lerp of that dtype
+    ptr: int
 
 
 def running_target(a: Tensor, b: Tensor, counter: Optional[Tensor], dt: torch.dtype,
                    c: int) -> Optional[RunningTarget]:
     """Check, once per step and before anything is computed, that the kernels can update
     ``a`` and ``b`` (1-D, C elements of ``dt``) and ``counter`` (None or one int64) in place,
-    as :func:`lerp_` requires; the target of :func:`lerp_target_`, or None where they cannot
-    (then :func:`lerp_` and torch operations remain)."""
+    as :func:`lerp_` requires: the target of a forward kernel's update (weight 0 until the
+    caller sets ``args.w``), with a fresh statistics block, or None where they cannot (then
+    :func:`lerp_` and torch operations remain). No user code runs between this check and
+    the kernel's writes: the forward kernel applies the update before it returns."""
     lib = _jit.kernels()
     if (lib is None or dt not in _DTYPES or not _vector_buffer(a, dt, c) or not _vector_buffer(b, dt, c)
-            or (counter is not None and not _writable(counter, torch.int64, 1))):
+            or (counter is not None and not _counter_buffer(counter))):
         return None
-    return RunningTarget(a, b, counter, dt, LerpArgs(a.data_ptr(), b.data_ptr(), None, None,
-                                                 None if counter is None else counter.data_ptr(), c, 0.0),
-                         _fn(lib, "lerp", dt))
+    try:
+        pa, pb, pc = a.data_ptr(), b.data_ptr(), None if counter is None else counter.data_ptr()
+    except RuntimeError:  # a tensor without storage
+        return None
+    st = torch.empty(1, 3, c, dtype=dt)
+    # (the kernel reads its targets from its own statistics block: ta and tb stay unset)
+    args = LerpArgs(pa, pb, None, None, pc, c, 0.0)
+    # (tuple.__new__: the named tuple without its Python-level constructor, on every step)
+    return tuple.__new__(RunningTarget, (a, b, counter, st, args, ctypes.addressof(args)))
 
 
-def lerp_target_(target: RunningTarget, src: Tensor, weight: float) -> bool:
-    """:func:`lerp_` onto a :func:`running_target` from rows 0 and 2 of ``src`` (the
-    operator's statistics: mean, invstd, unbiased variance), for
-    :func:`batchnorm._stats.update_running_stats`. The buffers were checked when the target
-    was made; here only that they still hold the same memory, and ``src``. False, having
-    changed nothing, where either fails."""
-    a, b, counter, dt, args, fn = target
-    c = args.c
-    if (a.data_ptr() != args.a or b.data_ptr() != args.b
-            or (counter is not None and counter.data_ptr() != args.counter) or type(src) not in _PLAIN
-            or src.dtype is not dt or src.numel() != 3 * c or not src.is_contiguous() or not src.is_cpu
-            or src.is_neg() or not _has_storage(src)):
-        return False
-    p = src.data_ptr()
-    args.ta, args.tb, args.w = p, p + 2 * c * src.element_size(), float(weight)
-    fn(args)
-    return True
+def _target_stats(target: RunningTarget, x: Tensor, c: int) -> Tensor:
+    """The statistics block of a :func:`running_target` for a forward kernel on ``x``."""
+    st = target.stats
+    if target.args.c != c or st.dtype is not x.dtype:
+        _fail(f"a running target of {target.args.c} {st.dtype} channels for an input of {c} {x.dtype} channels")
+    return st
 
 
 def masked_forward(x: Tensor, mask: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

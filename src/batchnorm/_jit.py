@@ -59,6 +59,8 @@ import threading
 import time
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+import torch
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no build lock (concurrent first runs then build twice)
@@ -493,7 +495,7 @@ class DxArgs(ctypes.Structure):
 
 class TrainFwdArgs(ctypes.Structure):
     _fields_ = [("x", _P), ("y", _P), ("weight", _P), ("bias", _P), ("stats", _P), ("ren_mean", _P),
-                ("ren_var", _P), ("rd", _P), *_SHAPE, ("eps", _F64), ("var_scale", _F64), ("r_max", _F64),
+                ("ren_var", _P), ("rd", _P), ("update", _P), *_SHAPE, ("eps", _F64), ("var_scale", _F64), ("r_max", _F64),
                 ("d_max", _F64), *_LAYOUT_THREADS]
 
 
@@ -527,7 +529,8 @@ class ActFwdArgs(ctypes.Structure):
 
 class ActTrainFwdArgs(ctypes.Structure):
     _fields_ = [("x", _P), ("r", _P), ("y", _P), ("mask", _P), ("weight", _P), ("bias", _P), ("stats", _P),
-                ("coef", _P), *_SHAPE, ("eps", _F64), ("var_scale", _F64), ("slope", _F64), ("act_alpha", _F64),
+                ("coef", _P), ("update", _P), *_SHAPE, ("eps", _F64), ("var_scale", _F64), ("slope", _F64),
+                ("act_alpha", _F64),
                 ("act", _I32), *_LAYOUT_THREADS]
 
 
@@ -587,6 +590,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bn_build_info.restype = ctypes.c_char_p
     lib.bn_args_layout.argtypes = [ctypes.c_char_p, ctypes.POINTER(_I64), _I64]
     lib.bn_args_layout.restype = _I64
+    lib.bn_set_torch_gelu_inf_nan.argtypes = [ctypes.c_int32]
+    lib.bn_set_torch_gelu_inf_nan.restype = None
+    # torch's float gelu(+inf) depends on the CPU kernels it runs (NaN on AVX-512, +inf on AVX2):
+    # the fused gelu gives what torch gives here.
+    big = torch.full((64,), float("inf"))
+    lib.bn_set_torch_gelu_inf_nan(int(bool(torch.nn.functional.gelu(big).isnan().any())))
     for kind, (struct, restype) in ENTRY_POINTS.items():
         want = _layout(struct)
         got = (_I64 * len(want))()

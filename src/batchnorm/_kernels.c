@@ -116,6 +116,14 @@ struct bn_dx_args {             /* dx = alpha[c] * dy + beta[c] * x + gamma[c] *
     int32_t cl, nt;
 };
 
+struct bn_lerp_args {
+    void *a, *b;               /* the buffers, updated in place: a += w * (ta - a), b likewise */
+    const void *ta, *tb;       /* their targets */
+    int64_t *counter;          /* incremented by one, or NULL */
+    int64_t c;                 /* elements of each */
+    double w;                  /* the weight, in [0, 1] */
+};
+
 struct bn_train_fwd_args {
     const void *x;
     void *y;
@@ -125,6 +133,10 @@ struct bn_train_fwd_args {
      * ren_var (only read) and the limits r_max, d_max; rd receives r then d (c each). */
     const void *ren_mean, *ren_var;
     void *rd;
+    /* A running update (batchnorm._stats.prepare_update), or NULL: applied from the rows mean
+     * and variance of stats (its targets, whatever ta and tb say) when all three rows are
+     * finite, else not at all: the guard. */
+    const struct bn_lerp_args *update;
     int64_t n, c, s;
     double eps, var_scale, r_max, d_max;
     int32_t cl, nt;
@@ -145,14 +157,6 @@ struct bn_check_stats_args {
     const void *mean, *invstd;
     int64_t c, m;              /* channels; values per channel the statistics came from */
     double threshold, unit;    /* the offset-risk test (threshold 0: not tested) */
-};
-
-struct bn_lerp_args {
-    void *a, *b;               /* the buffers, updated in place: a += w * (ta - a), b likewise */
-    const void *ta, *tb;       /* their targets */
-    int64_t *counter;          /* incremented by one, or NULL */
-    int64_t c;                 /* elements of each */
-    double w;                  /* the weight, in [0, 1] */
 };
 
 struct bn_masked_fwd_args {
@@ -534,6 +538,40 @@ static int cl_sums_fast_f32(const float *x, const float *dy, int64_t C, int64_t 
 static int cl_sums_fast_f64(const double *x, const double *dy, int64_t C, int64_t lo, int64_t hi, const double *k,
                             double *s1, double *s2, double *scratch);
 
+/* The running update's arithmetic (batchnorm._stats.update_running_stats decides whether and
+ * with which weight): a = lerp(a, ta, w), b likewise, torch's lerp formula; counter += 1.
+ * finish_fwd: the end of every training forward: 1 if a statistic is NaN/Inf (then no
+ * update: the guard), else 0 with the caller's update applied from rows 0 and 2 of st (-2,
+ * nothing updated, for an update of another channel count). */
+#define DEFINE_LERP(T, SUF, FMA)                                                                 \
+    static void lerp_##SUF(const struct bn_lerp_args *q) {                                       \
+        T *a = (T *)q->a, *b = (T *)q->b;                                                        \
+        const T *ta = (const T *)q->ta, *tb = (const T *)q->tb;                                  \
+        const T w = (T)q->w;                                                                     \
+        const int small = fabs(q->w) < 0.5;                                                      \
+        const T k = small ? w : w - (T)1;                                                        \
+        for (int64_t i = 0; i < q->c; i++) {                                                     \
+            a[i] = FMA(k, ta[i] - a[i], small ? a[i] : ta[i]);                                   \
+            b[i] = FMA(k, tb[i] - b[i], small ? b[i] : tb[i]);                                   \
+        }                                                                                        \
+        if (q->counter) *q->counter += 1;                                                        \
+    }                                                                                            \
+    static int finish_fwd_##SUF(const T *st, int64_t C, const struct bn_lerp_args *u) {          \
+        for (int64_t i = 0; i < 3 * C; i++)                                                      \
+            if (!isfinite((double)st[i])) return 1;                                              \
+        if (u) {                                                                                 \
+            if (u->c != C) return -2;                                                            \
+            struct bn_lerp_args v = *u;                                                          \
+            v.ta = st;                                                                           \
+            v.tb = st + 2 * C;                                                                   \
+            lerp_##SUF(&v);                                                                      \
+        }                                                                                        \
+        return 0;                                                                                \
+    }
+DEFINE_LERP(float, f32, fmaf)
+DEFINE_LERP(double, f64, fma)
+#undef DEFINE_LERP
+
 #define DEFINE_KERNELS(T, SUF, L)                                                                \
                                                                                                  \
 /* Lane accumulators over one channel's rows: a1 += x - k, a2 += (x - k)^2 (stats), or           \
@@ -896,9 +934,7 @@ static int train_fwd_##SUF(const struct bn_train_fwd_args *a) {                 
         elementwise_##SUF(NULL, x, y, N, C, S, 1, NULL, co, co + C, a->nt);                      \
         free(s); free(co);                                                                       \
     }                                                                                            \
-    for (int64_t i = 0; i < 3 * C; i++)                                                          \
-        if (!isfinite((double)st[i])) return 1;                                                  \
-    return 0;                                                                                    \
+    return finish_fwd_##SUF(st, C, a->update);                                                   \
 }                                                                                                \
                                                                                                  \
 /* 0, or -1 (out of memory). */                                                                  \
@@ -1491,22 +1527,6 @@ static inline __attribute__((always_inline)) int check_stats(const struct bn_che
 /* torch's lerp as its vectorized CPU kernel computes it (ATen's Lerp.h, lerp_vec): fma(w,
  * end - start, start) for |w| < 0.5, else fma(w - 1, end - start, end), in the element type,
  * so the buffers hold what lerp_ would have written. */
-#define DEFINE_LERP(T, SUF, FMA)                                                                 \
-    static void lerp_##SUF(const struct bn_lerp_args *q) {                                       \
-        T *a = (T *)q->a, *b = (T *)q->b;                                                        \
-        const T *ta = (const T *)q->ta, *tb = (const T *)q->tb;                                  \
-        const T w = (T)q->w;                                                                     \
-        const int small = fabs(q->w) < 0.5;                                                      \
-        const T k = small ? w : w - (T)1;                                                        \
-        for (int64_t i = 0; i < q->c; i++) {                                                     \
-            a[i] = FMA(k, ta[i] - a[i], small ? a[i] : ta[i]);                                   \
-            b[i] = FMA(k, tb[i] - b[i], small ? b[i] : tb[i]);                                   \
-        }                                                                                        \
-        if (q->counter) *q->counter += 1;                                                        \
-    }
-DEFINE_LERP(float, f32, fmaf)
-DEFINE_LERP(double, f64, fma)
-#undef DEFINE_LERP
 
 /* ---------------------------------------------------------------------------------------
  * The smooth activations' elementary functions (elu, silu, gelu, for the kernels below), in
@@ -1579,7 +1599,11 @@ DEFINE_LERP(double, f64, fma)
 #define SM_I2F_f32 0x4b000000u
 #define SM_TWO52_f32 0x1p23f
 #define SM_BIAS_f32 127.0f
-#define SM_GELU_INF_NAN_f32 1           /* torch: gelu(+inf) = NaN in float (its float kernel's quirk) */
+/* torch's float gelu(+inf): NaN from its AVX-512 kernel (a quirk), +inf from its AVX2 one;
+ * batchnorm._jit sets it at load time to what torch gives in this process. */
+static int torch_gelu_inf_nan_f32 = 1;
+void bn_set_torch_gelu_inf_nan(int32_t on) { torch_gelu_inf_nan_f32 = on != 0; }
+#define SM_GELU_INF_NAN_f32 torch_gelu_inf_nan_f32
 
 /* expm1(r) / r^2 - 1/(2r)... precisely: expm1(r) = r + r^2 * (c[0] + r * (c[1] + ...)) */
 static const double sm_em1_f64[] = {
@@ -1849,6 +1873,7 @@ struct bn_act_train_fwd_args {
     const void *weight, *bias; /* or NULL (1 and 0) */
     void *stats;               /* out: mean, invstd, var_scale * biased variance (c each) */
     void *coef;                /* out: a then b (c each), the backward's scale and shift */
+    const struct bn_lerp_args *update; /* as bn_train_fwd_args' */
     int64_t n, c, s;
     double eps, var_scale, slope, act_alpha;
     int32_t act, cl, nt;
@@ -2582,9 +2607,7 @@ static int act_train_fwd_##SUF(const struct bn_act_train_fwd_args *a) {         
     const struct bn_act_fwd_args f = {a->x, a->r, a->y, a->mask, co, co + C, N, C, S, a->slope,  \
                                       a->act_alpha, a->act, a->cl, a->nt};                       \
     act_fwd_##SUF(&f);                                                                           \
-    for (int64_t i = 0; i < 3 * C; i++)                                                          \
-        if (!isfinite((double)st[i])) return 1;                                                  \
-    return 0;                                                                                    \
+    return finish_fwd_##SUF(st, C, a->update);                                                   \
 }                                                                                                \
                                                                                                  \
 /* 0, or -2 (arguments these kernels do not take: see act_args_ok). */                           \
@@ -2709,7 +2732,8 @@ static const int64_t layout_train_fwd[] = {
     sizeof(struct bn_train_fwd_args), FIELD(bn_train_fwd_args, x), FIELD(bn_train_fwd_args, y),
     FIELD(bn_train_fwd_args, weight), FIELD(bn_train_fwd_args, bias), FIELD(bn_train_fwd_args, stats),
     FIELD(bn_train_fwd_args, ren_mean), FIELD(bn_train_fwd_args, ren_var), FIELD(bn_train_fwd_args, rd),
-    FIELD(bn_train_fwd_args, n), FIELD(bn_train_fwd_args, c), FIELD(bn_train_fwd_args, s),
+    FIELD(bn_train_fwd_args, update), FIELD(bn_train_fwd_args, n), FIELD(bn_train_fwd_args, c),
+    FIELD(bn_train_fwd_args, s),
     FIELD(bn_train_fwd_args, eps), FIELD(bn_train_fwd_args, var_scale), FIELD(bn_train_fwd_args, r_max),
     FIELD(bn_train_fwd_args, d_max), FIELD(bn_train_fwd_args, cl), FIELD(bn_train_fwd_args, nt)};
 static const int64_t layout_train_bwd[] = {
@@ -2746,7 +2770,8 @@ static const int64_t layout_act_train_fwd[] = {
     sizeof(struct bn_act_train_fwd_args), FIELD(bn_act_train_fwd_args, x), FIELD(bn_act_train_fwd_args, r),
     FIELD(bn_act_train_fwd_args, y), FIELD(bn_act_train_fwd_args, mask), FIELD(bn_act_train_fwd_args, weight),
     FIELD(bn_act_train_fwd_args, bias), FIELD(bn_act_train_fwd_args, stats), FIELD(bn_act_train_fwd_args, coef),
-    FIELD(bn_act_train_fwd_args, n), FIELD(bn_act_train_fwd_args, c), FIELD(bn_act_train_fwd_args, s),
+    FIELD(bn_act_train_fwd_args, update), FIELD(bn_act_train_fwd_args, n), FIELD(bn_act_train_fwd_args, c),
+    FIELD(bn_act_train_fwd_args, s),
     FIELD(bn_act_train_fwd_args, eps), FIELD(bn_act_train_fwd_args, var_scale), FIELD(bn_act_train_fwd_args, slope),
     FIELD(bn_act_train_fwd_args, act_alpha), FIELD(bn_act_train_fwd_args, act), FIELD(bn_act_train_fwd_args, cl),
     FIELD(bn_act_train_fwd_args, nt)};

@@ -56,6 +56,7 @@ class Plan(NamedTuple):
     name: str = "batch_norm"
     owner: Any = None          # the calling module (the ranks' channel check runs once per owner)
     lay: Any = None            # the kernels' layout of the input, where the caller has found it
+    target: Any = None         # with lay: the running buffers' _fused.running_target, which receives the stats
 
 
 _has_storage = torch._C._has_storage
@@ -82,12 +83,8 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mask: O
     C = x.size(1)
     if G == 1 and plan.lay is not None and mask is None and plan.group is None and plan.limits is None:
         # Plain BN on the kernels (the caller found their layout): one call, no views.
-        m = x.numel() // C
-        if m <= 1 or x.size(0) == 0:
-            _stats.check_training_count(x, m, plan.name)
-        y, st, finite = _fused.train_forward(x, plan.lay, weight, bias, eps, None, None, None, _stats.unbiased(1.0, m),
-                                             True)
-        return y, st, ("fused", st, None, m, plan.lay, finite)
+        y, st, finite = fused_forward(x, plan.lay, weight, bias, eps, plan.name, plan.target)
+        return y, st, ("fused", st, None, x.numel() // C, plan.lay, finite)
     xv = _stats.grouped_view(x, G)                                                   # (G, n, C, *S)
     m = xv[0].numel() // C if xv.size(0) else 0
     lay = _layout(xv, plan)
@@ -152,6 +149,19 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mask: O
     return y, st, ("torch", st, rd, count, lay, None)
 
 
+def fused_forward(x: Tensor, lay, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, name: str,
+                  target=None):
+    """:func:`forward` of plain BN on the fused kernels, ``lay`` the input's layout
+    (:func:`batchnorm._fused.layout`): (y, stats (1, 3, C), finite), one kernel call; the
+    statistics in the block of ``target`` (a :func:`batchnorm._fused.running_target`) where
+    given. The whole forward where nothing is differentiated (no Plan, no autograd
+    bookkeeping)."""
+    m = x.numel() // x.size(1)
+    if m <= 1 or x.size(0) == 0:
+        _stats.check_training_count(x, m, name)
+    return _fused.train_forward(x, lay, weight, bias, eps, None, target, None, _stats.unbiased(1.0, m), True)
+
+
 def _check_count(x: Tensor, count: int, groups: int, name: str, masked: bool) -> None:
     """At least two values per channel in every group (``count``: the fewest; data-dependent
     for masks and synchronized statistics)."""
@@ -169,9 +179,10 @@ def special(grad_out: Tensor) -> bool:
     """Whether a backward must run on differentiable torch operations: double backward
     (create_graph=True: grad mode is on inside the backward), or batched gradients
     (is_grads_batched, gradcheck's batched check: a vmapped dy without storage)."""
-    if torch.compiler.is_compiling():  # traced tensors have no storage; batching is not traced here
-        return torch.is_grad_enabled()
-    return torch.is_grad_enabled() or not _has_storage(grad_out) or type(grad_out) is not Tensor
+    if torch.is_grad_enabled():
+        return True
+    # traced tensors have no storage, and batching is not traced here
+    return not torch.compiler.is_compiling() and (type(grad_out) is not Tensor or not _has_storage(grad_out))
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], mask: Optional[Tensor], saved, plan: Plan,

@@ -37,7 +37,7 @@ from ._reference import channel, reduce_dims, stat_dtype
 __all__ = [
     "OFFSET_RISK", "affine_coefficients", "batch_stats", "check_arguments", "check_counter", "check_input",
     "check_training_count", "grouped_view", "merge_stats", "momentum_factor", "offset_risk", "reduce_dims",
-    "renorm_rd", "report_nonfinite", "stat_dtype", "unbiased", "update_running_stats",
+    "prepare_update", "renorm_rd", "report_nonfinite", "stat_dtype", "unbiased", "update_running_stats",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -210,7 +210,7 @@ def unbiased(var: Tensor, count) -> Tensor:
     """m/(m-1) * var (Algorithm 2, step 10); ``count`` the m of each statistic."""
     if isinstance(count, Tensor):
         return var * count / (count - 1).clamp_min(1.0)
-    return var * (count / max(count - 1, 1))
+    return var * (count / (count - 1 if count > 1 else 1))
 
 
 def renorm_rd(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, r_max, d_max, eps: float):
@@ -255,6 +255,22 @@ def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[Ten
     return 1.0 / (float(num_batches_tracked) + 1.0)
 
 
+def prepare_update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+                   momentum: Optional[float], dtype: torch.dtype, c: int):
+    """:func:`update_running_stats` for a training forward on the fused kernels, prepared
+    before the step: the buffers checked for the kernel's in-place update
+    (:func:`batchnorm._fused.running_target`) and this step's weight
+    (:func:`momentum_factor`). Given as the forward kernel's statistics block, the target
+    receives the batch statistics, and the kernel applies the update (the same arithmetic as
+    :func:`batchnorm._fused.lerp_`) exactly when they are all finite: the guard; then
+    :func:`update_running_stats` with ``target`` reports a rejected batch. None where the
+    kernels cannot update these buffers in place (then the update follows the step)."""
+    target = _fused.running_target(running_mean, running_var, num_batches_tracked, dtype, c)
+    if target is not None:
+        target.args.w = momentum_factor(momentum, num_batches_tracked)
+    return target
+
+
 def update_running_stats(
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
@@ -280,12 +296,15 @@ def update_running_stats(
     ``stats``: instead of ``batch_mean`` and ``batch_var_unbiased`` (then None), the
     operator's statistics of one group, a contiguous block of rows mean, invstd, unbiased
     variance of C each, read in place (no row views: on the kernels the whole update is one
-    C call, :func:`batchnorm._fused.lerp_`). ``target``: with ``stats``, the buffers as
-    :func:`batchnorm._fused.running_target` checked them before the step (the cheapest
-    update: only the statistics are checked here)."""
-    if target is not None and finite is True and stats is not None:
-        if _fused.lerp_target_(target, stats, momentum_factor(momentum, num_batches_tracked)):
+    C call, :func:`batchnorm._fused.lerp_`). ``target``: this update as :func:`prepare_update`
+    prepared it before the step; if ``stats`` is its block, the forward kernel that wrote
+    them has applied it exactly when they are all finite (``finite``), and only a rejected
+    batch is left to report here."""
+    if target is not None and stats is target.stats:
+        if finite:
             return True
+        report_nonfinite(nonfinite, name)
+        return False
     if stats is not None and (finite is None or torch.compiler.is_compiling()):
         batch_mean, _, batch_var_unbiased = stats.reshape(3, -1).unbind()
         stats = None

@@ -370,17 +370,19 @@ class _FusedBNAct(torch.autograd.Function):
 class _FusedBNActTrain(torch.autograd.Function):
     """:class:`_FusedBNAct` in training, the batch's statistics computed by the same kernel
     call (:func:`batchnorm._fused.act_train_forward`: the statistics pass, the coefficients,
-    the activation's pass): ``apply(x, weight, bias, residual, spec, lay, eps, var_scale) ->
-    (y, stats, finite)``, stats the (1, 3, C) rows mean, invstd and var_scale * biased
-    variance, marked non-differentiable, for the caller's running update; ``finite``:
+    the activation's pass): ``apply(x, weight, bias, residual, spec, lay, eps, var_scale,
+    target) -> (y, stats, finite)``, stats the (1, 3, C) rows mean, invstd and var_scale *
+    biased variance (the block of ``target``, a :func:`batchnorm._fused.running_target`,
+    where given), marked non-differentiable, for the caller's running update; ``finite``:
     whether they all are. Saves what :class:`_FusedBNAct` saves; its backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, spec, lay, eps, var_scale):
+    def forward(ctx, x, weight, bias, residual, spec, lay, eps, var_scale, target):
         linear = spec.kind == _fused.LINEAR
         y, mask, st, coef, finite = _fused.act_train_forward(
             x, lay, weight, bias, eps, var_scale, spec.slope, residual,
-            want_mask=residual is not None and linear and spec.slope != 1.0, kind=spec.kind, act_alpha=spec.alpha)
+            want_mask=residual is not None and linear and spec.slope != 1.0, kind=spec.kind, act_alpha=spec.alpha,
+            target=target)
         ctx.save_for_backward(x, weight, bias, None if linear else residual, st[0, 0], st[0, 1], coef[0], coef[1],
                               mask)
         ctx.meta = (True, spec, lay, eps, residual is not None)
@@ -392,9 +394,9 @@ class _FusedBNActTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, grad_st=None, grad_finite=None):
         if dy is None:  # y took no part in the loss
-            return (None,) * 8
+            return (None,) * 9
         if _operator.special(dy):
-            return _FusedBNAct.backward(ctx, dy)[:4] + (None,) * 4
+            return _FusedBNAct.backward(ctx, dy)[:4] + (None,) * 5
         x, weight, bias, res, _, _, _, _, mask = ctx.saved_tensors
         _, spec, lay, _, has_res = ctx.meta
         st, coef = ctx.rows
@@ -402,7 +404,7 @@ class _FusedBNActTrain(torch.autograd.Function):
         dx, gw, gb, dz = _fused.act_train_backward(dy, x, lay, weight, st, coef, spec.slope, mask, res, need[0],
                                                    need[1] and weight is not None, need[2] and bias is not None,
                                                    need[3] and has_res, kind=spec.kind, act_alpha=spec.alpha)
-        return dx, gw, gb, dz, None, None, None, None
+        return dx, gw, gb, dz, None, None, None, None, None
 
 
 class _BatchNormAct:
@@ -491,9 +493,10 @@ class _BatchNormAct:
         # Training: statistics, coefficients and activation in one kernel call, then the one
         # running update from its statistics rows (the buffers checked before anything runs).
         running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
-        target = _fused.running_target(running_mean, running_var, nbt, input.dtype, input.size(1)) if update else None
+        target = (_stats.prepare_update(running_mean, running_var, nbt, self.momentum, input.dtype, input.size(1))
+                  if update else None)
         y, st, finite = _FusedBNActTrain.apply(input, weight, bias, residual, spec, lay, self.eps,
-                                               _stats.unbiased(1.0, input.numel() // self.num_features))
+                                               _stats.unbiased(1.0, input.numel() // self.num_features), target)
         if update:
             _stats.update_running_stats(running_mean, running_var, nbt, None, None, self.momentum, self.nonfinite,
                                         self._name, finite, stats=st, target=target)

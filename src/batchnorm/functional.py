@@ -5,7 +5,10 @@ Every variant of this package (plain BN, ghost batches, masks, SyncBatchNorm, Ba
 Renormalization, population statistics) computes its batch statistics with
 :func:`batchnorm._stats.batch_stats` (public here as :func:`batch_stats`) and folds them
 into the running buffers with :func:`update_running_stats`, so a numerical fix made there
-lands everywhere at once.
+lands everywhere at once. (On the fused kernels' training forwards that update is prepared
+before the step, :func:`batchnorm._stats.prepare_update`, and applied by the forward kernel
+itself when the batch's statistics are finite, with the arithmetic of the other kernel
+updates: no user code runs between the buffers' check and their update.)
 
 Conventions (Ioffe & Szegedy 2015, with PyTorch's naming):
 
@@ -271,7 +274,9 @@ def train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runni
     if plain and impl in ("auto", "torch"):
         if not update:
             running_mean = running_var = num_batches_tracked = None
-        lay = fast_layout(input) if impl == "auto" and input.numel() >= _FUSED_MIN_NUMEL else None
+        # (mode None: not compiling, the one case fast_layout excludes besides the kernels' absence)
+        lay = (_fused.layout(input) if impl == "auto" and mode is None and input.numel() >= _FUSED_MIN_NUMEL
+               and _fused.available() else None)
         if lay is None:
             return _train_torch(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                 nonfinite, name, impl, checked)
@@ -280,12 +285,12 @@ def train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runni
             # The running buffers checked once, before anything runs: for the kernels' update
             # or, where they do not fit it, by torch.nn's rules (weight and bias are checked
             # by the kernel boundary, whose error is then reworded the same way).
-            target = _fused.running_target(running_mean, running_var, num_batches_tracked, input.dtype,
+            target = _stats.prepare_update(running_mean, running_var, num_batches_tracked, momentum, input.dtype,
                                            input.size(1))
             if target is None and not checked:
                 check_arguments(input, weight, bias, running_mean, running_var, name, num_batches_tracked)
-        return _train_operator(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                               nonfinite, name, impl, 1, None, None, None, update, None, owner, lay, target)
+        return _train_fused(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                            nonfinite, name, lay, target)
     elif impl == "torch":
         raise ValueError(f"{name}: impl='torch' runs torch's batch-norm kernel, which has no ghost batches, masks, "
                          "Batch Renormalization or synchronized statistics; use impl='auto'")
@@ -296,8 +301,8 @@ def train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runni
 
 
 def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentum, eps, nonfinite, name, impl,
-                    groups, mask, limits, process_group, update, sink, owner, lay=None, target=None):
-    plan = Plan(groups, eps, impl != "reference", limits, process_group, name, owner, lay)
+                    groups, mask, limits, process_group, update, sink, owner):
+    plan = Plan(groups, eps, impl != "reference", limits, process_group, name, owner)
     try:
         # only Batch Renormalization's forward reads the running buffers (each tensor input
         # costs autograd's Function.apply time, a few microseconds)
@@ -319,10 +324,32 @@ def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentu
         # (st is not differentiable: no autograd bookkeeping here)
         if groups == 1:  # the rows of st, read in place
             update_running_stats(running_mean, running_var, nbt, None, None, momentum, nonfinite, name, finite,
-                                 stats=st, target=target)
+                                 stats=st)
         else:  # Algorithm 2's estimate over the groups: the mean of mu_B and of m/(m-1) sigma2_B
             update_running_stats(running_mean, running_var, nbt, st[:, 0].mean(dim=0), st[:, 2].mean(dim=0),
                                  momentum, nonfinite, name, finite)
+    return y
+
+
+def _train_fused(input, weight, bias, running_mean, running_var, nbt, momentum, eps, nonfinite, name, lay, target):
+    """Plain BN on the fused kernels (``lay``: the input's layout; ``target``: the running
+    buffers as :func:`batchnorm._fused.running_target` checked them, or None): the
+    operator, or its forward alone where nothing is differentiated, then the one update.
+    :func:`_train_operator` for this one case, in fewer steps (it runs on every step of
+    every wide layer)."""
+    try:
+        if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            y, st, finite = _operator.BatchNormFunction.apply(input, weight, bias, None, None, None,
+                                                              Plan(1, eps, True, None, None, name, None, lay, target))
+        else:
+            y, st, finite = _operator.fused_forward(input, lay, weight, bias, eps, name, target)
+    except MismatchError:
+        check_arguments(input, weight, bias, running_mean, running_var, name, nbt)
+        raise
+    if running_mean is not None:
+        update_running_stats(running_mean, running_var, nbt, None, None, momentum, nonfinite, name, finite, stats=st,
+                             target=target)
     return y
 
 
