@@ -18,8 +18,13 @@ def _per_call(fn: Callable[[], object], n: int) -> float:
 
 def compare(fns: Sequence[Callable[[], object]], min_time: float = 2e-3, repeats: int = 21,
             warmup: int = 3) -> List[float]:
-    """Median seconds per call of each fn, measured interleaved (A B A B ...) so that
-    machine noise hits all of them alike."""
+    """Median seconds per call of each fn, measured interleaved so that machine noise hits
+    all of them alike: each round runs every fn once, in an order that cycles through every
+    rotation, forwards and backwards (A B C, C B A, B C A, A C B, ...), so that each fn
+    follows each other one equally often. (With forwards and backwards alone the middle one
+    of three always follows the third, and what one leaves behind, such as torch's OpenMP
+    threads still spinning after its parallel kernels, slowed the next one: up to 15 % on
+    small layers of a 2-core machine.)"""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -27,9 +32,10 @@ def compare(fns: Sequence[Callable[[], object]], min_time: float = 2e-3, repeats
     t = max(_per_call(fns[0], 1), 1e-7)
     n = max(1, int(min_time / t))
     samples: List[List[float]] = [[] for _ in fns]
+    k = len(fns)
     for r in range(repeats):
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
+        order = [(i + r // 2) % k for i in range(k)]
+        for i in (order if r % 2 == 0 else reversed(order)):
             samples[i].append(_per_call(fns[i], n))
     return [statistics.median(s) for s in samples]
 
