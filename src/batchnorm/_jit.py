@@ -67,7 +67,8 @@ except ImportError:  # not POSIX: no build lock (concurrent first runs then buil
     fcntl = None  # type: ignore[assignment]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.c")
-_FLAGS = ["-O3", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=c11"]
+# (-fno-math-errno: the kernels never read errno, and with it sqrt cannot vectorize)
+_FLAGS = ["-O3", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared", "-pthread", "-std=c11"]
 # Tried in order after the instruction-set flags, until one builds. OpenMP first: the kernels
 # then share torch's own OpenMP runtime (see _kernels.c); without it (a compiler with no
 # OpenMP) they fall back to a small pthread pool of their own.
