@@ -829,10 +829,9 @@ static void fwd_coefs_##SUF(const struct job_##SUF *j, const double *s, double m
                                                                                                  \
 /* Per-channel backward: dweight, dbias, and dx = al * dy + be * x + ga (Section 3); rd:         \
  * Batch Renormalization's r then d (constants of the backward), or NULL. */                     \
-static __attribute__((noinline)) void bwd_coef_##SUF(double sdy, double sdyx, double m,          \
-                                                     const T *w, int64_t c, T mean,              \
-                                                     T invstd, T *dw, T *db, T *al, T *be,       \
-                                                     T *ga, const T *rd, int64_t C) {            \
+static inline __attribute__((always_inline)) void bwd_body_##SUF(double sdy, double sdyx,        \
+        double m, const T *w, int64_t c, T mean, T invstd, T *dw, T *db, T *al, T *be, T *ga,    \
+        const T *rd, int64_t C) {                                                                \
     const double is = (double)invstd;                                                            \
     const double r = rd ? (double)rd[c] : 1.0, dd = rd ? (double)rd[C + c] : 0.0;                \
     if (db) db[c] = (T)sdy;                                                                      \
@@ -840,6 +839,28 @@ static __attribute__((noinline)) void bwd_coef_##SUF(double sdy, double sdyx, do
     const double k = (w ? is * (double)w[c] : is) * r;                                           \
     const double bb = k * sdyx * is * is / m, aa = k * sdy / m;                                  \
     *al = (T)k; *be = (T)(-bb); *ga = (T)(bb * (double)mean - aa);                               \
+}                                                                                                \
+static __attribute__((noinline)) void bwd_coef_##SUF(double sdy, double sdyx, double m,          \
+                                                     const T *w, int64_t c, T mean,              \
+                                                     T invstd, T *dw, T *db, T *al, T *be,       \
+                                                     T *ga, const T *rd, int64_t C) {            \
+    bwd_body_##SUF(sdy, sdyx, m, w, c, mean, invstd, dw, db, al, be, ga, rd, C);                 \
+}                                                                                                \
+/* Every channel's at once into co (al, be, ga rows): for the usual case (weight, both its       \
+ * gradients, no Batch Renormalization) one loop that vectorizes, as fwd_coefs. */               \
+static void bwd_coefs_##SUF(const double *restrict s, double m, const T *restrict w,             \
+                            const T *restrict mean, const T *restrict invstd, T *restrict dw,    \
+                            T *restrict db, T *restrict co, const T *rd, int64_t C) {            \
+    if (w && dw && db && !rd) {                                                                  \
+        T *restrict al = co, *restrict be = co + C, *restrict ga = co + 2 * C;                   \
+        for (int64_t c = 0; c < C; c++)                                                          \
+            bwd_body_##SUF(s[c], s[C + c], m, w, c, mean[c], invstd[c], dw, db, &al[c], &be[c],  \
+                           &ga[c], NULL, C);                                                     \
+        return;                                                                                  \
+    }                                                                                            \
+    for (int64_t c = 0; c < C; c++)                                                              \
+        bwd_coef_##SUF(s[c], s[C + c], m, w, c, mean[c], invstd[c], dw, db, &co[c], &co[C + c],  \
+                       &co[2 * C + c], rd, C);                                                   \
 }                                                                                                \
                                                                                                  \
 /* The training kernels on rows (NCHW): a group of G consecutive channels at a time, small       \
@@ -996,9 +1017,7 @@ static int train_bwd_##SUF(const struct bn_train_bwd_args *a) {                 
     if (!s || !co || totals_##SUF(x, dy, N, C, S, 1, mean, s, s + C, a->nt)) {                   \
         free(s); free(co); return -1;                                                            \
     }                                                                                            \
-    for (int64_t c = 0; c < C; c++)                                                              \
-        bwd_coef_##SUF(s[c], s[C + c], (double)(N * S), w, c, mean[c], invstd[c], dw, db, &co[c], \
-                       &co[C + c], &co[2 * C + c], rd, C);                                       \
+    bwd_coefs_##SUF(s, (double)(N * S), w, mean, invstd, dw, db, co, rd, C);                     \
     if (dx) elementwise_##SUF(dy, x, dx, N, C, S, 1, co, co + C, co + 2 * C, a->nt);             \
     free(s); free(co);                                                                           \
     return 0;                                                                                    \
