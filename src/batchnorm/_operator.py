@@ -207,10 +207,9 @@ def backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], mask: Option
         gx, gw, gb = _special_grads(_stats.grouped_view(grad_out, G), xv, weight, plan.eps, mean, invstd, count,
                                     mv, r, d, (need_x, need_w, need_b))
         return (None if gx is None else gx.view(x.shape)), _param(gw, weight), _param(gb, weight, st.dtype)
-    if path == "fused" and G == 1:
-        dx, dw, db = _fused.train_backward(grad_out, x, lay, weight, st, need_x, need_w, need_b, None,
-                                           None if rd is None else rd[0])
-        return dx, _param(dw, weight), _param(db, weight, st.dtype)
+    if path == "fused" and G == 1:  # (the kernels' gradients have x's dtype, the parameters')
+        return _fused.train_backward(grad_out, x, lay, weight, st, need_x, need_w, need_b, None,
+                                     None if rd is None else rd[0])
     if path == "fused":
         dx = torch.empty_like(x) if need_x else None
         xv, dyv = _stats.grouped_view(x, G), _stats.grouped_view(grad_out, G)
@@ -350,11 +349,12 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mask, running_mean, running_var, plan):
         y, st, saved = forward(x, weight, bias, mask, running_mean, running_var, plan)
         path, _, rd, count, lay, finite = saved
-        ctx.save_for_backward(x, weight, mask, st, rd, count if isinstance(count, Tensor) else None)
-        ctx.meta = (path, count if not isinstance(count, Tensor) else None, lay, plan, bias is not None)
+        counted = isinstance(count, Tensor)
+        ctx.save_for_backward(x, weight, mask, st, rd, count if counted else None)
+        ctx.meta = (path, None if counted else count, lay, plan, bias is not None)
         ctx.mark_non_differentiable(st)
         ctx.set_materialize_grads(False)  # no zero gradient is made for the statistics
-        if torch.compiler.is_compiling():
+        if plan.lay is None and torch.compiler.is_compiling():  # (a layout is found in eager mode only)
             return y, st  # a non-tensor output breaks torch.compile's tracing of the backward
         return y, st, finite
 

@@ -340,8 +340,10 @@ def _train_fused(input, weight, bias, running_mean, running_var, nbt, momentum, 
     try:
         if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)):
-            y, st, finite = _operator.BatchNormFunction.apply(input, weight, bias, None, None, None,
-                                                              Plan(1, eps, True, None, None, name, None, lay, target))
+            # (tuple.__new__: the Plan without its Python-level constructor)
+            y, st, finite = _operator.BatchNormFunction.apply(
+                input, weight, bias, None, None, None,
+                tuple.__new__(Plan, (1, eps, True, None, None, name, None, lay, target)))
         else:
             y, st, finite = _operator.fused_forward(input, lay, weight, bias, eps, name, target)
     except MismatchError:
