@@ -20,8 +20,9 @@ def compare(fns: Sequence[Callable[[], object]], min_time: float = 2e-3, repeats
             warmup: int = 3) -> List[float]:
     """Median seconds per call of each fn, measured interleaved so that machine noise hits
     all of them alike: each round runs every fn once, in an order that cycles through every
-    rotation, forwards and backwards (A B C, C B A, B C A, A C B, ...), so that each fn
-    follows each other one equally often. (With forwards and backwards alone the middle one
+    rotation, forwards and backwards (A B C, C B A, B C A, A C B, ...): for two or three fns,
+    over each 2k rounds, each fn follows each other one equally often (for more, only
+    neighbours in the cycle follow one another). (With forwards and backwards alone the middle one
     of three always follows the third, and what one leaves behind, such as torch's OpenMP
     threads still spinning after its parallel kernels, slowed the next one: up to 15 % on
     small layers of a 2-core machine.)"""

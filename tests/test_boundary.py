@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import batchnorm as bn
 from batchnorm import functional as F
@@ -325,3 +326,64 @@ def test_kernel_argument_structs_are_filled_by_their_field_names():
                                                                      f"field {a.attr!r}"
                         checked += 1
     assert checked >= len(structs)  # every struct is filled somewhere
+
+
+@pytest.mark.parametrize("trigger", ["empty", "empty_like"])
+@pytest.mark.parametrize("act", [None, "relu"], ids=["bn", "bn-relu"])
+def test_buffers_replaced_during_the_step_get_the_update_as_torch(trigger, act):
+    # A torch function mode runs user code inside the step, between the check of the running
+    # buffers and the kernel's update: here it gives running_mean new memory (at the step's
+    # first torch.empty or torch.empty_like). The update must land in the buffer the module
+    # holds when the kernel runs, as torch.nn's does, never in the storage it had before.
+    c = 64
+    x = torch.randn(32, c, 8, 8) + 5                          # 131,072 elements: the fused kernels
+    ours = bn.BatchNorm2d(c) if act is None else bn.BatchNormAct2d(c, act=act)
+    old = ours.running_mean.detach()                          # keeps the old storage alive
+
+    class Swap(TorchFunctionMode):
+        done = False
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is getattr(torch, trigger) and not Swap.done:
+                Swap.done = True
+                ours.running_mean.data = torch.zeros(c)
+            return func(*args, **(kwargs or {}))
+
+    with Swap():
+        ours(x)
+    assert Swap.done
+    theirs = nn.BatchNorm2d(c)
+    theirs(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert torch.equal(old, torch.zeros(c)) and int(ours.num_batches_tracked) == 1
+
+
+def test_a_default_device_context_does_not_reach_the_kernels():
+    # Under `with torch.device("meta")` (or set_default_device), factory calls without a
+    # device make meta tensors; the buffers the kernel boundary makes must stay on the CPU.
+    # It crashed the process once (a meta pointer written by the kernel): in a subprocess.
+    code = textwrap.dedent("""
+        import torch, batchnorm as bn
+        from torch import nn
+        x = torch.randn(32, 64, 8, 8).to(memory_format=torch.channels_last)
+        for ours, theirs in ((bn.BatchNorm2d(64), nn.BatchNorm2d(64)),
+                             (bn.BatchNorm2d(64, track_running_stats=False), nn.BatchNorm2d(64, track_running_stats=False)),
+                             (bn.BatchNormAct2d(64, act="relu"), nn.Sequential(nn.BatchNorm2d(64), nn.ReLU()))):
+            xs = [x.clone().requires_grad_() for _ in range(2)]
+            with torch.device("meta"):
+                y = ours(xs[0])
+            want = theirs(xs[1])
+            assert y.device.type == "cpu"
+            torch.testing.assert_close(y, want)
+            g = torch.randn_like(y)
+            y.backward(g)
+            want.backward(g)
+            torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
+            t = theirs if isinstance(theirs, nn.BatchNorm2d) else theirs[0]
+            if t.running_mean is not None:
+                torch.testing.assert_close(ours.running_mean, t.running_mean)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])

@@ -42,6 +42,9 @@ def available() -> bool:
 
 _DTYPES = (torch.float32, torch.float64)
 _has_storage = torch._C._has_storage  # False for functorch wrappers and other storage-less tensors
+# Every buffer made here is on the CPU, whatever default device the caller set (torch.device(...)
+# as a context or set_default_device): the kernels write it through a CPU pointer.
+_CPU = torch.device("cpu")
 Parameter = torch.nn.Parameter
 _PLAIN = (Tensor, Parameter)  # the tensor types the kernels read (subclasses may mean anything)
 
@@ -156,7 +159,7 @@ def stats(x: Tensor, lay: Layout, out: Optional[Tensor] = None) -> Tuple[Tensor,
     n, c, s, cl = lay
     raw = out is not None
     if not raw:
-        out = torch.empty(2, c, dtype=torch.float64)
+        out = torch.empty(2, c, dtype=torch.float64, device=_CPU)
     elif (tuple(out.shape) != (2, c) or out.dtype != torch.float64 or not out.is_cpu or out.stride(1) != 1
           or out.is_neg() or not _has_storage(out)):
         _fail(f"statistics buffer must be (2, {c}) float64 with contiguous rows")
@@ -187,7 +190,7 @@ def sums(dy: Tensor, x: Tensor, lay: Layout, mean: Tensor, raw: bool = False) ->
     _check_x(x, lay)
     n, c, s, cl = lay
     g, mu = _like(dy, x), _vec(mean, x, c)
-    out = torch.empty(2, c, dtype=torch.float64)
+    out = torch.empty(2, c, dtype=torch.float64, device=_CPU)
     sdy, sdyx = out[0], out[1]
     args = SumsArgs(dy=g.data_ptr(), x=x.data_ptr(), mean=mu.data_ptr(), sum_dy=sdy.data_ptr(),
                     sum_dy_xmu=sdyx.data_ptr(), n=n, c=c, s=s, cl=cl, nt=_threads(lay))
@@ -238,16 +241,16 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
     _check_x(x, lay)
     n, c, s, cl = lay
     y = _out(out, x)
-    update = None
+    target = None
     if st is None:
-        st = torch.empty(1, 3, c, dtype=x.dtype) if one_group else torch.empty(3, c, dtype=x.dtype)
+        st = torch.empty((1, 3, c) if one_group else (3, c), dtype=x.dtype, device=_CPU)
     elif type(st) is RunningTarget:
-        update, st = st.ptr, _target_stats(st, x, c)
+        target, st = st, _target_stats(st, x, c)
     else:
         st = _stats_buffer(st, c, x.dtype, "statistics buffer")
     w, b = _vec(weight, x, c, "weight"), _vec(bias, x, c, "bias")
     args = TrainFwdArgs(x=x.data_ptr(), y=y.data_ptr(), weight=None if w is None else w.data_ptr(),
-                        bias=None if b is None else b.data_ptr(), stats=st.data_ptr(), update=update, n=n, c=c, s=s,
+                        bias=None if b is None else b.data_ptr(), stats=st.data_ptr(), n=n, c=c, s=s,
                         eps=eps, var_scale=var_scale, cl=cl,
                         nt=torch.get_num_threads() if n * c * s >= _PARALLEL_MIN else 1)
     if renorm is not None:
@@ -256,6 +259,7 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
         rd = _rows(rd, 2, c, x.dtype, "Batch Renormalization r, d buffer")
         args.ren_mean, args.ren_var, args.rd = rm.data_ptr(), rv.data_ptr(), rd.data_ptr()
         args.r_max, args.d_max = float(r_max), float(d_max)
+    args.update = _live(target)
     rc = _fn(lib, "train_fwd", x.dtype)(args)
     if rc < 0:
         _forward_failed(rc)
@@ -277,8 +281,8 @@ def train_backward(dy: Tensor, x: Tensor, lay: Layout, weight: Optional[Tensor],
         rd = _rows(rd, 2, c, x.dtype, "Batch Renormalization r, d")
     w = _vec(weight, x, c, "weight")
     dx = _out(out, x) if need_x else None
-    dw = torch.empty(c, dtype=x.dtype) if need_w else None
-    db = torch.empty(c, dtype=x.dtype) if need_b else None
+    dw = torch.empty(c, dtype=x.dtype, device=_CPU) if need_w else None
+    db = torch.empty(c, dtype=x.dtype, device=_CPU) if need_b else None
     args = TrainBwdArgs(dy=g.data_ptr(), x=x.data_ptr(), dx=_ptr(dx), weight=_ptr(w), stats=st.data_ptr(),
                         rd=_ptr(rd), dweight=_ptr(dw), dbias=_ptr(db), n=n, c=c, s=s, cl=cl, nt=_threads(lay))
     if _fn(lib, "train_bwd", x.dtype)(args) < 0:
@@ -362,11 +366,11 @@ def act_train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Op
         _fail("a sign mask is for the piecewise-linear activations only")
     y = torch.empty_like(x)
     mask = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
-    st = torch.empty(1, 3, c, dtype=x.dtype) if target is None else _target_stats(target, x, c)
-    coef = torch.empty(2, c, dtype=x.dtype)
+    st = torch.empty(1, 3, c, dtype=x.dtype, device=_CPU) if target is None else _target_stats(target, x, c)
+    coef = torch.empty(2, c, dtype=x.dtype, device=_CPU)
     rc = _fn(lib, "act_train_fwd", x.dtype)(ActTrainFwdArgs(
         x=x.data_ptr(), r=_ptr(r), y=y.data_ptr(), mask=_ptr(mask), weight=_ptr(w), bias=_ptr(b),
-        stats=st.data_ptr(), coef=coef.data_ptr(), update=None if target is None else target.ptr, n=n, c=c, s=s,
+        stats=st.data_ptr(), coef=coef.data_ptr(), update=_live(target), n=n, c=c, s=s,
         eps=float(eps), var_scale=float(var_scale), slope=slope, act_alpha=act_alpha, act=kind, cl=cl,
         nt=_threads(lay)))
     if rc < 0:
@@ -413,7 +417,7 @@ def act_sums(dy: Tensor, v: Tensor, lay: Layout, scale: Optional[Tensor], shift:
     m, r = _act_source(v, lay, mask, residual, output, kind, slope, act_alpha)
     a, b = (None, None) if output else (_vec(scale, v, c), _vec(shift, v, c))
     mu_ = _vec(mu, v, c)
-    out = torch.empty(2, c, dtype=torch.float64)
+    out = torch.empty(2, c, dtype=torch.float64, device=_CPU)
     s1, s2 = out[0], out[1]
     dz = torch.empty_like(v) if kind != LINEAR and not output else None
     args = ActSumsArgs(dy=g.data_ptr(), v=v.data_ptr(), mask=_ptr(m), r=_ptr(r), scale=_ptr(a), shift=_ptr(b),
@@ -475,8 +479,8 @@ def act_train_backward(dy: Tensor, x: Tensor, lay: Layout, weight: Optional[Tens
     w = _vec(weight, x, c, "weight")
     dx = torch.empty_like(x) if need_x else None
     dz = torch.empty_like(x) if need_r or kind != LINEAR else None  # a smooth act's dx is computed from dz
-    dw = torch.empty(c, dtype=x.dtype) if need_w else None
-    db = torch.empty(c, dtype=x.dtype) if need_b else None
+    dw = torch.empty(c, dtype=x.dtype, device=_CPU) if need_w else None
+    db = torch.empty(c, dtype=x.dtype, device=_CPU) if need_b else None
     rc = _fn(lib, "act_train_bwd", x.dtype)(ActTrainBwdArgs(
         dy=g.data_ptr(), x=x.data_ptr(), mask=_ptr(m), r=_ptr(r), coef=co.data_ptr(), stats=st.data_ptr(),
         weight=_ptr(w), dx=_ptr(dx), dz=_ptr(dz), dweight=_ptr(dw), dbias=_ptr(db), n=n, c=c, s=s, slope=slope,
@@ -585,21 +589,39 @@ def running_target(a: Tensor, b: Tensor, counter: Optional[Tensor], dt: torch.dt
     ``a`` and ``b`` (1-D, C elements of ``dt``) and ``counter`` (None or one int64) in place,
     as :func:`lerp_` requires: the target of a forward kernel's update (weight 0 until the
     caller sets ``args.w``), with a fresh statistics block, or None where they cannot (then
-    :func:`lerp_` and torch operations remain). No user code runs between this check and
-    the kernel's writes: the forward kernel applies the update before it returns."""
+    :func:`lerp_` and torch operations remain). The forward kernel applies the update only
+    if the buffers still hold the memory checked here when it is called (:func:`_live`):
+    a torch function mode, a subclass's ``__torch_function__`` or another thread may have
+    replaced them meanwhile."""
     lib = _jit.kernels()
     if (lib is None or dt not in _DTYPES or not _vector_buffer(a, dt, c) or not _vector_buffer(b, dt, c)
             or (counter is not None and not _counter_buffer(counter))):
         return None
+    st = torch.empty(1, 3, c, dtype=dt, device=_CPU)
     try:
         pa, pb, pc = a.data_ptr(), b.data_ptr(), None if counter is None else counter.data_ptr()
     except RuntimeError:  # a tensor without storage
         return None
-    st = torch.empty(1, 3, c, dtype=dt)
     # (the kernel reads its targets from its own statistics block: ta and tb stay unset)
     args = LerpArgs(pa, pb, None, None, pc, c, 0.0)
     # (tuple.__new__: the named tuple without its Python-level constructor, on every step)
     return tuple.__new__(RunningTarget, (a, b, counter, st, args, ctypes.addressof(args)))
+
+
+def _live(target: Optional[RunningTarget]) -> Optional[int]:
+    """The address of ``target``'s update for the kernel about to run, if its buffers still
+    hold the memory :func:`running_target` checked; else None, and the target is marked not
+    applied (``args.c = 0``: :func:`batchnorm._stats.update_running_stats` then updates the
+    buffers as they are now, by its other paths). Nothing that could run user code comes
+    between this test and the kernel call."""
+    if target is None:
+        return None
+    a, b, counter, _, args, ptr = target
+    if (a.data_ptr() == args.a and b.data_ptr() == args.b
+            and (counter is None or counter.data_ptr() == args.counter)):
+        return ptr
+    args.c = 0
+    return None
 
 
 def _target_stats(target: RunningTarget, x: Tensor, c: int) -> Tensor:
@@ -618,7 +640,7 @@ def masked_forward(x: Tensor, mask: Tensor, weight: Optional[Tensor], bias: Opti
     lib = _jit.kernels()
     n, c, length = _check_masked(x, mask)
     y = torch.empty_like(x)
-    st = torch.empty(3, c, dtype=x.dtype)
+    st = torch.empty(3, c, dtype=x.dtype, device=_CPU)
     m8 = mask.contiguous().view(torch.uint8)
     w, b = _vec(weight, x, c, "weight"), _vec(bias, x, c, "bias")
     args = MaskedFwdArgs(x=x.data_ptr(), mask=m8.data_ptr(), y=y.data_ptr(), weight=_ptr(w), bias=_ptr(b),
@@ -636,8 +658,8 @@ def masked_backward(dy: Tensor, x: Tensor, mask: Tensor, weight: Optional[Tensor
     st = _rows(st, 3, c, x.dtype, "statistics")
     w = _vec(weight, x, c, "weight")
     dx = torch.empty_like(x) if need_x else None
-    dw = torch.empty(c, dtype=x.dtype) if need_w else None
-    db = torch.empty(c, dtype=x.dtype) if need_b else None
+    dw = torch.empty(c, dtype=x.dtype, device=_CPU) if need_w else None
+    db = torch.empty(c, dtype=x.dtype, device=_CPU) if need_b else None
     m8 = mask.contiguous().view(torch.uint8)
     args = MaskedBwdArgs(dy=g.data_ptr(), x=x.data_ptr(), mask=m8.data_ptr(), dx=_ptr(dx), weight=_ptr(w),
                          stats=st.data_ptr(), dweight=_ptr(dw), dbias=_ptr(db), n=n, c=c, l=length, count=count,

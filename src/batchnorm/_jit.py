@@ -582,6 +582,21 @@ def _layout(struct) -> List[int]:
     return out
 
 
+def _torch_gelu_inf_nan() -> bool:
+    """torch's float gelu(+inf) on the CPU: NaN from its AVX-512 kernel, +inf from its AVX2
+    one; the fused gelu gives what torch gives here. Asked once, at import, on the CPU with
+    no mode active (True, the AVX-512 answer, if asking fails)."""
+    try:
+        with torch._C._DisableTorchDispatch(), torch._C.DisableTorchFunction():
+            big = torch.full((64,), float("inf"), device="cpu")
+            return bool(torch.nn.functional.gelu(big).isnan().any())
+    except Exception:
+        return True
+
+
+_TORCH_GELU_INF_NAN = _torch_gelu_inf_nan()
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     """Declare the entry points' signatures, after checking that every argument struct has the
     layout the library was compiled with (a mismatch would have the kernels read arguments
@@ -593,10 +608,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.bn_args_layout.restype = _I64
     lib.bn_set_torch_gelu_inf_nan.argtypes = [ctypes.c_int32]
     lib.bn_set_torch_gelu_inf_nan.restype = None
-    # torch's float gelu(+inf) depends on the CPU kernels it runs (NaN on AVX-512, +inf on AVX2):
-    # the fused gelu gives what torch gives here.
-    big = torch.full((64,), float("inf"))
-    lib.bn_set_torch_gelu_inf_nan(int(bool(torch.nn.functional.gelu(big).isnan().any())))
+    lib.bn_set_torch_gelu_inf_nan(int(_TORCH_GELU_INF_NAN))
     for kind, (struct, restype) in ENTRY_POINTS.items():
         want = _layout(struct)
         got = (_I64 * len(want))()

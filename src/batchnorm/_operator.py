@@ -92,8 +92,8 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mask: O
         _stats.check_training_count(x, m, plan.name)
         y = torch.empty_like(x)
         yv = _stats.grouped_view(y, G)
-        st = torch.empty(G, 3, C, dtype=x.dtype)
-        rd = torch.empty(G, 2, C, dtype=x.dtype) if plan.limits is not None else None
+        st = torch.empty(G, 3, C, dtype=x.dtype, device=x.device)
+        rd = torch.empty(G, 2, C, dtype=x.dtype, device=x.device) if plan.limits is not None else None
         finite = True
         for g in range(G):
             renorm = None if rd is None else (running_mean, running_var, plan.limits[0], plan.limits[1], rd[g])

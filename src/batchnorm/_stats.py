@@ -299,8 +299,9 @@ def update_running_stats(
     C call, :func:`batchnorm._fused.lerp_`). ``target``: this update as :func:`prepare_update`
     prepared it before the step; if ``stats`` is its block, the forward kernel that wrote
     them has applied it exactly when they are all finite (``finite``), and only a rejected
-    batch is left to report here."""
-    if target is not None and stats is target.stats:
+    batch is left to report here, unless the buffers had been replaced before the kernel ran
+    (``target.args.c`` 0: then the update runs here, on the buffers as they are)."""
+    if target is not None and stats is target.stats and target.args.c:
         if finite:
             return True
         report_nonfinite(nonfinite, name)
