@@ -368,7 +368,8 @@ def test_a_default_device_context_does_not_reach_the_kernels():
         from torch import nn
         x = torch.randn(32, 64, 8, 8).to(memory_format=torch.channels_last)
         for ours, theirs in ((bn.BatchNorm2d(64), nn.BatchNorm2d(64)),
-                             (bn.BatchNorm2d(64, track_running_stats=False), nn.BatchNorm2d(64, track_running_stats=False)),
+                             (bn.BatchNorm2d(64, track_running_stats=False),
+                              nn.BatchNorm2d(64, track_running_stats=False)),
                              (bn.BatchNormAct2d(64, act="relu"), nn.Sequential(nn.BatchNorm2d(64), nn.ReLU()))):
             xs = [x.clone().requires_grad_() for _ in range(2)]
             with torch.device("meta"):

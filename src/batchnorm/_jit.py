@@ -496,8 +496,8 @@ class DxArgs(ctypes.Structure):
 
 class TrainFwdArgs(ctypes.Structure):
     _fields_ = [("x", _P), ("y", _P), ("weight", _P), ("bias", _P), ("stats", _P), ("ren_mean", _P),
-                ("ren_var", _P), ("rd", _P), ("update", _P), *_SHAPE, ("eps", _F64), ("var_scale", _F64), ("r_max", _F64),
-                ("d_max", _F64), *_LAYOUT_THREADS]
+                ("ren_var", _P), ("rd", _P), ("update", _P), *_SHAPE, ("eps", _F64), ("var_scale", _F64),
+                ("r_max", _F64), ("d_max", _F64), *_LAYOUT_THREADS]
 
 
 class TrainBwdArgs(ctypes.Structure):
