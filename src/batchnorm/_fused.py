@@ -243,7 +243,9 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
     y = _out(out, x)
     target = None
     if st is None:
-        st = torch.empty((1, 3, c) if one_group else (3, c), dtype=x.dtype, device=_CPU)
+        # (sizes as arguments, not a tuple: torch.empty parses a tuple a microsecond slower)
+        st = (torch.empty(1, 3, c, dtype=x.dtype, device=_CPU) if one_group
+              else torch.empty(3, c, dtype=x.dtype, device=_CPU))
     elif type(st) is RunningTarget:
         target, st = st, _target_stats(st, x, c)
     else:
@@ -573,7 +575,8 @@ class RunningTarget(NamedTuple):
     rows mean, invstd, unbiased variance) and the update that a forward kernel given the
     target as its ``st`` applies from that block's rows 0 and 2 when all three rows are
     finite (``args``, with the weight that :func:`batchnorm._stats.prepare_update` sets;
-    ``ptr``, its address). Holding the tensors keeps the addresses in ``args`` valid."""
+    ``ptr``, its address; ``ptrs``, the buffers' addresses as checked, for :func:`_live`).
+    Holding the tensors keeps the addresses in ``args`` valid."""
 
     a: Tensor
     b: Tensor
@@ -581,6 +584,7 @@ class RunningTarget(NamedTuple):
     stats: Tensor
     args: LerpArgs
     ptr: int
+    ptrs: Tuple[int, int, Optional[int]]
 
 
 def running_target(a: Tensor, b: Tensor, counter: Optional[Tensor], dt: torch.dtype,
@@ -605,7 +609,7 @@ def running_target(a: Tensor, b: Tensor, counter: Optional[Tensor], dt: torch.dt
     # (the kernel reads its targets from its own statistics block: ta and tb stay unset)
     args = LerpArgs(pa, pb, None, None, pc, c, 0.0)
     # (tuple.__new__: the named tuple without its Python-level constructor, on every step)
-    return tuple.__new__(RunningTarget, (a, b, counter, st, args, ctypes.addressof(args)))
+    return tuple.__new__(RunningTarget, (a, b, counter, st, args, ctypes.addressof(args), (pa, pb, pc)))
 
 
 def _live(target: Optional[RunningTarget]) -> Optional[int]:
@@ -616,9 +620,8 @@ def _live(target: Optional[RunningTarget]) -> Optional[int]:
     between this test and the kernel call."""
     if target is None:
         return None
-    a, b, counter, _, args, ptr = target
-    if (a.data_ptr() == args.a and b.data_ptr() == args.b
-            and (counter is None or counter.data_ptr() == args.counter)):
+    a, b, counter, _, args, ptr, (pa, pb, pc) = target
+    if a.data_ptr() == pa and b.data_ptr() == pb and (counter is None or counter.data_ptr() == pc):
         return ptr
     args.c = 0
     return None
