@@ -8,7 +8,7 @@ into the running buffers with :func:`update_running_stats`, so a numerical fix m
 lands everywhere at once. (On the fused kernels' training forwards that update is prepared
 before the step, :func:`batchnorm._stats.prepare_update`, and applied by the forward kernel
 itself when the batch's statistics are finite, with the arithmetic of the other kernel
-updates: no user code runs between the buffers' check and their update.)
+updates, if the buffers still hold the memory checked before the step.)
 
 Conventions (Ioffe & Szegedy 2015, with PyTorch's naming):
 
