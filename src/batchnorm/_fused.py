@@ -261,7 +261,7 @@ def train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Option
         rd = _rows(rd, 2, c, x.dtype, "Batch Renormalization r, d buffer")
         args.ren_mean, args.ren_var, args.rd = rm.data_ptr(), rv.data_ptr(), rd.data_ptr()
         args.r_max, args.d_max = float(r_max), float(d_max)
-    args.update = _live(target)
+    args.update = _live(target)  # (last, right before the call)
     rc = _fn(lib, "train_fwd", x.dtype)(args)
     if rc < 0:
         _forward_failed(rc)
@@ -370,11 +370,12 @@ def act_train_forward(x: Tensor, lay: Layout, weight: Optional[Tensor], bias: Op
     mask = torch.empty_like(x, dtype=torch.uint8) if want_mask else None
     st = torch.empty(1, 3, c, dtype=x.dtype, device=_CPU) if target is None else _target_stats(target, x, c)
     coef = torch.empty(2, c, dtype=x.dtype, device=_CPU)
-    rc = _fn(lib, "act_train_fwd", x.dtype)(ActTrainFwdArgs(
+    args = ActTrainFwdArgs(
         x=x.data_ptr(), r=_ptr(r), y=y.data_ptr(), mask=_ptr(mask), weight=_ptr(w), bias=_ptr(b),
-        stats=st.data_ptr(), coef=coef.data_ptr(), update=_live(target), n=n, c=c, s=s,
-        eps=float(eps), var_scale=float(var_scale), slope=slope, act_alpha=act_alpha, act=kind, cl=cl,
-        nt=_threads(lay)))
+        stats=st.data_ptr(), coef=coef.data_ptr(), n=n, c=c, s=s, eps=float(eps), var_scale=float(var_scale),
+        slope=slope, act_alpha=act_alpha, act=kind, cl=cl, nt=_threads(lay))
+    args.update = _live(target)  # (last, right before the call)
+    rc = _fn(lib, "act_train_fwd", x.dtype)(args)
     if rc < 0:
         _forward_failed(rc)
     return y, mask, st, coef, rc == 0

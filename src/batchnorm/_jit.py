@@ -531,8 +531,7 @@ class ActFwdArgs(ctypes.Structure):
 class ActTrainFwdArgs(ctypes.Structure):
     _fields_ = [("x", _P), ("r", _P), ("y", _P), ("mask", _P), ("weight", _P), ("bias", _P), ("stats", _P),
                 ("coef", _P), ("update", _P), *_SHAPE, ("eps", _F64), ("var_scale", _F64), ("slope", _F64),
-                ("act_alpha", _F64),
-                ("act", _I32), *_LAYOUT_THREADS]
+                ("act_alpha", _F64), ("act", _I32), *_LAYOUT_THREADS]
 
 
 class ActTrainBwdArgs(ctypes.Structure):

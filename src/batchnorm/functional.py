@@ -333,7 +333,7 @@ def _train_operator(input, weight, bias, running_mean, running_var, nbt, momentu
 
 def _train_fused(input, weight, bias, running_mean, running_var, nbt, momentum, eps, nonfinite, name, lay, target):
     """Plain BN on the fused kernels (``lay``: the input's layout; ``target``: the running
-    buffers as :func:`batchnorm._fused.running_target` checked them, or None): the
+    update :func:`batchnorm._stats.prepare_update` made, or None): the
     operator, or its forward alone where nothing is differentiated, then the one update.
     :func:`_train_operator` for this one case, in fewer steps (it runs on every step of
     every wide layer)."""
